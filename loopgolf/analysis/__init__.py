@@ -1,0 +1,1 @@
+"""Pure functions over the trials DataFrame: loading, Pareto fronts, the report."""

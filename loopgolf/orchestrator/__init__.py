@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweeps: spec, run, resume, status, results, and the CLI."""

@@ -1,0 +1,349 @@
+"""The trial's configuration: three frozen, validated dataclasses and one flat view.
+
+A trial is described by a `ModelConfig` (the network), a `CompressConfig` (how the
+artifact is written) and a `TrainConfig` (budgets, optimizer, data order), gathered
+in `TrialConfig`. Every field name is unique across the three, so a trial can also
+be written as one flat mapping (`TrialConfig.from_flat`, `to_flat`): that is the
+shape of a YAML trial file, of `--set key=value` overrides, of Optuna's search
+space and of a row in `trials.parquet`.
+
+Every constructor validates its values and fails with one line that names the bad
+field, its value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_origin
+
+from loopgolf.errors import LoopgolfError
+
+PhaseMode = Literal["none", "scale", "lora", "embed"]
+RouterSignal = Literal["entropy", "margin", "resid_norm", "kl", "uniform", "random"]
+Activation = Literal["relu2", "gelu", "silu"]
+QatMode = Literal["none", "noise", "ste"]
+Codec = Literal["zlib", "lzma", "zstd", "brotli"]
+Optimizer = Literal["muon", "adamw"]
+Device = Literal["auto", "cpu", "cuda"]
+
+DEFAULT_ARTIFACT_CAP = 16_000_000  # the challenge's cap, decimal bytes
+
+
+class ConfigError(LoopgolfError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _fail(owner: str, name: str, value: object, expected: str) -> typing.NoReturn:
+    raise ConfigError(f"{owner}.{name}={value!r}: expected {expected}")
+
+
+def _check_literals(obj: object) -> None:
+    """Reject values outside a Literal[...] field's choices, and wrong scalar types."""
+    owner = type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, field.name)
+        hint = hints[field.name]
+        if get_origin(hint) is Literal:
+            if value not in get_args(hint):
+                _fail(owner, field.name, value, f"one of {list(get_args(hint))}")
+        elif hint is bool:
+            if not isinstance(value, bool):
+                _fail(owner, field.name, value, "true or false")
+        elif hint is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                _fail(owner, field.name, value, "an integer")
+        elif hint is float and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            _fail(owner, field.name, value, "a finite number")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a RecurrentLM: prelude -> core (n_blocks, looped n_passes) -> coda."""
+
+    vocab_size: int = 1024
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    mlp_mult: float = 2.0
+    activation: Activation = "relu2"
+    n_prelude: int = 0
+    n_blocks: int = 2
+    n_passes: int = 2
+    n_coda: int = 0
+    unet_skips: bool = False  # the challenge baseline's encoder/decoder skip weights
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0  # tanh cap on logits; 0 disables
+    rope_base: float = 10_000.0
+    seq_len: int = 256
+    loop_start: float = 0.0  # fraction of the training budget before the core loops
+    phase: PhaseMode = "none"
+    lora_rank: int = 4
+    refine_passes: int = 0  # extra core applications on selected tokens
+    signal: RouterSignal = "entropy"
+    refine_target: float = 0.25  # fraction of tokens the threshold is calibrated to select
+    refine_cap: float = 0.5  # hard causal cap on the fraction refined at any prefix
+    aux_loss: float = 0.0  # weight of the CE loss on the base-pass logits
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        own = "ModelConfig"
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "n_blocks", "n_passes", "seq_len"):
+            if getattr(self, name) < 1:
+                _fail(own, name, getattr(self, name), "an integer >= 1")
+        if self.vocab_size > 65_536:
+            _fail(own, "vocab_size", self.vocab_size, "<= 65536 (shards store uint16 tokens)")
+        for name in ("n_prelude", "n_coda", "refine_passes"):
+            if getattr(self, name) < 0:
+                _fail(own, name, getattr(self, name), "an integer >= 0")
+        if self.d_model % self.n_heads:
+            _fail(own, "d_model", self.d_model, f"a multiple of n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            _fail(own, "d_model", self.d_model, "an even head dim (d_model / n_heads) for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            _fail(own, "n_kv_heads", self.n_kv_heads, f"a divisor of n_heads={self.n_heads}")
+        if self.mlp_mult <= 0:
+            _fail(own, "mlp_mult", self.mlp_mult, "> 0")
+        if self.logit_softcap < 0:
+            _fail(own, "logit_softcap", self.logit_softcap, ">= 0")
+        if self.rope_base <= 1:
+            _fail(own, "rope_base", self.rope_base, "> 1")
+        if not 0.0 <= self.loop_start < 1.0:
+            _fail(own, "loop_start", self.loop_start, "a fraction in [0, 1)")
+        if self.lora_rank < 1:
+            _fail(own, "lora_rank", self.lora_rank, "an integer >= 1")
+        if not 0.0 < self.refine_target <= 1.0:
+            _fail(own, "refine_target", self.refine_target, "a fraction in (0, 1]")
+        if not 0.0 < self.refine_cap <= 1.0:
+            _fail(own, "refine_cap", self.refine_cap, "a fraction in (0, 1]")
+        if self.aux_loss < 0:
+            _fail(own, "aux_loss", self.aux_loss, ">= 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.d_model)
+
+    @property
+    def effective_depth(self) -> int:
+        """Block applications per token on the base path (no refinement)."""
+        return self.n_prelude + self.n_blocks * self.n_passes + self.n_coda
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    """How the trained weights become the artifact file."""
+
+    bits: int = 8
+    codec: Codec = "zlib"
+    clip_sigma: float = 0.0  # per-row clip at k * row std; 0 clips at the row's max |w|
+    protect: tuple[str, ...] = ()  # parameter-name globs kept at protect_bits
+    protect_bits: int = 16  # 16 means fp16; 8 means int8
+    small_tensor_numel: int = 65_536  # tensors this small are stored as fp16
+    qat: QatMode = "none"
+    max_artifact_bytes: int = DEFAULT_ARTIFACT_CAP
+    allow_over_cap: bool = False  # train a config predicted over the cap anyway
+
+    def __post_init__(self) -> None:
+        if isinstance(self.protect, (list, str)):  # YAML lists and single names
+            names = [self.protect] if isinstance(self.protect, str) else self.protect
+            object.__setattr__(self, "protect", tuple(names))
+        _check_literals(self)
+        own = "CompressConfig"
+        if self.bits not in (4, 5, 6, 8):
+            _fail(own, "bits", self.bits, "one of [4, 5, 6, 8]")
+        if self.protect_bits not in (8, 16):
+            _fail(own, "protect_bits", self.protect_bits, "8 or 16")
+        if self.clip_sigma < 0:
+            _fail(own, "clip_sigma", self.clip_sigma, ">= 0")
+        if self.small_tensor_numel < 0:
+            _fail(own, "small_tensor_numel", self.small_tensor_numel, ">= 0")
+        if self.max_artifact_bytes < 1:
+            _fail(own, "max_artifact_bytes", self.max_artifact_bytes, ">= 1")
+        if not all(isinstance(p, str) and p for p in self.protect):
+            _fail(own, "protect", self.protect, "a list of parameter-name globs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Budgets, optimizer and data order of one trial."""
+
+    train_seconds: float = 20.0
+    batch_size: int = 8  # sequences per step
+    optimizer: Optimizer = "muon"
+    lr_matrix: float = 0.02  # Muon (or AdamW) lr for 2-D block matrices
+    lr_embed: float = 0.03
+    lr_scalar: float = 0.02
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    warmdown_frac: float = 0.5  # last fraction of train_seconds with linearly decaying LR
+    grad_clip: float = 1.0  # 0 disables
+    seed: int = 0
+    eval_tokens: int = 65_536  # val tokens scored at the end (0 = the whole val split)
+    quick_eval_tokens: int = 8_192  # val tokens scored at each progress report
+    report_every_seconds: float = 5.0
+    checkpoint_every_seconds: float = 10.0
+    max_eval_seconds: float = 0.0  # eval-cap: a trial whose eval takes longer is infeasible (0 = no cap)
+    device: Device = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        own = "TrainConfig"
+        if self.train_seconds <= 0:
+            _fail(own, "train_seconds", self.train_seconds, "> 0")
+        for name in ("batch_size",):
+            if getattr(self, name) < 1:
+                _fail(own, name, getattr(self, name), "an integer >= 1")
+        for name in ("lr_matrix", "lr_embed", "lr_scalar"):
+            if getattr(self, name) <= 0:
+                _fail(own, name, getattr(self, name), "> 0")
+        for name in ("weight_decay", "grad_clip", "max_eval_seconds"):
+            if getattr(self, name) < 0:
+                _fail(own, name, getattr(self, name), ">= 0")
+        for name in ("warmup_steps", "eval_tokens", "quick_eval_tokens", "seed"):
+            if getattr(self, name) < 0:
+                _fail(own, name, getattr(self, name), "an integer >= 0")
+        if not 0.0 <= self.warmdown_frac <= 1.0:
+            _fail(own, "warmdown_frac", self.warmdown_frac, "a fraction in [0, 1]")
+        for name in ("report_every_seconds", "checkpoint_every_seconds"):
+            if getattr(self, name) <= 0:
+                _fail(own, name, getattr(self, name), "> 0")
+
+
+_SECTIONS: dict[str, type] = {"model": ModelConfig, "compress": CompressConfig, "train": TrainConfig}
+
+
+def _field_owners() -> dict[str, str]:
+    owners: dict[str, str] = {}
+    for section, cls in _SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            assert field.name not in owners, f"field {field.name} is defined twice"
+            owners[field.name] = section
+    return owners
+
+
+FIELD_SECTION: Mapping[str, str] = types.MappingProxyType(_field_owners())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs; flat field names are unique across sections."""
+
+    model: ModelConfig = ModelConfig()
+    compress: CompressConfig = CompressConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        for section, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, section), cls):
+                _fail("TrialConfig", section, getattr(self, section), f"a {cls.__name__}")
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], base: TrialConfig | None = None) -> TrialConfig:
+        """Build from a flat {field: value} mapping, on top of `base` (defaults if None)."""
+        base = base or cls()
+        per_section: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, value in values.items():
+            section = FIELD_SECTION.get(key)
+            if section is None:
+                raise ConfigError(f"unknown config field {key!r}: expected one of {sorted(FIELD_SECTION)}")
+            per_section[section][key] = value
+        return cls(**{s: dataclasses.replace(getattr(base, s), **per_section[s]) for s in _SECTIONS})
+
+    def to_flat(self) -> dict[str, Any]:
+        """One flat dict of every field (tuples become lists, as YAML/JSON write them)."""
+        flat: dict[str, Any] = {}
+        for section in _SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                flat[key] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+    def replace(self, **values: Any) -> TrialConfig:
+        return TrialConfig.from_flat(values, base=self)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse one `key=value` override; the value is read as YAML (numbers, bools, lists)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def coerce_field(key: str, value: Any) -> Any:
+    """Coerce a parsed value to its field's type (ints for int fields, floats for floats)."""
+    section = FIELD_SECTION.get(key)
+    if section is None:
+        raise ConfigError(f"unknown config field {key!r}: expected one of {sorted(FIELD_SECTION)}")
+    hint = typing.get_type_hints(_SECTIONS[section])[key]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def load_trial_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrialConfig:
+    """Read a flat YAML trial file, apply `key=value` overrides, validate."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"trial config {path!r}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"trial config {path!r}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"trial config {path!r}: expected a mapping of field: value, got {type(raw).__name__}")
+    base = preset(str(raw.pop("preset"))) if "preset" in raw else TrialConfig()
+    values = {k: coerce_field(k, v) for k, v in raw.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = coerce_field(key, value)
+    return TrialConfig.from_flat(values, base=base)
+
+
+# Named shapes. `tiny` trains in seconds on a CPU; `pg_baseline` is the challenge's
+# naive baseline (9 unique layers, d=512, 8 heads / 4 KV, MLP 2x ReLU^2, vocab 1024,
+# tied embeddings, U-Net skips): 17,059,912 params in the challenge's log.
+PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
+    {
+        "tiny": {"d_model": 64, "n_heads": 2, "n_kv_heads": 1, "n_blocks": 2, "n_passes": 2, "seq_len": 128},
+        "small": {"d_model": 128, "n_heads": 4, "n_kv_heads": 2, "n_blocks": 2, "n_passes": 2, "seq_len": 256},
+        "d256": {"d_model": 256, "n_heads": 4, "n_kv_heads": 2, "n_blocks": 3, "n_passes": 2, "seq_len": 256},
+        "unique9": {"d_model": 128, "n_heads": 4, "n_kv_heads": 2, "n_blocks": 9, "n_passes": 1, "seq_len": 256},
+        "middle_loop": {
+            "d_model": 128, "n_heads": 4, "n_kv_heads": 2,
+            "n_prelude": 3, "n_blocks": 2, "n_passes": 3, "n_coda": 3, "seq_len": 256,
+        },
+        "pg_baseline": {
+            "vocab_size": 1024, "d_model": 512, "n_heads": 8, "n_kv_heads": 4, "mlp_mult": 2.0,
+            "activation": "relu2", "n_prelude": 0, "n_blocks": 9, "n_passes": 1, "n_coda": 0,
+            "unet_skips": True, "tie_embeddings": True, "seq_len": 1024,
+        },
+    }
+)
+
+
+def preset(name: str) -> TrialConfig:
+    """A TrialConfig with the named preset's model shape and defaults elsewhere."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
+    return TrialConfig.from_flat(PRESETS[name])
