@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from loopgolf.analysis.cli_commands import add_analysis_parsers
 from loopgolf.errors import LoopgolfError
 
 
@@ -40,6 +41,87 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_progress(metrics: dict, state: dict | None) -> None:
+    print(
+        f"  step {metrics['step']:6d}  {metrics['elapsed_seconds']:7.1f}s  loss {metrics['train_loss']:.4f}  "
+        f"quick val_bpb {metrics['quick_val_bpb']:.4f}  refined {metrics['refine_fraction']:.2f}",
+        file=sys.stderr,
+    )
+
+
+def _cmd_trial(args: argparse.Namespace) -> int:
+    from loopgolf.trial.config import load_trial_config
+    from loopgolf.trial.train import run_trial
+
+    config = load_trial_config(args.config, args.set or ())
+    out = Path(args.out) if args.out else Path("runs") / "trials" / Path(args.config).stem
+    print(f"trial {args.config} -> {out} ({config.train.train_seconds:g} s of training)", file=sys.stderr)
+    metrics = run_trial(config, args.data, out, reporter=_print_progress)
+    print(f"status      {metrics['status']}" + (f" ({metrics['error']})" if metrics.get("error") else ""))
+    if metrics["status"] == "complete":
+        print(f"val_bpb     {metrics['val_bpb']:.4f} from the artifact (prequant {metrics['val_bpb_prequant']:.4f})")
+        print(f"artifact    {metrics['artifact_bytes']:,} bytes (model {metrics['model_bytes']:,} + code "
+              f"{metrics['code_bytes']:,}); cap {metrics['max_artifact_bytes']:,}; feasible {metrics['feasible']}")
+        print(f"training    {metrics['train_steps']} steps, {metrics['train_tokens']:,} tokens in "
+              f"{metrics['train_seconds']:.1f} s ({metrics['tokens_per_second']:,.0f} tokens/s, {metrics['device']})")
+    print_json_line(metrics)
+    return 0 if metrics["status"] != "failed" else 1
+
+
+def _cmd_artifact_eval(args: argparse.Namespace) -> int:
+    from loopgolf.trial.train import evaluate_artifact
+
+    metrics = evaluate_artifact(args.artifact, args.data, eval_tokens=args.eval_tokens, device=args.device)
+    print(f"val_bpb {metrics['val_bpb']:.6f} over {metrics['eval_tokens']:,} tokens ({metrics['eval_bytes']:,} bytes)")
+    print_json_line(metrics)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from loopgolf.orchestrator.spec import load_spec
+    from loopgolf.orchestrator.sweep import run_sweep
+
+    spec = load_spec(args.spec, args.set or (), storage=args.storage, name=args.name, data=args.data)
+    print(f"sweep {spec.name}: {spec.num_samples} configurations x {spec.seeds} seed(s), space {spec.space!r}, "
+          f"{spec.train_seconds:g} s per trial -> {spec.sweep_dir}", file=sys.stderr)
+    outcome = run_sweep(spec, address=args.address)
+    return _summarize(outcome.sweep_dir, spec.objectives)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from loopgolf.orchestrator.sweep import read_sweep_spec, resume_sweep
+
+    outcome = resume_sweep(args.sweep_dir, address=args.address)
+    return _summarize(outcome.sweep_dir, read_sweep_spec(args.sweep_dir).objectives)
+
+
+def _summarize(sweep_dir: Path, objectives: dict) -> int:
+    """The end of a sweep: status, the Pareto front, and the report with its plots."""
+    from loopgolf.analysis.pareto import pareto_front
+    from loopgolf.analysis.report import report
+    from loopgolf.analysis.results import load_results
+    from loopgolf.orchestrator.sweep import print_status, sweep_status
+
+    print_status(sweep_status(sweep_dir))
+    front_objectives = dict(objectives) if len(objectives) > 1 else {**objectives, "artifact_bytes": "min"}
+    front = pareto_front(load_results(sweep_dir), front_objectives)
+    columns = ["trial_id", *front_objectives, "n_blocks", "n_passes", "d_model", "refine_passes", "signal", "seed"]
+    print("\nPareto front (" + ", ".join(f"{k}:{v}" for k, v in front_objectives.items()) + "):")
+    print(front[[c for c in columns if c in front]].to_string(index=False) if len(front) else "  (no feasible trial)")
+    path = report([sweep_dir])
+    print(f"\nresults: {sweep_dir}/results/trials.parquet\nreport:  {path}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from loopgolf.orchestrator.sweep import print_status, sweep_status
+
+    status = sweep_status(args.sweep_dir)
+    print_status(status)
+    print_json_line(status)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopgolf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +137,41 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N")
     prep.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     prep.set_defaults(run=_cmd_data_prepare)
+
+    trial = sub.add_parser("trial", help="train, compress and evaluate one configuration (no Ray)")
+    trial.add_argument("config", metavar="CONFIG.yaml")
+    trial.add_argument("--data", required=True, metavar="DIR", help="a prepared data directory")
+    trial.add_argument("--out", metavar="DIR", help="where the artifact and metrics.json go")
+    trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    trial.set_defaults(run=_cmd_trial)
+
+    sweep = sub.add_parser("sweep", help="run a sweep (Ray Tune + Optuna) from a YAML spec")
+    sweep.add_argument("spec", metavar="SPEC.yaml")
+    sweep.add_argument("--address", metavar="ADDR", help="a Ray cluster (default: start a local Ray)")
+    sweep.add_argument("--storage", metavar="DIR", help="override the spec's storage")
+    sweep.add_argument("--name", help="override the spec's name")
+    sweep.add_argument("--data", metavar="DIR", help="override the spec's data dir")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a spec field (dotted keys)")
+    sweep.set_defaults(run=_cmd_sweep)
+
+    resume = sub.add_parser("resume", help="continue an interrupted sweep")
+    resume.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    resume.add_argument("--address", metavar="ADDR")
+    resume.set_defaults(run=_cmd_resume)
+
+    status = sub.add_parser("status", help="progress of a sweep, without Ray")
+    status.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    status.set_defaults(run=_cmd_status)
+
+    add_analysis_parsers(sub)
+
+    artifact = sub.add_parser("artifact", help="work with artifact files").add_subparsers(dest="action", required=True)
+    art_eval = artifact.add_parser("eval", help="bits per byte from the artifact file alone")
+    art_eval.add_argument("artifact", metavar="ARTIFACT")
+    art_eval.add_argument("--data", required=True, metavar="DIR")
+    art_eval.add_argument("--eval-tokens", type=int, metavar="N", help="default: the trial's own eval_tokens")
+    art_eval.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    art_eval.set_defaults(run=_cmd_artifact_eval)
     return parser
 
 
