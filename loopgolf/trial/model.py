@@ -1,0 +1,647 @@
+"""RecurrentLM: a few shared transformer blocks applied for several passes, plus an
+extra pass spent only on the tokens a causal router selects.
+
+    tokens -> embedding -> prelude -> core (n_blocks, looped n_passes) -> coda -> norm -> logits
+                                             |                                        |
+                                             +-- refinement: the core again (and the coda) on the
+                                                 selected tokens only; their logits replace the base ones
+
+The blocks follow the Parameter Golf baseline (train_gpt.py): pre-norm with weightless
+RMSNorm, q/k RMS-normalized per head, RoPE on the full head dim, a learned per-head
+q gain, grouped K/V heads, a ReLU^2 MLP, zero-initialized output projections, per-block
+`attn_scale` / `mlp_scale` / `resid_mix` vectors, optional U-Net skips, a tied and
+tanh-softcapped head.
+
+The file reads top to bottom:
+  1. building blocks: QATLinear, RoPE, the attention strategies (causal over the whole
+     sequence; selected tokens only, reusing the base pass's K/V), Block
+  2. phase conditioning: what lets pass p of the shared core differ from pass q
+  3. the causal running cap
+  4. RecurrentLM: the base forward, the router's score and threshold, refinement
+  5. analytic cost: flops_per_token
+
+Causality is absolute. Whether token t is refined, and its logits, depend only on tokens
+<= t: scores at t come from the (causal) base pass at t, the threshold is fixed during a
+forward, the cap is a running count over the prefix, and refined queries attend to keys
+at positions <= their own. There is never a top-k over the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loopgolf.trial.config import ModelConfig
+
+EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
+Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
+THRESHOLD_MOMENTUM = 0.9  # EMA of the per-batch score quantile that calibrates the router
+RANDOM_ROUTER_SEED = 0x5EED  # the `random` signal's scores in eval (training varies it per forward)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+# ------------------------------------------------------------------ 1. building blocks
+
+
+class QATLinear(nn.Linear):
+    """A bias-free linear whose weight may pass through `weight_transform` in forward.
+
+    The trainer installs a fake quantizer there for quantization-aware training; the
+    stored weight stays full precision. `lora` adds a low-rank delta x A^T B^T without
+    materializing it (phase conditioning, section 2).
+    """
+
+    weight_transform: Callable[[Tensor], Tensor] | None
+
+    def __init__(self, in_features: int, out_features: int, *, zero_init: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.weight_transform = None
+        if zero_init:  # output projections start at zero: every block starts as the identity
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor, lora: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        w = self.weight if self.weight_transform is None else self.weight_transform(self.weight)
+        y = F.linear(x, w.to(x.dtype))
+        if lora is not None:
+            a, b = lora
+            y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return y
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of shape (seq_len, 1, head_dim / 2): position x frequency (x heads)."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=like.device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=like.device), inv_freq)
+    return angles.cos()[:, None, :].to(like.dtype), angles.sin()[:, None, :].to(like.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of the head dim (the baseline's layout); x is (..., heads, head_dim)."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+# An attention strategy maps q (..., heads, hd) and k, v (..., kv_heads, hd) to (..., heads, hd).
+# The block does not know which tokens it runs on; the strategy decides which keys each query sees.
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def causal_attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Full sequences (B, T, heads, hd): every position attends to positions <= itself."""
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.size(-2) != k.size(-2)
+    )
+    return y.transpose(1, 2)
+
+
+class RecordKV:
+    """Causal attention that also keeps the K/V it used: the refinement pass reuses them."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        self.k, self.v = k, v
+        return causal_attend(q, k, v)
+
+
+QUERY_CHUNK = 64  # refined query slots per attention call (see Selection); 32-64 measured best on CPU
+
+
+@dataclasses.dataclass
+class Selection:
+    """The refined tokens of a (B, T) mask, flattened row-major, plus a padded per-row layout.
+
+    Linears and MLPs run on the n flat rows. Attention runs per batch row on a padded
+    (B, n_max) layout: slot s of row b holds that row's s-th selected position (padding
+    slots hold position 0 and are dropped afterwards). Slots ascend in position, so the
+    slots are cut into chunks of QUERY_CHUNK and each chunk only reads keys up to its
+    last position: the refined attention keeps most of the causal saving instead of
+    scoring every query against all T keys.
+    """
+
+    rows: Tensor  # (n,) batch row of each selected token
+    pos: Tensor  # (n,) its position, ascending within a row
+    slots: Tensor  # (n,) its rank among its row's selected tokens
+    slot_pos: Tensor  # (B, n_max) position held by each slot
+    chunks: list[tuple[int, int, int]]  # (first slot, end slot, keys read) per attention call
+    _masks: dict[torch.dtype, list[Tensor]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> Selection:
+        rows, pos = mask.nonzero(as_tuple=True)
+        slots = (mask.long().cumsum(1) - 1)[rows, pos]
+        n_max = int(mask.sum(1).max()) if rows.numel() else 0
+        slot_pos = torch.zeros(mask.size(0), n_max, dtype=torch.long, device=mask.device).index_put((rows, slots), pos)
+        n_chunks = -(-n_max // QUERY_CHUNK)
+        by_chunk = F.pad(slot_pos, (0, n_chunks * QUERY_CHUNK - n_max)).view(mask.size(0), n_chunks, QUERY_CHUNK)
+        n_keys = (by_chunk.amax(dim=(0, 2)) + 1).tolist()  # one host sync per forward, not per block
+        chunks = [(i * QUERY_CHUNK, min((i + 1) * QUERY_CHUNK, n_max), k) for i, k in enumerate(n_keys)]
+        return cls(rows, pos, slots, slot_pos, chunks)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.numel())
+
+    def masks(self, dtype: torch.dtype) -> list[Tensor]:
+        """Additive attention masks per chunk, (B, 1, chunk, keys): 0 where key <= query, else -inf."""
+        if dtype not in self._masks:
+            masks = []
+            for first, end, n_keys in self.chunks:
+                allowed = torch.arange(n_keys, device=self.slot_pos.device) <= self.slot_pos[:, first:end, None]
+                zero = torch.zeros((), dtype=dtype, device=allowed.device)
+                masks.append(torch.where(allowed, zero, -math.inf)[:, None])
+            self._masks[dtype] = masks
+        return self._masks[dtype]
+
+
+class SelectedAttend:
+    """Attention for the selected tokens only, with latest-step KV reuse (Huginn-style).
+
+    A selected query attends to every position <= its own in its row: non-selected
+    positions offer the K/V this block computed for them in the last base pass, selected
+    positions their freshly computed K/V. Cost grows with the number selected, not with T.
+    """
+
+    def __init__(self, cache: RecordKV, sel: Selection) -> None:
+        if cache.k is None or cache.v is None:
+            raise RuntimeError("SelectedAttend: the base pass did not record this block's K/V")
+        self.k_cache, self.v_cache, self.sel = cache.k, cache.v, sel
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        s = self.sel
+        n_keys = s.chunks[-1][2] if s.chunks else 0
+        keys = self.k_cache[:, :n_keys].index_put((s.rows, s.pos), k).transpose(1, 2)  # (B, kv_heads, keys, hd)
+        values = self.v_cache[:, :n_keys].index_put((s.rows, s.pos), v).transpose(1, 2)
+        q_pad = q.new_zeros(s.slot_pos.size(0), s.slot_pos.size(1), *q.shape[1:]).index_put((s.rows, s.slots), q)
+        q_pad = q_pad.transpose(1, 2)  # (B, heads, n_max, hd)
+        gqa = q.size(-2) != k.size(-2)
+        y = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q_pad[:, :, first:end], keys[:, :, :n], values[:, :, :n], attn_mask=mask, enable_gqa=gqa
+                )
+                for (first, end, n), mask in zip(s.chunks, s.masks(q.dtype), strict=True)
+            ],
+            dim=2,
+        )
+        return y.transpose(1, 2)[s.rows, s.slots]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassCond:
+    """What phase conditioning hands one core block for one pass (section 2)."""
+
+    gain: Tensor | None = None  # (d,) multiplies the block's residual updates
+    lora_q: tuple[Tensor, Tensor] | None = None  # (A (r, d_in), B (d_out, r))
+    lora_v: tuple[Tensor, Tensor] | None = None
+    lora_fc: tuple[Tensor, Tensor] | None = None
+
+
+NO_COND = PassCond()
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        kv_dim = c.n_kv_heads * c.head_dim
+        self.q = QATLinear(c.d_model, c.d_model)
+        self.k = QATLinear(c.d_model, kv_dim)
+        self.v = QATLinear(c.d_model, kv_dim)
+        self.proj = QATLinear(c.d_model, c.d_model, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((c.n_heads,), Q_GAIN_INIT))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend, cond: PassCond) -> Tensor:
+        q = self.q(x, cond.lora_q).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.k(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.v(x, cond.lora_v).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        q = apply_rope(rms_norm(q), cos, sin) * self.q_gain.to(q.dtype)[:, None]
+        k = apply_rope(rms_norm(k), cos, sin)
+        return self.proj(attend(q, k, v).flatten(-2))
+
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu2": lambda h: torch.relu(h).square(),
+    "gelu": F.gelu,
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.fc = QATLinear(c.d_model, c.mlp_hidden)
+        self.proj = QATLinear(c.mlp_hidden, c.d_model, zero_init=True)
+        self.act = _ACTIVATIONS[c.activation]
+
+    def forward(self, x: Tensor, lora: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.proj(self.act(self.fc(x, lora)))
+
+
+class Block(nn.Module):
+    """Pre-norm block; x0 (the normalized embedding) is mixed back in through `resid_mix`.
+
+    Works on any leading shape: (B, T, d) for the base pass, (n, d) for selected tokens.
+    """
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.attn = Attention(c)
+        self.mlp = MLP(c)
+        self.attn_scale = nn.Parameter(torch.ones(c.d_model))
+        self.mlp_scale = nn.Parameter(torch.ones(c.d_model))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(c.d_model), torch.zeros(c.d_model))))
+
+    def forward(
+        self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, attend: Attend, cond: PassCond = NO_COND
+    ) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        attn_scale, mlp_scale = self.attn_scale, self.mlp_scale
+        if cond.gain is not None:
+            attn_scale, mlp_scale = attn_scale * cond.gain, mlp_scale * cond.gain
+        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, attend, cond)
+        return x + mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), cond.lora_fc)
+
+
+# --------------------------------------------------------------- 2. phase conditioning
+
+
+class Phase(nn.Module):
+    """Per-pass parameters of the shared core, for pass p in [0, n_passes + refine_passes).
+
+    none:  strict sharing, no parameters.
+    scale: a gain vector per (pass, core block) on the block's residual updates; init 1.
+    lora:  per (pass, core block) rank-r deltas on q, v and mlp.fc; A small random, B zero.
+    embed: a vector per pass added to the residual at the start of the pass; init 0.
+    Refinement pass r uses index n_passes + r, so it can learn to act differently.
+    """
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.mode = c.phase
+        n_index, d = c.n_passes + c.refine_passes, c.d_model
+        if self.mode == "scale":
+            self.scale = nn.Parameter(torch.ones(n_index, c.n_blocks, d))
+        elif self.mode == "embed":
+            self.embed = nn.Parameter(torch.zeros(n_index, d))
+        elif self.mode == "lora":
+            r = c.lora_rank
+            for target, d_out in (("q", d), ("v", c.n_kv_heads * c.head_dim), ("fc", c.mlp_hidden)):
+                a = torch.randn(n_index, c.n_blocks, r, d) / math.sqrt(d)
+                self.register_parameter(f"lora_{target}_a", nn.Parameter(a))
+                self.register_parameter(f"lora_{target}_b", nn.Parameter(torch.zeros(n_index, c.n_blocks, d_out, r)))
+
+    def cond(self, p: int, j: int) -> PassCond:
+        """Conditioning of core block j in pass p."""
+        if self.mode == "scale":
+            return PassCond(gain=self.scale[p, j])
+        if self.mode == "lora":
+            q, v, fc = (self._lora(t, p, j) for t in ("q", "v", "fc"))
+            return PassCond(lora_q=q, lora_v=v, lora_fc=fc)
+        return NO_COND
+
+    def _lora(self, target: str, p: int, j: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"lora_{target}_a")[p, j], getattr(self, f"lora_{target}_b")[p, j]
+
+    def start(self, x: Tensor, p: int) -> Tensor:
+        """The residual entering pass p."""
+        return x + self.embed[p].to(x.dtype) if self.mode == "embed" else x
+
+
+# ------------------------------------------------------------- 3. the causal running cap
+
+
+def causal_cap(want: Tensor, cap: float) -> Tensor:
+    """Admit wanted tokens greedily, left to right, while the running fraction allows it.
+
+    Token t (0-based) is admitted iff want[t] and (admitted before t) + 1 <= cap * (t + 1).
+    With budget m_t = floor(cap * (t + 1)) (non-decreasing), the running count follows
+    c_t = min(c_{t-1} + want_t, m_t), whose closed form with W = cumsum(want) is
+    c_t = W_t + min(0, min_{s<=t} (m_s - W_s)): a prefix cummin, so no loop over T and
+    every decision depends only on the prefix.
+    """
+    t1 = torch.arange(1, want.size(-1) + 1, device=want.device, dtype=torch.float64)
+    budget = torch.floor(cap * t1 + 1e-9).long()  # epsilon: 0.3 * 10 must give 3, not 2
+    wanted = want.long().cumsum(-1)
+    count = wanted + torch.cummin(budget - wanted, dim=-1).values.clamp(max=0)
+    return torch.diff(count, dim=-1, prepend=torch.zeros_like(count[..., :1])).bool()
+
+
+# -------------------------------------------------------------------------- 4. the model
+
+
+@dataclasses.dataclass
+class ForwardStats:
+    block_applications_per_token: float  # prelude + core * passes + coda, + refined blocks averaged over tokens
+    refined_fraction: float  # fraction of tokens refined (0 without refinement)
+    flops_per_token: float  # analytic forward FLOPs per token of this forward (see flops_per_token)
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, V) final logits, after refinement
+    loss: Tensor | None  # mean CE (nats) of the final logits; None without targets
+    base_loss: Tensor | None  # mean CE of the base-pass logits; the same tensor as loss without refinement
+    token_ce: Tensor | None  # (B, T) per-token CE of the final logits, only with return_token_ce
+    base_token_ce: Tensor | None  # (B, T) per-token CE of the base logits, only with return_token_ce
+    router_score: Tensor | None  # (B, T) router score; None when refine_passes == 0
+    refined: Tensor | None  # (B, T) bool mask of refined tokens; None when refine_passes == 0
+    stats: ForwardStats
+
+
+class _UNet:
+    """The baseline's encoder/decoder skips over the virtual layer list of one base forward.
+
+    The first floor(L/2) layers push their outputs; each later layer first adds
+    skip_weights[k] * (the most recent unpopped output). The addend each layer received
+    is kept so the refinement pass can give the coda the same skips.
+    """
+
+    def __init__(self, weights: Tensor | None, n_layers: int) -> None:
+        self.weights, self.n_enc = weights, (n_layers // 2 if weights is not None else 0)
+        self.stack: list[Tensor] = []
+        self.addends: list[Tensor | None] = []
+
+    def __call__(self, block: Block, x: Tensor, *args: object) -> Tensor:
+        layer, addend = len(self.addends), None
+        if self.weights is not None and layer >= self.n_enc and self.stack:
+            addend = self.weights[layer - self.n_enc].to(x.dtype) * self.stack.pop()
+            x = x + addend
+        self.addends.append(addend)
+        x = block(x, *args)
+        if layer < self.n_enc:
+            self.stack.append(x)
+        return x
+
+
+@dataclasses.dataclass
+class _BasePass:
+    logits: Tensor  # (B, T, V)
+    h_prev: Tensor  # (B, T, d) residual entering the last core pass
+    h_last: Tensor  # (B, T, d) residual leaving it
+    core_kv: list[RecordKV]  # K/V of each core block in the last pass (empty without refinement)
+    coda_kv: list[RecordKV]
+    coda_skips: list[Tensor | None]  # U-Net addend each coda block received
+
+
+class RecurrentLM(nn.Module):
+    """prelude -> core (n_blocks, looped n_passes) -> coda -> head, with routed refinement."""
+
+    router_threshold: Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
+        nn.init.normal_(self.tok_emb.weight, std=EMBED_INIT_STD)
+        self.prelude = nn.ModuleList(Block(c) for _ in range(c.n_prelude))
+        self.core = nn.ModuleList(Block(c) for _ in range(c.n_blocks))
+        self.coda = nn.ModuleList(Block(c) for _ in range(c.n_coda))
+        n_skips = c.effective_depth // 2 if c.unet_skips else 0  # min(encoder, decoder) layers
+        self.skip_weights = nn.Parameter(torch.ones(n_skips, c.d_model)) if n_skips else None
+        self.phase = Phase(c)
+        self.lm_head: nn.Linear | None = None
+        if not c.tie_embeddings:
+            self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)  # the baseline zero-inits an untied head
+        if c.refine_passes:
+            # NaN = not calibrated yet: until then every token passes and only the cap limits.
+            self.register_buffer("router_threshold", torch.tensor(float("nan")))
+        self.looping = True
+        self.threshold_frozen = False  # True: training forwards leave router_threshold alone
+        self._random_calls = 0  # varies the `random` signal's scores between training forwards
+        self._rope_cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    # ---- bookkeeping
+
+    def set_looping(self, active: bool) -> None:
+        """loop_start: before it training runs the core once; after it, n_passes times."""
+        self.looping = bool(active)
+
+    @property
+    def n_passes_used(self) -> int:
+        """Core passes of the base path: n_passes, except in training before loop_start. Eval always loops."""
+        return self.config.n_passes if self.looping or not self.training else 1
+
+    def unique_params(self) -> int:
+        """Parameters stored: shared blocks counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def effective_params(self) -> int:
+        """Parameters of the unrolled base path: core blocks counted n_passes times."""
+        core = sum(p.numel() for p in self.core.parameters())
+        return self.unique_params() + (self.config.n_passes - 1) * core
+
+    def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        key = (seq_len, like.device, like.dtype)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(seq_len, self.config.head_dim, self.config.rope_base, like)
+        return self._rope_cache[key]
+
+    def _logits(self, h: Tensor) -> Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(rms_norm(h), weight.to(h.dtype))
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    # ---- the base forward
+
+    def _base_pass(self, x0: Tensor, cos: Tensor, sin: Tensor, record_kv: bool) -> _BasePass:
+        c, passes = self.config, self.n_passes_used
+        unet = _UNet(self.skip_weights, c.n_prelude + c.n_blocks * passes + c.n_coda)
+        x = x0
+        for block in self.prelude:
+            x = unet(block, x, x0, cos, sin, causal_attend)
+        core_kv = [RecordKV() for _ in self.core] if record_kv else []
+        h_prev = x  # the residual entering the last pass (the core input when passes == 1)
+        for p in range(passes):
+            h_prev = x
+            x = self.phase.start(x, p)
+            for j, block in enumerate(self.core):
+                attend = core_kv[j] if core_kv and p == passes - 1 else causal_attend
+                x = unet(block, x, x0, cos, sin, attend, self.phase.cond(p, j))
+        h_last = x
+        coda_kv = [RecordKV() for _ in self.coda] if record_kv else []
+        for i, block in enumerate(self.coda):
+            x = unet(block, x, x0, cos, sin, coda_kv[i] if coda_kv else causal_attend)
+        coda_skips = unet.addends[len(unet.addends) - c.n_coda :]
+        return _BasePass(self._logits(x), h_prev, h_last, core_kv, coda_kv, coda_skips)
+
+    # ---- routing
+
+    @torch.no_grad()
+    def _router_score(self, base: _BasePass) -> Tensor:
+        """Per-token score from the base pass; high = refine. Each depends on its own position only."""
+        signal = self.config.signal
+        if signal in ("entropy", "margin"):
+            logp = F.log_softmax(base.logits, dim=-1)
+            if signal == "entropy":
+                return -(logp.exp() * logp).sum(-1)
+            top2 = logp.exp().topk(2, dim=-1).values
+            return top2[..., 1] - top2[..., 0]  # -(p1 - p2): a small margin is uncertain
+        if signal == "resid_norm":
+            change = (base.h_last - base.h_prev).norm(dim=-1)
+            return (change / base.h_prev.norm(dim=-1).clamp_min(1e-12)).to(base.logits.dtype)
+        if signal == "kl":  # KL(p_P || p_{P-1}) between the last two core passes, both read by norm+head
+            last = base.logits if not self.coda else self._logits(base.h_last)
+            logp, logq = F.log_softmax(last, dim=-1), F.log_softmax(self._logits(base.h_prev), dim=-1)
+            return (logp.exp() * (logp - logq)).sum(-1)
+        shape, device = base.logits.shape[:2], base.logits.device
+        if signal == "uniform":
+            return torch.zeros(shape, device=device)
+        seed = RANDOM_ROUTER_SEED
+        if self.training:  # a fresh draw every training forward; eval stays reproducible
+            self._random_calls += 1
+            seed += self._random_calls
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return torch.rand(shape, generator=gen, device=device)  # i.i.d. per position
+
+    def threshold(self) -> Tensor:
+        """The threshold this forward selects with (a tensor, so no host sync)."""
+        signal, device = self.config.signal, self.tok_emb.weight.device
+        if signal == "uniform":
+            return torch.tensor(-math.inf, device=device)
+        if signal == "random":
+            return torch.tensor(1.0 - self.config.refine_target, device=device)
+        thr = self.router_threshold
+        return torch.where(torch.isnan(thr), torch.full_like(thr, -math.inf), thr)
+
+    @torch.no_grad()
+    def _calibrate(self, score: Tensor) -> None:
+        """Move the threshold toward this batch's (1 - refine_target) score quantile (EMA).
+
+        Called after selection, so a forward never selects with a threshold that saw its
+        own (future) tokens.
+        """
+        flat = score.flatten().float()
+        k = min(flat.numel(), max(1, math.ceil((1.0 - self.config.refine_target) * flat.numel())))
+        q = flat.kthvalue(k).values.to(self.router_threshold.dtype)
+        thr = self.router_threshold
+        thr.copy_(torch.where(torch.isnan(thr), q, THRESHOLD_MOMENTUM * thr + (1 - THRESHOLD_MOMENTUM) * q))
+
+    # ---- refinement
+
+    def _refine(self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, sel: Selection) -> Tensor:
+        """The core refine_passes more times, then the coda once, on the selected tokens: (n, d).
+
+        Each block reuses the K/V it computed for the other tokens in the last base pass.
+        U-Net skips: the refined core passes get none; each coda block gets the skip it got
+        in the base pass. With every token selected (uniform, cap 1) and no skips, this is
+        exactly a base forward with n_passes + refine_passes core passes.
+        """
+        c = self.config
+        rows, pos = sel.rows, sel.pos
+        h, x0s, cs, sn = base.h_last[rows, pos], x0[rows, pos], cos[pos], sin[pos]
+        for r in range(c.refine_passes):
+            p = c.n_passes + r
+            h = self.phase.start(h, p)
+            for j, block in enumerate(self.core):
+                h = block(h, x0s, cs, sn, SelectedAttend(base.core_kv[j], sel), self.phase.cond(p, j))
+        for i, block in enumerate(self.coda):
+            skip = base.coda_skips[i]
+            if skip is not None:
+                h = h + skip[rows, pos]
+            h = block(h, x0s, cs, sn, SelectedAttend(base.coda_kv[i], sel))
+        return h
+
+    # ---- forward
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_token_ce: bool = False) -> ModelOutput:
+        c = self.config
+        if idx.ndim != 2:
+            raise ValueError(f"RecurrentLM: idx must be (batch, seq), got shape {tuple(idx.shape)}")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"RecurrentLM: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        x0 = rms_norm(self.tok_emb(idx))
+        cos, sin = self._rope(idx.size(1), x0)
+        base = self._base_pass(x0, cos, sin, record_kv=c.refine_passes > 0)
+
+        logits, score, refined, fraction = base.logits, None, None, 0.0
+        if c.refine_passes:
+            score = self._router_score(base)
+            refined = causal_cap(score > self.threshold(), c.refine_cap)
+            if self.training and not self.threshold_frozen and c.signal not in ("uniform", "random"):
+                self._calibrate(score)
+            sel = Selection.from_mask(refined)
+            if sel.n:
+                logits = base.logits.index_put((sel.rows, sel.pos), self._logits(self._refine(base, x0, cos, sin, sel)))
+            fraction = sel.n / refined.numel()
+
+        loss = base_loss = token_ce = base_token_ce = None
+        if targets is not None:
+            ce = _token_ce(logits, targets)
+            base_ce = ce if logits is base.logits else _token_ce(base.logits, targets)
+            loss = ce.mean()
+            base_loss = loss if base_ce is ce else base_ce.mean()
+            if return_token_ce:
+                token_ce, base_token_ce = ce, base_ce
+
+        passes = self.n_passes_used
+        stats = ForwardStats(
+            block_applications_per_token=c.n_prelude + c.n_blocks * passes + c.n_coda
+            + fraction * (c.n_blocks * c.refine_passes + c.n_coda),
+            refined_fraction=fraction,
+            flops_per_token=_flops(c, fraction, passes, idx.size(1)),
+        )
+        return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
+
+
+def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+# ---------------------------------------------------------------------- 5. analytic cost
+
+
+def block_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward FLOPs of one block application on one token: its matmuls plus causal attention.
+
+    A query at position t attends to t + 1 keys, (T + 1) / 2 on average; QK^T and AV cost
+    2 * d each per key. Norms, RoPE and activations are not counted.
+    """
+    c = config
+    t = c.seq_len if seq_len is None else seq_len
+    kv_dim = c.n_kv_heads * c.head_dim
+    matmuls = 2 * (2 * c.d_model * c.d_model + 2 * c.d_model * kv_dim + 2 * c.d_model * c.mlp_hidden)
+    return matmuls + 4 * c.d_model * (t + 1) / 2
+
+
+def _flops(c: ModelConfig, refined_fraction: float, passes: int, seq_len: int) -> float:
+    block = block_flops_per_token(c, seq_len)
+    head = 2 * c.d_model * c.vocab_size
+    lora = 0.0
+    if c.phase == "lora":  # x A^T then (.) B^T on q, v and fc
+        kv_dim = c.n_kv_heads * c.head_dim
+        lora = 2 * c.lora_rank * ((c.d_model + c.d_model) + (c.d_model + kv_dim) + (c.d_model + c.mlp_hidden))
+    core = block + lora
+    total = (c.n_prelude + c.n_coda) * block + c.n_blocks * passes * core + head
+    if c.refine_passes:
+        total += refined_fraction * (c.n_blocks * c.refine_passes * core + c.n_coda * block + head)
+        if c.signal == "kl":  # the head on the previous pass's state, and on the last if a coda sits between
+            total += head * (2 if c.n_coda else 1)
+    return float(total)
+
+
+def flops_per_token(config: ModelConfig, refined_fraction: float = 0.0, looping: bool = True) -> float:
+    """Analytic forward FLOPs per token at config.seq_len: matmuls, causal attention, LM head.
+
+    Refinement adds its blocks and head at `refined_fraction`; the `kl` router adds its
+    extra head(s). Softmax-based router scores (entropy, margin) are not counted.
+    """
+    if not 0.0 <= refined_fraction <= 1.0:
+        raise ValueError(f"flops_per_token: refined_fraction={refined_fraction!r}: expected a fraction in [0, 1]")
+    return _flops(config, refined_fraction, config.n_passes if looping else 1, config.seq_len)
