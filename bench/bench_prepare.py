@@ -28,7 +28,8 @@ def main() -> None:
         megabytes = text.stat().st_size / 1e6
         for vocab in (1024, 4096, 8192):
             start = time.perf_counter()
-            prepare(PrepareConfig(Path(tmp) / f"out{vocab}", (text,), SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model"))
+            tokenizer = SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+            prepare(PrepareConfig(Path(tmp) / f"out{vocab}", (text,), tokenizer))
             seconds = time.perf_counter() - start
             print(f"sp{vocab}: {megabytes:.1f} MB in {seconds:.2f} s = {megabytes / seconds:.1f} MB/s")
         start = time.perf_counter()

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# One intra-op thread: on a 2-core machine, two torch threads racing any other process
+# make steps ~10x slower, and wall-clock-budgeted trials would then measure the noise.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

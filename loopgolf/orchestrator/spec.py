@@ -1,0 +1,243 @@
+"""SweepSpec: a sweep described in YAML, validated before anything starts.
+
+    name: smoke
+    data: runs/demo/data            # a prepared data dir (relative to the current directory)
+    storage: runs/sweeps            # the sweep lives in <storage>/<name>; or an object-store URI
+    space: shared_vs_unique         # a named space (loopgolf.search_spaces.spaces)
+    overrides: {n_passes: [1, 2]}   # fix a field, narrow a range, replace or add choices
+    base: {preset: tiny, batch_size: 16}   # fixed trial fields under the sampled ones
+    equal_bytes: false              # true: solve the width so every config spends the budget
+    budget: {artifact_bytes: 16000000, train_seconds: 20, eval_seconds: 0}
+    search: {algorithm: tpe, objectives: {val_bpb: min, artifact_bytes: min}, num_samples: 6, seed: 0}
+    seeds: 1                        # replicates per configuration
+    max_concurrent: 2
+    resources: {cpu: 1, gpu: 0}
+    tracking_uri: null              # default: sqlite:///<sweep>/mlflow.db
+    early_stopping: null            # or asha (single objective only)
+
+Every bad value is one LoopgolfError naming it, raised before a directory is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from loopgolf.errors import LoopgolfError
+from loopgolf.trial.config import ConfigError, TrialConfig, coerce_field, parse_override, preset
+
+Algorithm = Literal["tpe", "nsga2", "random", "grid"]
+METRICS = (
+    "val_bpb", "val_bpb_prequant", "val_loss", "artifact_bytes", "model_bytes", "code_bytes", "params",
+    "train_seconds", "train_tokens", "train_steps", "eval_seconds", "eval_passes_per_token",
+    "eval_flops_per_token", "refine_fraction",
+)  # fmt: skip
+
+
+class SpecError(LoopgolfError):
+    """A sweep spec value is missing or invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    data: Path
+    storage: str = "runs/sweeps"
+    space: str = "shared_vs_unique"
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    equal_bytes: bool = False
+    artifact_bytes: int = 16_000_000
+    train_seconds: float = 20.0
+    eval_seconds: float = 0.0  # eval cap; 0 = none
+    algorithm: Algorithm = "tpe"
+    objectives: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"val_bpb": "min"})
+    num_samples: int = 6
+    search_seed: int = 0
+    seeds: int = 1
+    max_concurrent: int = 2
+    cpu: float = 1.0
+    gpu: float = 0.0
+    tracking_uri: str | None = None
+    early_stopping: Literal["asha"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise SpecError(f"name={self.name!r}: expected letters, digits, '-', '_' or '.'")
+        if not Path(self.data).is_dir():
+            raise SpecError(f"data={str(self.data)!r}: no such directory (run `loopgolf data prepare --out ...`)")
+        if not (Path(self.data) / "manifest.json").is_file():
+            raise SpecError(f"data={str(self.data)!r}: no manifest.json (run `loopgolf data prepare --out ...`)")
+        if self.algorithm not in ("tpe", "nsga2", "random", "grid"):
+            raise SpecError(f"search.algorithm={self.algorithm!r}: expected one of tpe, nsga2, random, grid")
+        if not self.objectives:
+            raise SpecError("search.objectives: expected at least one of " + ", ".join(METRICS))
+        for metric, mode in self.objectives.items():
+            if metric not in METRICS:
+                raise SpecError(f"search.objectives: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+            if mode not in ("min", "max"):
+                raise SpecError(f"search.objectives.{metric}={mode!r}: expected min or max")
+        for name in ("num_samples", "seeds", "max_concurrent"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SpecError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
+        if self.artifact_bytes < 1:
+            raise SpecError(f"budget.artifact_bytes={self.artifact_bytes}: expected >= 1")
+        if self.train_seconds <= 0 or self.eval_seconds < 0:
+            raise SpecError("budget: expected train_seconds > 0 and eval_seconds >= 0")
+        if self.cpu <= 0 or self.gpu < 0:
+            raise SpecError(f"resources: cpu={self.cpu}, gpu={self.gpu}: expected cpu > 0 and gpu >= 0")
+        if self.early_stopping not in (None, "asha"):
+            raise SpecError(f"early_stopping={self.early_stopping!r}: expected null or asha")
+        if self.early_stopping == "asha" and len(self.objectives) > 1:
+            raise SpecError(
+                "early_stopping=asha is refused with several objectives: ASHA ranks trials on one metric, and the "
+                "trials it stops would enter the multi-objective study with truncated values"
+            )
+        if self.early_stopping == "asha" and list(self.objectives) != ["val_bpb"]:
+            raise SpecError("early_stopping=asha needs objectives {val_bpb: min}: it compares quick val bpb over time")
+
+    @property
+    def sweep_dir(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.storage
+
+    def base_config(self) -> TrialConfig:
+        """The fixed part of every trial: base fields plus the sweep's budgets."""
+        values = dict(self.base)
+        start = preset(str(values.pop("preset"))) if "preset" in values else TrialConfig()
+        values = {k: coerce_field(k, v) for k, v in values.items()}
+        values |= {
+            "train_seconds": float(self.train_seconds),
+            "max_artifact_bytes": int(self.artifact_bytes),
+            "max_eval_seconds": float(self.eval_seconds),
+        }
+        return TrialConfig.from_flat(values, base=start)
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "data": str(Path(self.data).resolve()),
+            "storage": self.storage,
+            "space": self.space,
+            "overrides": dict(self.overrides),
+            "base": dict(self.base),
+            "equal_bytes": self.equal_bytes,
+            "budget": {
+                "artifact_bytes": self.artifact_bytes,
+                "train_seconds": self.train_seconds,
+                "eval_seconds": self.eval_seconds,
+            },
+            "search": {
+                "algorithm": self.algorithm,
+                "objectives": dict(self.objectives),
+                "num_samples": self.num_samples,
+                "seed": self.search_seed,
+            },
+            "seeds": self.seeds,
+            "max_concurrent": self.max_concurrent,
+            "resources": {"cpu": self.cpu, "gpu": self.gpu},
+            "tracking_uri": self.tracking_uri,
+            "early_stopping": self.early_stopping,
+        }
+
+
+# YAML layout -> SweepSpec field names.
+_NESTED = {
+    "budget": {"artifact_bytes": "artifact_bytes", "train_seconds": "train_seconds", "eval_seconds": "eval_seconds"},
+    "search": {"algorithm": "algorithm", "objectives": "objectives", "num_samples": "num_samples",
+               "seed": "search_seed"},
+    "resources": {"cpu": "cpu", "gpu": "gpu"},
+}  # fmt: skip
+_TOP = {"name", "data", "storage", "space", "overrides", "base", "equal_bytes", "seeds", "max_concurrent",
+        "tracking_uri", "early_stopping"}  # fmt: skip
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    head, _, rest = key.partition(".")
+    if not rest:
+        raw[head] = value
+        return
+    node = raw.setdefault(head, {})
+    if not isinstance(node, dict):
+        raise SpecError(f"--set {key}: {head!r} is not a mapping in the spec")
+    _set_dotted(node, rest, value)
+
+
+def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _NESTED:
+            if not isinstance(value, Mapping):
+                raise SpecError(f"{key}: expected a mapping, got {value!r}")
+            for sub, sub_value in value.items():
+                if sub not in _NESTED[key]:
+                    raise SpecError(f"{key}.{sub}: unknown field; expected one of {sorted(_NESTED[key])}")
+                values[_NESTED[key][sub]] = sub_value
+        elif key in _TOP:
+            values[key] = value
+        else:
+            raise SpecError(f"unknown spec field {key!r}; expected one of {sorted(_TOP | set(_NESTED))}")
+    if "name" not in values or "data" not in values:
+        raise SpecError("spec: expected at least `name` and `data`")
+    values["data"] = Path(str(values["data"])).expanduser().resolve()
+    if isinstance(values.get("objectives"), (list, str)):  # "val_bpb" or [val_bpb, artifact_bytes] -> all min
+        names = [values["objectives"]] if isinstance(values["objectives"], str) else values["objectives"]
+        values["objectives"] = {n: "min" for n in names}
+    for key in ("overrides", "base"):
+        if key in values and not isinstance(values[key], Mapping):
+            raise SpecError(f"{key}: expected a mapping of config field: value")
+    try:
+        spec = SweepSpec(**values)
+    except TypeError as exc:
+        raise SpecError(f"spec: {exc}") from None
+    _check_space(spec)
+    return spec
+
+
+def _check_space(spec: SweepSpec) -> None:
+    """Unknown space or field, empty range, or a space where nothing fits the byte cap."""
+    from loopgolf.search_spaces.spaces import apply_overrides, grid_values, named_space, smallest_predicted_bytes
+
+    try:
+        base = spec.base_config()
+    except ConfigError as exc:
+        raise SpecError(f"base: {exc}") from None
+    space = apply_overrides(named_space(spec.space), spec.overrides)
+    if spec.algorithm == "grid":
+        grid_values(space)
+    smallest = smallest_predicted_bytes(space, base, spec.equal_bytes)
+    if smallest > spec.artifact_bytes:
+        raise SpecError(
+            f"space {spec.space!r}: no configuration fits budget.artifact_bytes={spec.artifact_bytes:,}; "
+            f"the smallest predicts {smallest:,} bytes"
+        )
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> SweepSpec:
+    """Read a spec file, apply `--set dotted.key=value` overrides and explicit fields (CLI flags)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SpecError(f"spec {str(path)!r}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {str(path)!r}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec {str(path)!r}: expected a mapping")
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+        _set_dotted(raw, key, value)
+    for key, value in fields.items():
+        if value is not None:
+            raw[key] = value
+    return spec_from_dict(raw)

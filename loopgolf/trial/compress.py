@@ -1,0 +1,848 @@
+"""The artifact: quantize the trained weights, pack them in a documented container, compress.
+
+    artifact_bytes = model_bytes + code_bytes
+
+`model_bytes` is the size of the artifact file on disk; `code_bytes` is the size of the
+source files needed to rebuild and run the model from it (`CODE_FILES`). Nothing in the
+reported number is estimated.
+
+Quantization (per tensor, first rule that applies):
+
+1. non-float tensors (integer/bool buffers)        -> stored exactly
+2. float buffers (calibrated statistics such as the router threshold, not weights)
+                                                    -> stored exactly (fp32)
+3. numel <= small_tensor_numel (norm gains, scales, control vectors)
+                                                    -> fp16
+4. name matches a `protect` glob                   -> fp16 (protect_bits 16), or int8 per row
+                                                       clipped at the row max (protect_bits 8)
+5. everything else                                 -> int at `bits`, per row, clipped per
+                                                       `clip_sigma`
+
+Integer encoding at b bits: each row (each vector along the last dim of a >= 2-D tensor,
+i.e. a Linear's output row or an embedding's token row; the whole tensor if 1-D) gets one
+scale s = clip / qmax with qmax = 2^(b-1) - 1, and q = clamp(round(w / s), -qmax,
+qmax). The clip is k * std(row) when clip_sigma = k > 0 (the challenge records' SDClip:
+k is an entropy knob, bits and k trade off as about b - log2 k, and k * std may exceed the
+row max, which simply makes the grid coarser); with k = 0 it is the row max |w| (nothing is
+clipped). s is stored as fp16, rounded *up* to the next fp16 so that unclipped values keep
+|w - q s| <= s / 2 with the stored s. Dequantization is q * s in fp32.
+
+File layout (all integers little-endian):
+
+    outer header, uncompressed (readable without any codec):
+        4 bytes   magic b"LGAF" (LoopGolf Artifact File)
+        1 byte    container version (1)
+        1 byte    n, then n bytes: codec name in ASCII ("zlib", "lzma", "zstd", "brotli")
+        4 bytes   uint32 payload length (bytes after this header; must end the file)
+        4 bytes   uint32 crc32 of the payload
+    payload: seven frames in this order, each a uint32 length then codec(part); an empty
+    part is an empty frame (length 0). Each part is compressed on its own (see the
+    container notes below). The parts:
+        "header"  JSON {"format": "loopgolf-artifact", "version": 1,
+                        "config": {"model": ModelConfig fields, "compress": CompressConfig
+                                   fields, "train": TrainConfig fields},
+                        "sections": [["q", nbytes], ["scale", ...], ["half", ...], ["exact", ...]],
+                        "tensors": [{"name", "shape", "dtype", "enc", "group", ...}, ...]}
+        "q"       every int payload back to back: one int8 per level, or two levels per
+                  byte (low nibble first, stored as level + 7) at 4 bits
+        "scale.lo", "scale.hi"   every fp16 row scale: the low bytes, then the high bytes
+        "half.lo", "half.hi"     every fp16 tensor, as the same two byte planes
+        "exact"   every exactly-stored tensor in its own dtype
+    The data form four sections, "q", "scale", "half" and "exact" ("scale" and "half"
+    being their two byte planes interleaved back); "sections" gives their sizes. A tensor
+    entry names its slices as [offset, nbytes]: "q" and "scale" for enc "int" (plus "bits",
+    "clip_sigma", "rows"), "data" for "half" / "exact". Slices follow each other in tensor
+    order and use their sections up exactly; the reader checks this. A tied weight is
+    stored once; its second name is {"name", "alias": the name it is stored under}.
+
+Loading reads only json and numpy buffers: no pickle, no torch.load, no code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import lzma
+import math
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from loopgolf.errors import LoopgolfError
+from loopgolf.trial.config import CompressConfig, ModelConfig, TrainConfig, TrialConfig
+
+if TYPE_CHECKING:
+    from loopgolf.trial.model import RecurrentLM
+
+MAGIC = b"LGAF"
+VERSION = 1
+FORMAT = "loopgolf-artifact"
+Encoding = Literal["int", "half", "exact"]
+
+
+class ArtifactError(LoopgolfError):
+    """An artifact file is missing, corrupt, truncated, or not a loopgolf artifact."""
+
+
+# ------------------------------------------------------------------------ quantization
+
+
+def qmax(bits: int) -> int:
+    """Largest integer level of symmetric b-bit quantization: values lie in [-qmax, qmax]."""
+    return (1 << (bits - 1)) - 1
+
+
+def n_rows(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor for per-row scales: every vector along the last dim if >= 2-D
+    (a Linear's output rows, an embedding's token rows), else one row for the whole tensor."""
+    return math.prod(shape[:-1]) if len(shape) >= 2 else 1
+
+
+def _rows(w: Tensor) -> Tensor:
+    """The tensor as (rows, cols) in fp32."""
+    return w.detach().float().reshape(n_rows(tuple(w.shape)), -1)
+
+
+def row_scales(w: Tensor, bits: int, clip_sigma: float) -> Tensor:
+    """Per-row fp16 scales (rows,): clip / qmax, rounded up to the next representable fp16.
+
+    clip = clip_sigma * std(row) when clip_sigma > 0, else max |w| of the row. Rounding up
+    keeps every unclipped value within half a step of its level with the *stored* scale.
+    A row whose clip is 0 (all zeros) gets scale 1: every level is then 0, exactly.
+    No host sync: this also runs inside every QAT forward.
+    """
+    rows = _rows(w)
+    clip = clip_sigma * rows.std(dim=1, correction=0) if clip_sigma > 0 else rows.abs().amax(dim=1)
+    exact = torch.where(clip > 0, clip / qmax(bits), torch.ones_like(clip))
+    half = exact.half()
+    # the next fp16 up: for a positive finite fp16, its bit pattern plus one
+    up = (half.view(torch.int16) + 1).view(torch.float16)
+    return torch.where(half.float() < exact, up, half)
+
+
+def quantize_rows(w: Tensor, scales: Tensor, bits: int) -> Tensor:
+    """Integer levels (rows, cols) int8 of w for the given fp16 row scales."""
+    limit = qmax(bits)
+    return torch.clamp(torch.round(_rows(w) / scales.float()[:, None]), -limit, limit).to(torch.int8)
+
+
+def dequantize_rows(q: Tensor, scales: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """fp32 weights of the given shape from levels and fp16 row scales."""
+    return (q.float() * scales.float()[:, None]).reshape(shape)
+
+
+def quantize_dequantize(w: Tensor, bits: int, clip_sigma: float) -> Tensor:
+    """w as the artifact will store it (fp32, same shape): the export rule in one call."""
+    scales = row_scales(w, bits, clip_sigma)
+    return dequantize_rows(quantize_rows(w, scales, bits), scales, tuple(w.shape))
+
+
+# ---------------------------------------------------------------------- the model's plan
+
+
+Group = Literal["quantized", "protected", "small", "exact"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How one tensor is stored, and which byte-accounting group it falls in."""
+
+    enc: Encoding
+    group: Group
+    bits: int = 16  # int only
+    clip_sigma: float = 0.0  # int only
+
+
+def plan_tensor(
+    name: str, numel: int, is_float_param: bool, cfg: CompressConfig, aliases: tuple[str, ...] = ()
+) -> Plan:
+    """The storage rule for one tensor (the module docstring's table, in order).
+
+    `is_float_param`: a floating-point parameter (not a buffer, not an integer tensor).
+    `aliases` are other names of the same tensor (a tied head): protecting any name
+    protects the tensor. budget.py applies the same rule to its analytic inventory.
+    """
+    if not is_float_param:
+        return Plan("exact", "exact")
+    if numel <= cfg.small_tensor_numel:
+        return Plan("half", "small")
+    if any(fnmatch.fnmatchcase(n, glob) for n in (name, *aliases) for glob in cfg.protect):
+        # Protection keeps information, so a protected int8 tensor is never clipped.
+        return Plan("half", "protected") if cfg.protect_bits == 16 else Plan("int", "protected", 8, 0.0)
+    return Plan("int", "quantized", cfg.bits, cfg.clip_sigma)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str
+    tensor: Tensor
+    is_param: bool
+    alias_of: str | None  # set on the second name of a tied tensor
+    aliases: tuple[str, ...]  # set on the first: the tensor's other names
+
+
+def _plan_entry(e: _Entry, cfg: CompressConfig) -> Plan:
+    return plan_tensor(e.name, e.tensor.numel(), e.is_param and e.tensor.is_floating_point(), cfg, e.aliases)
+
+
+def _entries(model: torch.nn.Module) -> list[_Entry]:
+    """Every state_dict entry, ties resolved.
+
+    A tied weight (the LM head sharing the embedding) appears in the state dict under
+    two names but is stored once, under the first; the others become aliases of it.
+    """
+    params = {id(p) for p in model.parameters()}
+    names: dict[int, list[str]] = {}
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
+        names.setdefault(id(t), []).append(name)
+    out = []
+    for name, t in state.items():
+        first, *rest = names[id(t)]
+        is_first = name == first
+        out.append(_Entry(name, t, id(t) in params, None if is_first else first, tuple(rest) if is_first else ()))
+    return out
+
+
+# ------------------------------------------------------------------- quantized state
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One stored tensor: int levels + fp16 row scales, an fp16 copy, or exact bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the model's dtype, restored on load
+    plan: Plan
+    q: Tensor | None = None  # int8 (rows, cols), enc "int"
+    scales: Tensor | None = None  # fp16 (rows,), enc "int"
+    data: Tensor | None = None  # enc "half" (fp16) or "exact" (original dtype), flat
+    alias_of: str | None = None  # a tied name: same tensor as `alias_of`
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedState:
+    """The in-memory artifact: what `save_artifact` writes and `load_artifact` reads back."""
+
+    tensors: tuple[QuantizedTensor, ...]
+    compress: CompressConfig
+
+    def counts(self) -> dict[Group, int]:
+        """Stored numel per group (tied tensors once)."""
+        counts: dict[Group, int] = {"quantized": 0, "protected": 0, "small": 0, "exact": 0}
+        for t in self.tensors:
+            if t.alias_of is None:
+                counts[t.plan.group] += math.prod(t.shape)
+        return counts
+
+
+def quantize_tensor(name: str, t: Tensor, plan: Plan) -> QuantizedTensor:
+    shape, dtype = tuple(t.shape), t.dtype
+    t = t.detach().cpu()
+    if plan.enc == "exact":
+        return QuantizedTensor(name, shape, dtype, plan, data=t.reshape(-1).clone())
+    if not torch.isfinite(t).all():
+        raise ArtifactError(f"{name}: non-finite weights cannot be quantized")
+    if plan.enc == "int":
+        scales = row_scales(t, plan.bits, plan.clip_sigma)
+        stored = QuantizedTensor(name, shape, dtype, plan, q=quantize_rows(t, scales, plan.bits), scales=scales)
+    else:
+        stored = QuantizedTensor(name, shape, dtype, plan, data=t.reshape(-1).half())
+    if not torch.isfinite(stored.scales if stored.scales is not None else stored.data).all():
+        raise ArtifactError(f"{name}: weights beyond the fp16 range")
+    return stored
+
+
+def quantize_model(model: torch.nn.Module, cfg: CompressConfig) -> QuantizedState:
+    """Quantize every state_dict tensor of `model` by `plan_tensor` (ties stored once)."""
+    out: dict[str, QuantizedTensor] = {}
+    for e in _entries(model):
+        if e.alias_of is not None:
+            out[e.name] = dataclasses.replace(out[e.alias_of], name=e.name, q=None, scales=None, data=None,
+                                              alias_of=e.alias_of)
+        else:
+            out[e.name] = quantize_tensor(e.name, e.tensor, _plan_entry(e, cfg))
+    return QuantizedState(tuple(out.values()), cfg)
+
+
+def dequantize_tensor(t: QuantizedTensor) -> Tensor:
+    if t.plan.enc == "int":
+        assert t.q is not None and t.scales is not None, t.name
+        return dequantize_rows(t.q, t.scales, t.shape).to(t.dtype)
+    assert t.data is not None, t.name
+    return t.data.reshape(t.shape).to(t.dtype)
+
+
+def dequantize(state: QuantizedState) -> dict[str, Tensor]:
+    """A state dict (name -> tensor) of the dequantized weights; tied names share a tensor."""
+    out: dict[str, Tensor] = {}
+    for t in state.tensors:
+        out[t.name] = out[t.alias_of] if t.alias_of is not None else dequantize_tensor(t)
+    return out
+
+
+# ------------------------------------------------------------ quantization-aware training
+
+
+def fake_quantize(weight: Tensor, bits: int, mode: str, clip_sigma: float = 0.0) -> Tensor:
+    """The weight as training should see it under QAT at the export bit width.
+
+    "ste": the exported (quantized-dequantized) weight in the forward pass, identity
+    gradient (straight-through). "noise": weight + U(-s/2, s/2) per row, s the row's export
+    step (noise sized to int8 hurts an int5 export, so the step is that of `bits`).
+    "none": the weight unchanged. Scales come from the detached weight: they are not
+    trained through.
+    """
+    if mode == "none":
+        return weight
+    if mode == "ste":  # exported value forward (w - w.detach() is exactly 0), gradient 1
+        return quantize_dequantize(weight, bits, clip_sigma).to(weight.dtype) + (weight - weight.detach())
+    if mode == "noise":
+        step = row_scales(weight, bits, clip_sigma).to(weight.dtype)
+        noise = (torch.rand(_rows(weight).shape, device=weight.device, dtype=weight.dtype) - 0.5) * step[:, None]
+        return weight + noise.reshape(weight.shape)
+    raise ValueError(f"qat mode {mode!r}: expected 'none', 'noise' or 'ste'")
+
+
+@dataclasses.dataclass(frozen=True)
+class QatTransform:
+    """A QATLinear's `weight_transform`: fake-quantize at the export bits in forward.
+
+    Noise is a training regularizer, so under torch.no_grad (evaluation) a noise transform
+    passes the weight unchanged; an STE transform always shows the exported weight.
+    """
+
+    bits: int
+    mode: str
+    clip_sigma: float
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        if self.mode == "noise" and not torch.is_grad_enabled():
+            return weight
+        return fake_quantize(weight, self.bits, self.mode, self.clip_sigma)
+
+
+def _qat_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    from loopgolf.trial.model import QATLinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QATLinear)]
+
+
+def install_qat(model: torch.nn.Module, cfg: CompressConfig) -> int:
+    """Set `weight_transform` on every QATLinear the export quantizes at `cfg.bits`.
+
+    Protected, small and other tensors are left alone (their export is not `bits`).
+    Returns how many modules got a transform; cfg.qat == "none" installs nothing.
+    """
+    remove_qat(model)
+    if cfg.qat == "none":
+        return 0
+    first = {id(e.tensor): e for e in _entries(model) if e.alias_of is None}
+    installed = 0
+    for _, module in _qat_modules(model):
+        e = first[id(module.weight)]
+        if _plan_entry(e, cfg).group == "quantized":
+            module.weight_transform = QatTransform(cfg.bits, cfg.qat, cfg.clip_sigma)
+            installed += 1
+    return installed
+
+
+def remove_qat(model: torch.nn.Module) -> None:
+    for _, module in _qat_modules(model):
+        module.weight_transform = None
+
+
+def quantized_model(model: RecurrentLM, cfg: CompressConfig) -> RecurrentLM:
+    """A copy of `model` with the weights the artifact stores: what loading it gives back."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    remove_qat(clone)
+    clone.load_state_dict(dequantize(quantize_model(model, cfg)))
+    return clone
+
+
+# -------------------------------------------------------------------------- container
+#
+# Measured with bench/bench_compress.py --packing (trained weights, 2025-11-22):
+# - bit-packing 5- and 6-bit levels costs 5-35% more bytes than one int8 per level with
+#   every codec (packing misaligns symbols with bytes, so the entropy coder cannot see the
+#   level distribution); at 4 bits two levels per byte (nibbles, still byte-aligned) wins
+#   by 1-13%. So 4-bit levels are nibble-packed and wider ones are one int8 each.
+# - each part is compressed as its own frame: a JSON header in front of the levels cost
+#   zstd-22 up to 8% of the payload, and separate frames are within about 1% of one
+#   stream for every codec (usually smaller), which also makes each part's bytes
+#   predictable on its own (search_spaces/budget.py).
+# - fp16 data go as two byte planes (low bytes: mantissa noise; high bytes: sign and
+#   exponent, compressible), each its own frame: one frame of both planes let zstd-22 and
+#   zlib share one entropy table across them and cost them up to 9% on small parts.
+
+_EXACT_DTYPES: dict[str, tuple[str, torch.dtype]] = {
+    "float32": ("<f4", torch.float32), "float64": ("<f8", torch.float64), "float16": ("<f2", torch.float16),
+    "bfloat16": ("<i2", torch.bfloat16), "int64": ("<i8", torch.int64), "int32": ("<i4", torch.int32),
+    "int16": ("<i2", torch.int16), "int8": ("i1", torch.int8), "uint8": ("u1", torch.uint8), "bool": ("?", torch.bool),
+}
+SECTIONS = ("q", "scale", "half", "exact")  # the data sections tensor slices point into
+_FP16 = ("scale", "half")  # stored as two byte planes: low bytes, then high bytes
+PARTS = ("header", "q", "scale.lo", "scale.hi", "half.lo", "half.hi", "exact")  # frame order in the payload
+# The whole TrialConfig travels in the header (about 400 compressed bytes): the model
+# config to rebuild, the compress settings to decode, the train settings to evaluate alike.
+_CONFIG_SECTIONS: dict[str, type] = {"model": ModelConfig, "compress": CompressConfig, "train": TrainConfig}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _EXACT_DTYPES:
+        raise ValueError(f"dtype {dtype} cannot be stored (expected one of {sorted(_EXACT_DTYPES)})")
+    return name
+
+
+def _byte_planes(raw: bytes) -> tuple[bytes, bytes]:
+    """fp16 bytes as two planes: every low byte (mostly mantissa noise), every high byte
+    (sign, exponent: compressible)."""
+    pairs = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 2)
+    return pairs[:, 0].tobytes(), pairs[:, 1].tobytes()
+
+
+def _join_planes(lo: bytes, hi: bytes) -> bytes:
+    if len(lo) != len(hi):
+        raise ValueError(f"fp16 byte planes of different lengths ({len(lo)}, {len(hi)})")
+    return np.stack([np.frombuffer(lo, dtype=np.uint8), np.frombuffer(hi, dtype=np.uint8)], axis=1).tobytes()
+
+
+def _pack_levels(q: Tensor, bits: int) -> bytes:
+    """int8 levels as stored: one byte each, or two per byte (low nibble first) at 4 bits."""
+    flat = q.reshape(-1).numpy()
+    if bits != 4:
+        return flat.tobytes()
+    u = (flat.astype(np.int16) + qmax(4)).astype(np.uint8)  # [0, 14]
+    if u.size % 2:
+        u = np.append(u, np.uint8(qmax(4)))  # pad with level 0
+    return (u[0::2] | (u[1::2] << 4)).tobytes()
+
+
+def _unpack_levels(raw: bytes, bits: int, n: int) -> np.ndarray:
+    if bits != 4:
+        return np.frombuffer(raw, dtype=np.int8, count=n)
+    b = np.frombuffer(raw, dtype=np.uint8)
+    u = np.stack([b & 0x0F, b >> 4], axis=1).reshape(-1)[:n]
+    return u.astype(np.int8) - np.int8(qmax(4))
+
+
+def _levels_nbytes(n: int, bits: int) -> int:
+    return (n + 1) // 2 if bits == 4 else n
+
+
+def encode_parts(state: QuantizedState, config: TrialConfig) -> dict[str, bytes]:
+    """The uncompressed parts (PARTS): the JSON header, then the data sections, fp16 ones
+    split into byte planes."""
+    if config.compress != state.compress:
+        raise ValueError("the state was quantized with other compress settings than config.compress")
+    chunks: dict[str, list[bytes]] = {s: [] for s in SECTIONS}
+    sizes = dict.fromkeys(SECTIONS, 0)
+
+    def put(section: str, raw: bytes) -> list[int]:
+        chunks[section].append(raw)
+        sizes[section] += len(raw)
+        return [sizes[section] - len(raw), len(raw)]
+
+    entries: list[dict[str, Any]] = []
+    for t in state.tensors:
+        if t.alias_of is not None:
+            entries.append({"name": t.name, "alias": t.alias_of})
+            continue
+        entry: dict[str, Any] = {
+            "name": t.name, "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "enc": t.plan.enc,
+            "group": t.plan.group,
+        }
+        if t.plan.enc == "int":
+            assert t.q is not None and t.scales is not None
+            entry.update(bits=t.plan.bits, clip_sigma=t.plan.clip_sigma, rows=int(t.q.shape[0]))
+            entry["q"] = put("q", _pack_levels(t.q, t.plan.bits))
+            entry["scale"] = put("scale", t.scales.numpy().astype("<f2").tobytes())
+        elif t.plan.enc == "half":
+            assert t.data is not None
+            entry["data"] = put("half", t.data.numpy().astype("<f2").tobytes())
+        else:
+            assert t.data is not None
+            data = t.data.view(torch.int16) if t.data.dtype == torch.bfloat16 else t.data
+            entry["data"] = put("exact", data.numpy().astype(_EXACT_DTYPES[entry["dtype"]][0]).tobytes())
+        entries.append(entry)
+    header = {
+        "format": FORMAT, "version": VERSION,
+        "config": {s: dataclasses.asdict(getattr(config, s)) for s in _CONFIG_SECTIONS},
+        "sections": [[s, sizes[s]] for s in SECTIONS],
+        "tensors": entries,
+    }
+    parts = {"header": json.dumps(header, separators=(",", ":")).encode("utf-8")}
+    for s in SECTIONS:
+        raw = b"".join(chunks[s])
+        if s in _FP16:
+            parts[f"{s}.lo"], parts[f"{s}.hi"] = _byte_planes(raw)
+        else:
+            parts[s] = raw
+    return parts
+
+
+class _Sections:
+    """The body's sections, read strictly in order: each tensor's slice must start where the
+    previous one in its section ended, and every section must be used up exactly."""
+
+    def __init__(self, raw: Mapping[str, bytes]) -> None:
+        self.raw, self.cursor = raw, dict.fromkeys(raw, 0)
+
+    def take(self, section: str, where: Any, expected: int, what: str) -> bytes:
+        if not (isinstance(where, list) and len(where) == 2 and all(type(v) is int for v in where)):
+            raise ValueError(f"{what}: bad slice {where!r}")
+        offset, nbytes = where
+        if offset != self.cursor[section] or nbytes != expected or offset + nbytes > len(self.raw[section]):
+            raise ValueError(f"{what}: slice {where} is not the next {expected} bytes of section {section!r}")
+        self.cursor[section] += nbytes
+        return self.raw[section][offset : offset + nbytes]
+
+    def check_used_up(self) -> None:
+        for name, used in self.cursor.items():
+            if used != len(self.raw[name]):
+                raise ValueError(f"section {name!r}: {len(self.raw[name]) - used} bytes belong to no tensor")
+
+
+def _decode_tensor(entry: Mapping[str, Any], sections: _Sections) -> QuantizedTensor:
+    name = entry["name"]
+    shape = tuple(entry["shape"])
+    if not (isinstance(name, str) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"tensor entry {entry!r}: bad name or shape")
+    dtype_name = entry["dtype"]
+    np_dtype, dtype = _EXACT_DTYPES[dtype_name]
+    n = math.prod(shape)
+    enc, group = entry["enc"], entry["group"]
+    if group not in ("quantized", "protected", "small", "exact"):
+        raise ValueError(f"{name}: unknown group {group!r}")
+    if enc == "int":
+        bits, rows, clip_sigma = entry["bits"], entry["rows"], float(entry["clip_sigma"])
+        if bits not in (4, 5, 6, 8) or rows != n_rows(shape):
+            raise ValueError(f"{name}: bad bits {bits!r} or rows {rows!r}")
+        q = _unpack_levels(sections.take("q", entry["q"], _levels_nbytes(n, bits), f"{name}.q"), bits, n)
+        if q.size and int(np.abs(q).max()) > qmax(bits):
+            raise ValueError(f"{name}: levels outside [-{qmax(bits)}, {qmax(bits)}]")
+        scales = np.frombuffer(sections.take("scale", entry["scale"], 2 * rows, f"{name}.scale"), dtype="<f2")
+        return QuantizedTensor(
+            name, shape, dtype, Plan("int", group, bits, clip_sigma),
+            q=torch.from_numpy(q.copy()).reshape(rows, -1), scales=torch.from_numpy(scales.astype(np.float16)),
+        )
+    if enc == "half":
+        raw = sections.take("half", entry["data"], 2 * n, f"{name}.data")
+        data = torch.from_numpy(np.frombuffer(raw, dtype="<f2").astype(np.float16))
+        return QuantizedTensor(name, shape, dtype, Plan("half", group), data=data)
+    if enc == "exact":
+        itemsize = np.dtype(np_dtype).itemsize
+        arr = np.frombuffer(sections.take("exact", entry["data"], itemsize * n, f"{name}.data"), dtype=np_dtype)
+        data = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).view(dtype)
+        return QuantizedTensor(name, shape, dtype, Plan("exact", group), data=data)
+    raise ValueError(f"{name}: unknown encoding {enc!r}")
+
+
+def decode_parts(parts: Mapping[str, bytes]) -> tuple[dict[str, Any], QuantizedState]:
+    """Parse the parts written by `encode_parts`; ValueError/KeyError/TypeError if malformed."""
+    try:
+        header = json.loads(parts["header"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the header part is not JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ValueError("the JSON header is not a loopgolf artifact header of this version")
+    sections = {s: _join_planes(parts[f"{s}.lo"], parts[f"{s}.hi"]) if s in _FP16 else parts[s] for s in SECTIONS}
+    if header["sections"] != [[s, len(sections[s])] for s in SECTIONS]:
+        raise ValueError(f"sections {header['sections']!r} do not match the parts' sizes")
+    compress = CompressConfig(**header["config"]["compress"])
+    reader = _Sections(sections)
+    tensors: list[QuantizedTensor] = []
+    seen: dict[str, QuantizedTensor] = {}
+    for entry in header["tensors"]:
+        if "alias" in entry:
+            target = seen[entry["alias"]]
+            t = dataclasses.replace(target, name=entry["name"], q=None, scales=None, data=None, alias_of=target.name)
+        else:
+            t = _decode_tensor(entry, reader)
+        if t.name in seen:
+            raise ValueError(f"tensor {t.name!r} appears twice")
+        seen[t.name] = t
+        tensors.append(t)
+    reader.check_used_up()
+    return header, QuantizedState(tuple(tensors), compress)
+
+
+# ----------------------------------------------------------------------------- codecs
+#
+# Each at its strongest setting. lzma writes raw LZMA2 (preset 9 | extreme, whose
+# dictionary is 64 MiB; the decoder is told that size): the .xz container would add about
+# 50 bytes per frame for checks the outer crc32 already makes. zstd writes the content
+# size, which its decompressor needs.
+
+_LZMA_ENCODE = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+_LZMA_DECODE = [{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 20}]
+
+
+def _zstd_compress(raw: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=22, write_content_size=True).compress(raw)
+
+
+def _zstd_decompress(raw: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(raw)
+
+
+def _brotli_compress(raw: bytes) -> bytes:
+    import brotli
+
+    return brotli.compress(raw, quality=11, lgwin=24)
+
+
+def _brotli_decompress(raw: bytes) -> bytes:
+    import brotli
+
+    return brotli.decompress(raw)
+
+
+CODECS: Mapping[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
+    "zlib": (lambda raw: zlib.compress(raw, 9), zlib.decompress),
+    "lzma": (
+        lambda raw: lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_ENCODE),
+        lambda raw: lzma.decompress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_DECODE),
+    ),
+    "zstd": (_zstd_compress, _zstd_decompress),
+    "brotli": (_brotli_compress, _brotli_decompress),
+}
+
+
+def compress_bytes(raw: bytes, codec: str) -> bytes:
+    return CODECS[codec][0](raw)
+
+
+def decompress_bytes(raw: bytes, codec: str) -> bytes:
+    return CODECS[codec][1](raw)
+
+
+# ------------------------------------------------------------------------- the file
+
+
+def _outer_header(codec: str, payload: bytes) -> bytes:
+    name = codec.encode("ascii")
+    return MAGIC + struct.pack("<BB", VERSION, len(name)) + name + struct.pack("<II", len(payload), zlib.crc32(payload))
+
+
+def pack_parts(parts: Mapping[str, bytes], codec: str) -> bytes:
+    """Outer header + one compressed frame per part, in PARTS order: the file's bytes."""
+    frames = [compress_bytes(parts[p], codec) if parts[p] else b"" for p in PARTS]
+    payload = b"".join(struct.pack("<I", len(f)) + f for f in frames)
+    return _outer_header(codec, payload) + payload
+
+
+def encode_artifact(state: QuantizedState, config: TrialConfig) -> bytes:
+    """The artifact file's bytes."""
+    return pack_parts(encode_parts(state, config), state.compress.codec)
+
+
+def _looks_like(raw: bytes) -> str:
+    if raw[:1] == b"\x80":
+        return " (it looks like a pickle; loading never unpickles)"
+    if raw[:4] == b"PK\x03\x04":
+        return " (it looks like a zip / torch.save file; loading never unpickles)"
+    return ""
+
+
+def _read_payload(raw: bytes) -> tuple[str, bytes]:
+    """Check the outer header and crc; return (codec, payload). ValueError if bad."""
+    if raw[:4] != MAGIC:
+        raise ValueError(f"not a loopgolf artifact: magic {raw[:4]!r}, expected {MAGIC!r}{_looks_like(raw)}")
+    if len(raw) < 6:
+        raise ValueError("truncated inside the outer header")
+    version, n_name = raw[4], raw[5]
+    if version != VERSION:
+        raise ValueError(f"container version {version}, this loopgolf reads version {VERSION}")
+    end = 6 + n_name + 8
+    if len(raw) < end:
+        raise ValueError("truncated inside the outer header")
+    codec = raw[6 : 6 + n_name].decode("ascii", errors="replace")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}, expected one of {sorted(CODECS)}")
+    n_payload, crc = struct.unpack_from("<II", raw, 6 + n_name)
+    if len(raw) != end + n_payload:
+        what = "truncated" if len(raw) < end + n_payload else "has trailing bytes"
+        raise ValueError(f"{what}: header says {n_payload} payload bytes, file holds {len(raw) - end}")
+    payload = raw[end:]
+    if zlib.crc32(payload) != crc:
+        raise ValueError("payload crc32 mismatch: the file is corrupt")
+    return codec, payload
+
+
+def _split_frames(payload: bytes) -> list[bytes]:
+    frames, pos = [], 0
+    for part in PARTS:
+        if pos + 4 > len(payload):
+            raise ValueError(f"payload ends before the {part!r} frame")
+        (n,) = struct.unpack_from("<I", payload, pos)
+        if pos + 4 + n > len(payload):
+            raise ValueError(f"the {part!r} frame ({n} bytes) runs past the payload")
+        frames.append(payload[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    if pos != len(payload):
+        raise ValueError(f"{len(payload) - pos} bytes after the last frame")
+    return frames
+
+
+def unpack_parts(raw: bytes) -> tuple[str, dict[str, bytes]]:
+    """(codec, uncompressed parts) of a file's bytes, after checking header, length and crc."""
+    codec, payload = _read_payload(raw)
+    parts: dict[str, bytes] = {}
+    for part, frame in zip(PARTS, _split_frames(payload), strict=True):
+        try:
+            parts[part] = decompress_bytes(frame, codec) if frame else b""
+        except Exception as exc:  # each codec raises its own error type
+            raise ValueError(f"the {part!r} frame does not decompress with {codec} ({type(exc).__name__})") from None
+    return codec, parts
+
+
+def decode_artifact(raw: bytes) -> tuple[dict[str, Any], QuantizedState]:
+    """(JSON header, quantized state) of an artifact file's bytes; ValueError if invalid."""
+    return decode_parts(unpack_parts(raw)[1])
+
+
+# ------------------------------------------------------------------- save and load
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactInfo:
+    """What `save_artifact` wrote, and the bytes that count against the cap."""
+
+    path: str
+    model_bytes: int  # size of the artifact file on disk
+    code_bytes: int  # summed sizes of CODE_FILES
+    artifact_bytes: int  # model_bytes + code_bytes: the number checked against the cap
+    params: int  # unique stored float parameters (tied tensors once)
+    quantized_params: int  # stored at `bits`
+    protected_params: int  # stored at protect_bits
+    small_params: int  # small tensors stored as fp16
+    bits: int
+    codec: str
+    max_artifact_bytes: int
+    save_seconds: float
+
+    @property
+    def fits(self) -> bool:
+        return self.artifact_bytes <= self.max_artifact_bytes
+
+
+def _check_matches(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
+    """The artifact must rebuild: `model`'s tensors must be those RecurrentLM(model_cfg) has."""
+    from loopgolf.trial.model import RecurrentLM
+
+    with torch.device("meta"):
+        reference = RecurrentLM(model_cfg)
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want.items()) ^ set(have.items()))[:4]
+        raise ArtifactError(f"the model does not match config.model (first differences: {diff})")
+
+
+def save_artifact(model: RecurrentLM, config: TrialConfig, path: str | os.PathLike[str]) -> ArtifactInfo:
+    """Quantize, pack and compress `model` into `path` (atomically); report the bytes."""
+    tick = time.perf_counter()
+    _check_matches(model, config.model)
+    state = quantize_model(model, config.compress)
+    raw = encode_artifact(state, config)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    model_bytes = os.path.getsize(path)
+    code = code_bytes()
+    counts = state.counts()
+    return ArtifactInfo(
+        path=str(path), model_bytes=model_bytes, code_bytes=code, artifact_bytes=model_bytes + code,
+        params=counts["quantized"] + counts["protected"] + counts["small"],
+        quantized_params=counts["quantized"], protected_params=counts["protected"], small_params=counts["small"],
+        bits=config.compress.bits, codec=config.compress.codec,
+        max_artifact_bytes=config.compress.max_artifact_bytes, save_seconds=time.perf_counter() - tick,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedArtifact:
+    model: RecurrentLM
+    config: TrialConfig
+    state: QuantizedState
+
+
+def read_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
+    """Rebuild the model (eval mode, CPU) and its TrialConfig from an artifact file.
+
+    Any problem with the file is one ArtifactError naming it.
+    """
+    from loopgolf.trial.model import RecurrentLM
+
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"artifact {str(path)!r}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header, state = decode_artifact(raw)
+        config = TrialConfig(**{s: cls(**header["config"][s]) for s, cls in _CONFIG_SECTIONS.items()})
+        model = RecurrentLM(config.model)
+        model.load_state_dict(dequantize(state), strict=True)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, UnicodeDecodeError) as exc:
+        # LoopgolfError (bad config values) is a ValueError; RuntimeError is load_state_dict's
+        raise ArtifactError(f"artifact {str(path)!r}: {exc}") from None
+    model.eval()
+    return LoadedArtifact(model, config, state)
+
+
+def load_artifact(path: str | os.PathLike[str]) -> RecurrentLM:
+    """The model rebuilt from an artifact file alone (eval mode, CPU)."""
+    return read_artifact(path).model
+
+
+def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM, TrialConfig]:
+    """(model, the TrialConfig it was trained and saved with), from the file alone."""
+    loaded = read_artifact(path)
+    return loaded.model, loaded.config
+
+
+# ----------------------------------------------------------------- byte accounting
+#
+# The code term counts the source a reader needs to rebuild and run the model from the
+# artifact: the config dataclasses it is rebuilt from, the model, this loader, the error
+# base class they raise, and the package __init__ files Python executes to import them.
+# Training (train.py), the data pipeline and bits-per-byte scorer (data.py, evaluate.py),
+# the orchestrator and the search spaces are not needed to run the model; the scorer is
+# the challenge's fixed definition, the same for every entry. Third-party libraries
+# (torch, numpy, the codecs) are not counted, as in the challenge.
+CODE_FILES: tuple[str, ...] = (
+    "loopgolf/__init__.py",
+    "loopgolf/errors.py",
+    "loopgolf/trial/__init__.py",
+    "loopgolf/trial/config.py",
+    "loopgolf/trial/model.py",
+    "loopgolf/trial/compress.py",
+)
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def code_bytes(files: tuple[str, ...] = CODE_FILES) -> int:
+    """Summed on-disk sizes of the counted source files."""
+    return sum(os.path.getsize(_REPO_ROOT / f) for f in files)

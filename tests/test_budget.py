@@ -1,0 +1,210 @@
+"""The analytic budget: params in closed form, predicted artifact bytes against real
+compression of trained models, derived heads, and the width solver.
+
+    python -m pytest tests/test_budget.py
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loopgolf.search_spaces import budget
+from loopgolf.search_spaces.budget import BudgetError, count_params, derive_heads, inventory, solve_width
+from loopgolf.trial import compress as C
+from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, preset
+from loopgolf.trial.model import RecurrentLM
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The prediction's stated tolerance on briefly trained tiny-family models: |predicted /
+# actual - 1| of model_bytes. bench/bench_compress.py --check measures it on the whole
+# calibration grid (see budget.SAFETY_MARGIN's comment; zstd at ~1 bit per level is the
+# one regime that varies more, and is not in this grid).
+TOLERANCE = 0.03
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny matmuls on a shared 2-core box: extra threads only add contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- param counts
+
+PARAM_TABLE = [
+    dict(zip(("phase", "unet_skips", "tie_embeddings", "n_prelude", "n_coda", "refine_passes"), combo, strict=True))
+    for combo in itertools.product(["none", "scale", "lora", "embed"], [False, True], [True, False], [0, 2], [0, 1],
+                                   [0, 2])
+] + [
+    {"d_model": 512, "n_heads": 8, "n_kv_heads": 4, "n_blocks": 9, "n_passes": 1, "unet_skips": True},  # pg_baseline
+    {"d_model": 96, "n_heads": 3, "n_kv_heads": 1, "mlp_mult": 2.7, "vocab_size": 777, "lora_rank": 3,
+     "phase": "lora", "n_passes": 5, "refine_passes": 1},
+    {"d_model": 48, "n_heads": 6, "n_kv_heads": 6, "n_blocks": 1, "n_passes": 1, "activation": "gelu"},
+]
+
+
+@pytest.mark.parametrize("overrides", PARAM_TABLE, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_count_params_equals_unique_params(overrides: dict[str, object]) -> None:
+    config = ModelConfig(**{"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_passes": 3, **overrides})
+    with torch.device("meta"):
+        model = RecurrentLM(config)
+    assert count_params(config).total == model.unique_params()
+    assert {s.name: s.shape for s in inventory(config)} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [CompressConfig(), CompressConfig(small_tensor_numel=1000, protect=("tok_emb.weight", "core.1.*"), protect_bits=8),
+     CompressConfig(small_tensor_numel=0, protect=("*.mlp.*",), protect_bits=16)],
+)
+def test_count_groups_match_what_the_quantizer_stores(compress: CompressConfig) -> None:
+    config = preset("small").replace(n_prelude=1, unet_skips=True, phase="lora", tie_embeddings=False,
+                                     refine_passes=1)
+    counts = count_params(config.model, compress)
+    stored = C.quantize_model(RecurrentLM(config.model), compress)
+    groups = stored.counts()
+    assert (counts.quantized, counts.protected, counts.small) == (
+        groups["quantized"], groups["protected"], groups["small"])
+    assert counts.quantized_rows == sum(t.q.shape[0] for t in stored.tensors if t.q is not None)
+
+
+# ---------------------------------------------------------------- byte prediction
+
+
+def _tokens() -> np.ndarray:
+    import sentencepiece as spm
+
+    corpus, tokenizer = SHARED / "corpora" / "tinyshakespeare.txt", SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+    if not corpus.exists():
+        pytest.skip(f"{corpus} not found (the shared data sits beside the repository)")
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    return np.asarray(sp.encode(corpus.read_text(encoding="utf-8")[:200_000]), dtype=np.int64)
+
+
+def _train(config: TrialConfig, steps: int, tokens: np.ndarray) -> RecurrentLM:
+    """A brief run of the trial's own optimizers (Muon + AdamW) on real text."""
+    from loopgolf.trial.train import build_optimizers
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = RecurrentLM(config.model)
+    optimizers = build_optimizers(model, config)
+    seq = config.model.seq_len
+    for _ in range(steps):
+        rows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in rng.integers(0, len(tokens) - seq - 1, 8)]))
+        model(rows[:, :-1], rows[:, 1:]).loss.backward()
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+PREDICTION_SHAPES = {
+    "tiny": preset("tiny").replace(seq_len=64),
+    "d128_unet_untied_lora": preset("small").replace(
+        seq_len=64, unet_skips=True, tie_embeddings=False, phase="lora", refine_passes=1, n_prelude=1),
+}
+
+
+@pytest.fixture(scope="module")
+def trained_models() -> dict[str, RecurrentLM]:
+    tokens = _tokens()
+    return {name: _train(config, 60, tokens) for name, config in PREDICTION_SHAPES.items()}
+
+
+@pytest.mark.parametrize("shape", list(PREDICTION_SHAPES))
+def test_predicted_bytes_within_tolerance_of_real_compression(
+    shape: str, trained_models: dict[str, RecurrentLM], tmp_path: Path
+) -> None:
+    model, base = trained_models[shape], PREDICTION_SHAPES[shape]
+    cases = [{"codec": c, "bits": b, "small_tensor_numel": 4096} for c in ("zlib", "lzma", "zstd", "brotli")
+             for b in (8, 6, 5, 4)]
+    cases += [{"codec": "zstd", "bits": 6}, {"codec": "brotli", "bits": 6, "clip_sigma": 12.85},
+              {"codec": "zstd", "bits": 5, "protect": ["tok_emb.weight"], "protect_bits": 16}]
+    errors = {}
+    for case in cases:
+        config = base.replace(**case)
+        info = C.save_artifact(model, config, tmp_path / "a.lga")
+        estimate = budget.estimate_bytes(config)
+        assert estimate.code_bytes == info.code_bytes
+        errors[str(case)] = estimate.model_bytes / info.model_bytes - 1
+    worst = max(errors.items(), key=lambda kv: abs(kv[1]))
+    assert abs(worst[1]) <= TOLERANCE, f"{shape}: worst relative error {worst[1]:+.2%} at {worst[0]}"
+
+
+def test_predict_artifact_bytes_is_model_plus_code() -> None:
+    config = preset("small")
+    estimate = budget.estimate_bytes(config)
+    assert budget.predict_artifact_bytes(config) == estimate.artifact_bytes
+    assert estimate.artifact_bytes == int(np.ceil(estimate.model_bytes)) + C.code_bytes()
+    fewer_bits = budget.predict_artifact_bytes(config.replace(bits=4, small_tensor_numel=0))
+    assert fewer_bits < budget.predict_artifact_bytes(config.replace(bits=8, small_tensor_numel=0))
+
+
+def test_flops_per_token_is_the_models_own() -> None:
+    from loopgolf.trial import model as model_module
+
+    assert budget.flops_per_token is model_module.flops_per_token
+
+
+# ------------------------------------------------------------------------ widths
+
+
+@pytest.mark.parametrize(
+    ("d_model", "kv_ratio", "expected"),
+    [(512, 2, (8, 4)), (256, 2, (4, 2)), (128, 2, (4, 2)), (64, 2, (4, 2)), (384, 2, (6, 3)),
+     (320, 2, (5, 1)), (1024, 4, (16, 4)), (768, 1, (12, 12)), (8, 2, (4, 2))],
+)
+def test_derive_heads_table(d_model: int, kv_ratio: int, expected: tuple[int, int]) -> None:
+    assert derive_heads(d_model, 64, kv_ratio, 4) == expected
+
+
+def test_every_grid_width_makes_a_valid_config() -> None:
+    for d in budget.width_grid(64, 4, 2048):
+        n_heads, n_kv = derive_heads(d, 64, 2, 4)
+        ModelConfig(d_model=d, n_heads=n_heads, n_kv_heads=n_kv)  # validates
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        derive_heads(300)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        derive_heads(100)
+
+
+SOLVE_CASES = [
+    ("tiny", {"bits": 6, "codec": "zstd"}, 150_000),
+    ("small", {"bits": 4, "codec": "brotli", "small_tensor_numel": 4096}, 400_000),
+    ("middle_loop", {"bits": 8, "codec": "zlib", "phase": "scale", "unet_skips": True}, 900_000),
+    ("small", {"bits": 5, "codec": "lzma", "tie_embeddings": False, "refine_passes": 1,
+               "protect": ["tok_emb.weight"]}, 700_000),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "model_budget"), SOLVE_CASES)
+def test_solved_width_fits_after_real_compression(
+    name: str, overrides: dict[str, object], model_budget: int, tmp_path: Path
+) -> None:
+    config = preset(name).replace(seq_len=64, **overrides)
+    cap = model_budget + C.code_bytes()
+    solved = solve_width(config, cap)
+    torch.manual_seed(0)
+    model = RecurrentLM(solved.model)
+    with torch.no_grad():  # every tensor off its init, as after training (worse for fp16 gains)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    info = C.save_artifact(model, solved, tmp_path / "a.lga")
+    assert info.artifact_bytes <= cap
+    wider = next(d for d in budget.width_grid() if d > solved.model.d_model)
+    n_heads, n_kv = derive_heads(wider, 64, config.model.n_heads // config.model.n_kv_heads)
+    over = solved.replace(d_model=wider, n_heads=n_heads, n_kv_heads=n_kv)
+    assert budget.bytes_with_margin(over) > cap  # the widest that fits
+
+
+def test_solve_width_says_when_nothing_fits() -> None:
+    with pytest.raises(BudgetError, match=r"narrowest, d_model=8, is predicted at [\d,]+ bytes"):
+        solve_width(preset("small"), C.code_bytes() + 1_000)

@@ -1,0 +1,148 @@
+"""The trial: training under a wall-clock budget, the artifact roundtrip, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from loopgolf.trial.config import TrialConfig, preset
+from loopgolf.trial.data import list_shards, read_shard
+from loopgolf.trial.train import lr_scale, run_trial
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(**values: Any) -> TrialConfig:
+    base = {"batch_size": 8, "eval_tokens": 8192, "quick_eval_tokens": 2048, "bits": 8, "codec": "zlib"}
+    return preset("tiny").replace(**(base | values))
+
+
+def unigram_bpb(data_dir: Path) -> float:
+    """bpb of the add-one unigram model fitted on the train split, scored on the val split."""
+    from loopgolf.trial.data import byte_table, load_tokenizer, token_bytes, val_tokens
+
+    train = np.concatenate([np.asarray(read_shard(p)) for p in list_shards(data_dir, "train")])
+    counts = np.bincount(train, minlength=1024) + 1.0
+    log_p = np.log(counts / counts.sum())
+    val = val_tokens(data_dir)
+    table = byte_table(load_tokenizer(data_dir / "tokenizer.model"), 1024)
+    nats = -log_p[val[1:]].sum()
+    return float(nats / math.log(2) / token_bytes(val[1:], val[:-1], table).sum())
+
+
+def test_lr_schedule_warms_up_then_warms_down_by_elapsed_time() -> None:
+    config = tiny(train_seconds=10.0, warmup_steps=4, warmdown_frac=0.5)
+    assert lr_scale(0, 0.0, config) == pytest.approx(0.25)
+    assert lr_scale(3, 1.0, config) == 1.0
+    assert lr_scale(100, 5.0, config) == 1.0
+    assert lr_scale(100, 7.5, config) == pytest.approx(0.5)
+    assert lr_scale(100, 10.0, config) == 0.0
+
+
+@pytest.mark.slow
+def test_twenty_second_trial_beats_unigram_and_artifact_eval_reproduces_it(
+    shakespeare_data: Path, tmp_path: Path
+) -> None:
+    config = tiny(train_seconds=20.0, batch_size=16, refine_passes=1, signal="entropy", bits=6, codec="lzma")
+    reports: list[dict[str, Any]] = []
+    metrics = run_trial(config, shakespeare_data, tmp_path / "t", reporter=lambda m, s: reports.append(m))
+    assert metrics["status"] == "complete" and metrics["feasible"]
+    step_seconds = metrics["train_seconds"] / metrics["train_steps"]
+    assert abs(metrics["train_seconds"] - 20.0) <= max(0.2, step_seconds)
+    assert metrics["val_bpb"] < unigram_bpb(shakespeare_data) - 0.3
+    assert abs(metrics["val_bpb"] - metrics["val_bpb_prequant"]) < 0.1
+    artifact = Path(metrics["artifact_path"])
+    assert metrics["model_bytes"] == artifact.stat().st_size
+    assert metrics["artifact_bytes"] == artifact.stat().st_size + metrics["code_bytes"]
+    assert 0.0 < metrics["refine_fraction"] <= 0.5
+    assert len(metrics["decile_ce_delta"]) == 10
+    assert [r["step"] for r in reports] == sorted(r["step"] for r in reports) and len(reports) >= 3
+    saved = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert saved["val_bpb"] == metrics["val_bpb"]
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopgolf.orchestrator.cli", "artifact", "eval", str(artifact),
+         "--data", str(shakespeare_data)],
+        capture_output=True, text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    from_file = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(from_file["val_bpb"] - metrics["val_bpb"]) < 1e-4
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_stopped_trial_resumes_with_the_remaining_budget(shakespeare_data: Path, tmp_path: Path) -> None:
+    config = tiny(train_seconds=6.0, report_every_seconds=1.0, checkpoint_every_seconds=2.0)
+    saved: dict[str, Any] = {}
+
+    def stop_after_first_checkpoint(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is not None:
+            saved.update(state)
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_trial(config, shakespeare_data, tmp_path / "a", reporter=stop_after_first_checkpoint)
+    assert 2.0 <= saved["elapsed"] < 3.0 and saved["step"] > 0
+    steps: list[int] = []
+    metrics = run_trial(
+        config, shakespeare_data, tmp_path / "a", reporter=lambda m, s: steps.append(m["step"]), resume_state=saved
+    )
+    assert metrics["status"] == "complete"
+    assert abs(metrics["train_seconds"] - config.train.train_seconds) <= 1.0  # one report interval
+    assert steps[0] > saved["step"] and metrics["train_steps"] > saved["step"]
+    assert metrics["val_bpb"] < unigram_bpb(shakespeare_data)
+
+
+def test_non_finite_loss_ends_as_a_failed_trial_with_a_reason(
+    shakespeare_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loopgolf.trial import model as model_module
+
+    real_forward = model_module.RecurrentLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args: Any, **kwargs: Any) -> Any:
+        out = real_forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if self.training and calls["n"] >= 3:
+            out.loss = out.loss * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(model_module.RecurrentLM, "forward", poisoned)
+    metrics = run_trial(tiny(train_seconds=5.0), shakespeare_data, tmp_path / "nan")
+    assert metrics["status"] == "failed" and not metrics["feasible"]
+    assert "non-finite training loss" in metrics["error"] and "step 3" in metrics["error"]
+    assert not (tmp_path / "nan" / "model.lgart").exists()
+
+
+def test_a_config_predicted_over_the_cap_is_rejected_without_training(shakespeare_data: Path, tmp_path: Path) -> None:
+    metrics = run_trial(tiny(max_artifact_bytes=10_000), shakespeare_data, tmp_path / "r")
+    assert metrics["status"] == "rejected" and not metrics["feasible"]
+    assert metrics["predicted_artifact_bytes"] > 10_000 and metrics["byte_violation"] > 0
+    assert "train_steps" not in metrics and not (tmp_path / "r" / "model.lgart").exists()
+
+
+def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(shakespeare_data: Path, tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "loopgolf.orchestrator.cli", "trial", str(REPO / "examples" / "trial_tiny.yaml"),
+           "--data", str(shakespeare_data), "--out", str(tmp_path / "cli")]  # fmt: skip
+    bad = subprocess.run([*cli, "--set", "n_blockz=3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown config field 'n_blockz'" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    ok = subprocess.run(
+        [*cli, "--set", "train_seconds=2", "--set", "eval_tokens=4096"], capture_output=True, text=True, check=True
+    )
+    metrics = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert metrics["status"] == "complete" and Path(metrics["artifact_path"]).is_file()
+    assert "val_bpb" in ok.stdout.splitlines()[1]
