@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
 
 from loopgolf.trial.config import ModelConfig
 from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, causal_cap, flops_per_token
@@ -108,20 +109,11 @@ def bench_training(d: int, seq_len: int, batch: int, reps: int) -> None:
 
     # The same matmuls the step runs (M = tokens, K -> N per linear), forward and both backward products.
     tokens = batch * seq_len
-    kv_dim = config.n_kv_heads * config.head_dim
-    per_block = [(d, d), (d, kv_dim), (d, kv_dim), (d, d), (d, config.mlp_hidden), (config.mlp_hidden, d)]
-    shapes = per_block * (config.n_blocks * config.n_passes) + [(d, config.vocab_size)]
-    mats = [(torch.randn(tokens, k), torch.randn(k, n), torch.randn(tokens, n)) for k, n in shapes]
-
-    def matmuls() -> None:
-        for a, b, g in mats:
-            torch.matmul(a, b)  # forward
-            torch.matmul(g, b.T)  # grad wrt input
-            torch.matmul(a.T, g)  # grad wrt weight
+    matmuls, matmul_flops = dense_matmuls(training_matmul_shapes(config), tokens)
 
     t = interleaved_medians({"step": step, "matmul": matmuls}, reps)
     model_flops = 3 * flops_per_token(config) * tokens / t["step"]
-    dense = sum(6 * tokens * k * n for k, n in shapes) / t["matmul"]
+    dense = matmul_flops / t["matmul"]
     print(f"training step    d={d} T={seq_len} batch={batch} blocks={config.n_blocks}x{config.n_passes}  "
           f"{t['step'] * 1e3:.1f} ms/step, {tokens / t['step']:,.0f} tok/s")
     print(f"  model {model_flops / 1e9:6.2f} GFLOP/s   dense matmul {dense / 1e9:6.2f} GFLOP/s   "

@@ -110,6 +110,8 @@ def _summarize(sweep_dir: Path, objectives: dict) -> int:
     print(front[[c for c in columns if c in front]].to_string(index=False) if len(front) else "  (no feasible trial)")
     path = report([sweep_dir])
     print(f"\nresults: {sweep_dir}/results/trials.parquet\nreport:  {path}")
+    if (path.parent / "pareto_bytes.png").is_file():
+        print(f"plot:    {path.parent / 'pareto_bytes.png'}")
     return 0
 
 
