@@ -353,9 +353,20 @@ def packing() -> None:
 # -------------------------------------------------------------------------- benchmark
 
 
+def _ce(model: RecurrentLM, windows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(model(windows[:, :-1], windows[:, 1:]).loss)
+
+
 def bench() -> None:
-    model = trained("bench_d512", BENCH_SHAPE, 200, None)
+    tokens = corpus_tokens()
+    model = trained("bench_d512", BENCH_SHAPE, 200, tokens)
     base = TrialConfig.from_flat(BENCH_SHAPE)
+    # Quantization damage: cross-entropy of the roundtripped model minus the fp32 model's,
+    # on 16 fixed windows of the training text (not a generalization measurement).
+    starts = np.random.default_rng(123).integers(0, len(tokens) - 129, size=16)
+    windows = torch.from_numpy(np.stack([tokens[s : s + 129] for s in starts]))
+    ce_fp32 = _ce(model, windows)
     path = CACHE / "bench.lga"
     params = model.unique_params()
     code = C.code_bytes()
@@ -365,21 +376,23 @@ def bench() -> None:
     print(f"code_bytes {code:,}; baseline int8+zlib: {baseline_model:.4f} B/param model, {baseline_total:.4f} total")
     print("B/param = model_bytes / params; 'vs base' = that / the baseline's model B/param; 'total@17M' = the")
     print("artifact projected to the baseline's 17,059,912 params (B/param x params + code) / 15,863,489\n")
+    print(f"'dCE' = cross-entropy of the loaded model - the fp32 model's ({ce_fp32:.4f} nats), 16 train windows\n")
     print(f"{'bits':>4} {'clip':>6} {'codec':>7} {'B/param':>8} {'vs base':>8} {'total@17M':>9} "
-          f"{'pred err':>8} {'save s':>7} {'load s':>7}")
+          f"{'pred err':>8} {'save s':>7} {'load s':>7} {'dCE':>7}")
     for bits in BITS:
-        for clip in (0.0, 12.85) if bits == 6 else (0.0,):
+        for clip in (0.0, 4.0, 12.85) if bits == 6 else (0.0,):
             for codec in CODECS:
                 config = base.replace(bits=bits, codec=codec, clip_sigma=clip)
                 info = C.save_artifact(model, config, path)
                 tick = time.perf_counter()
-                C.load_artifact(path)
+                loaded = C.load_artifact(path)
                 load = time.perf_counter() - tick
+                d_ce = _ce(loaded, windows) - ce_fp32
                 bpp = info.model_bytes / params
                 projected = (bpp * BASELINE_PARAMS + code) / BASELINE_BYTES
                 err = budget.estimate_bytes(config, code=0).model_bytes / info.model_bytes - 1
                 print(f"{bits:>4} {clip:>6.2f} {codec:>7} {bpp:>8.4f} {bpp / baseline_model:>8.3f} {projected:>9.3f} "
-                      f"{err:>+8.2%} {info.save_seconds:>7.2f} {load:>7.2f}")
+                      f"{err:>+8.2%} {info.save_seconds:>7.2f} {load:>7.2f} {d_ce:>+7.4f}")
     # Per-row scales make the int levels independent of each row's std, and trained rows are
     # close to Gaussian (see --calibrate), so Gaussian matrices stand in at full size.
     print("\nfull size: pg_baseline shape (17,059,912 params), Gaussian matrices, clip at the row max")

@@ -23,15 +23,6 @@ from loopgolf.trial.model import QATLinear, RecurrentLM
 CODECS = ("zlib", "lzma", "zstd", "brotli")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny matmuls on a shared 2-core box: extra threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def trained_like(config: TrialConfig, seed: int = 0) -> RecurrentLM:
     """A model whose every tensor moved off its init (zero-init projections included)."""
     torch.manual_seed(seed)

@@ -116,6 +116,8 @@ def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(shakespeare_data
     trials = _check_ledger_and_study(sweep_dir, expected=6, seeds=2)
     assert (trials["status"] == "complete").all() and trials["feasible"].all()
     assert (trials["model_bytes"] + trials["code_bytes"] == trials["artifact_bytes"]).all()
+    for path, size in zip(trials["artifact_path"], trials["model_bytes"], strict=True):  # every artifact in the sweep
+        assert Path(path).is_relative_to(sweep_dir.resolve()) and Path(path).stat().st_size == size
     curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
     assert set(curves["trial_id"]) == set(trials["trial_id"])
     import mlflow

@@ -154,6 +154,8 @@ class MlflowTrials(MLflowLoggerCallback):
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numeric, step=step)
 
     def log_trial_end(self, trial: Trial, failed: bool = False) -> None:
+        if trial not in self._trial_runs:  # failed before it ever started: give it a run all the same
+            self.log_trial_start(trial)
         run_id = self._trial_runs[trial]
         artifact = (trial.last_result or {}).get("artifact_path")
         if artifact and Path(artifact).is_file():

@@ -11,7 +11,7 @@
     search: {algorithm: tpe, objectives: {val_bpb: min, artifact_bytes: min}, num_samples: 6, seed: 0}
     seeds: 1                        # replicates per configuration
     max_concurrent: 2
-    resources: {cpu: 1, gpu: 0}
+    resources: {cpu: 1, gpu: 0, workers: 1}   # workers > 1: data parallel (Ray Train), cpu/gpu per worker
     tracking_uri: null              # default: sqlite:///<sweep>/mlflow.db
     early_stopping: null            # or asha (single objective only)
 
@@ -60,8 +60,9 @@ class SweepSpec:
     search_seed: int = 0
     seeds: int = 1
     max_concurrent: int = 2
-    cpu: float = 1.0
-    gpu: float = 0.0
+    cpu: float = 1.0  # per trial; per worker when workers > 1
+    gpu: float = 0.0  # per trial; per worker when workers > 1 (then 0 or 1: one GPU per rank)
+    workers: int = 1  # data-parallel ranks per trial; > 1 runs the trial through Ray Train's TorchTrainer
     tracking_uri: str | None = None
     early_stopping: Literal["asha"] | None = None
 
@@ -90,6 +91,13 @@ class SweepSpec:
             raise SpecError("budget: expected train_seconds > 0 and eval_seconds >= 0")
         if self.cpu <= 0 or self.gpu < 0:
             raise SpecError(f"resources: cpu={self.cpu}, gpu={self.gpu}: expected cpu > 0 and gpu >= 0")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise SpecError(f"resources.workers={self.workers!r}: expected an integer >= 1")
+        if self.workers > 1 and self.gpu not in (0, 1):
+            raise SpecError(
+                f"resources.gpu={self.gpu} with workers={self.workers}: expected 0 or 1 (GPUs per worker; each "
+                "data-parallel rank drives one whole GPU)"
+            )
         if self.early_stopping not in (None, "asha"):
             raise SpecError(f"early_stopping={self.early_stopping!r}: expected null or asha")
         if self.early_stopping == "asha" and len(self.objectives) > 1:
@@ -142,7 +150,7 @@ class SweepSpec:
             },
             "seeds": self.seeds,
             "max_concurrent": self.max_concurrent,
-            "resources": {"cpu": self.cpu, "gpu": self.gpu},
+            "resources": {"cpu": self.cpu, "gpu": self.gpu, "workers": self.workers},
             "tracking_uri": self.tracking_uri,
             "early_stopping": self.early_stopping,
         }
@@ -153,7 +161,7 @@ _NESTED = {
     "budget": {"artifact_bytes": "artifact_bytes", "train_seconds": "train_seconds", "eval_seconds": "eval_seconds"},
     "search": {"algorithm": "algorithm", "objectives": "objectives", "num_samples": "num_samples",
                "seed": "search_seed"},
-    "resources": {"cpu": "cpu", "gpu": "gpu"},
+    "resources": {"cpu": "cpu", "gpu": "gpu", "workers": "workers"},
 }  # fmt: skip
 _TOP = {"name", "data", "storage", "space", "overrides", "base", "equal_bytes", "seeds", "max_concurrent",
         "tracking_uri", "early_stopping"}  # fmt: skip
@@ -209,6 +217,11 @@ def _check_space(spec: SweepSpec) -> None:
         base = spec.base_config()
     except ConfigError as exc:
         raise SpecError(f"base: {exc}") from None
+    if base.train.batch_size % spec.workers:
+        raise SpecError(
+            f"base.batch_size={base.train.batch_size} with resources.workers={spec.workers}: expected a multiple "
+            "of workers (each data-parallel worker trains on an equal slice of the global batch)"
+        )
     space = apply_overrides(named_space(spec.space), spec.overrides)
     if spec.algorithm == "grid":
         grid_values(space)

@@ -28,6 +28,8 @@ SPEC_FILE = "spec.yaml"
 # Save Tune's experiment state (and the searcher) at most this often, in seconds: the
 # default (>= 10 s) makes in-flight trials restart from scratch after a driver crash.
 EXPERIMENT_CHECKPOINT_SECONDS = "2"
+# What the Tune trial of a data-parallel trial (workers > 1) reserves for itself: it only drives Ray Train.
+DRIVER_MEMORY_BYTES = 64 * 2**20
 
 
 class SweepError(LoopgolfError):
@@ -83,9 +85,21 @@ def _build(spec: SweepSpec, sweep_dir: Path) -> dict[str, Any]:
             metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
             max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
         )  # fmt: skip
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data_dir=str(spec.data), cpus=spec.cpu), {"cpu": spec.cpu, "gpu": spec.gpu}
-    )
+    if spec.workers == 1:
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, data_dir=str(spec.data), cpus=spec.cpu, sweep_dir=str(sweep_dir)),
+            {"cpu": spec.cpu, "gpu": spec.gpu},
+        )
+    else:  # the Tune trial only drives a TorchTrainer, whose workers hold the CPUs and GPUs (trainable.py)
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                train_trial, data_dir=str(spec.data), cpus=spec.cpu, gpus=spec.gpu, workers=spec.workers,
+                sweep_dir=str(sweep_dir),
+            ),
+            # Tune needs a trial to ask for something; a little memory (a logical resource) rather
+            # than a CPU, so that a node's CPUs all go to the workers (cpu: 8 x 2 workers on 16 cores).
+            {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY_BYTES},
+        )
     callbacks = [
         ResultsLedger(str(sweep_dir), spec.name, code_version()),
         MlflowTrials(tracking_uri=_tracking_uri(spec, sweep_dir), experiment_name=spec.name, tags={"sweep": spec.name}),
@@ -95,7 +109,10 @@ def _build(spec: SweepSpec, sweep_dir: Path) -> dict[str, Any]:
         "trainable": trainable,
         "tune_config": tune.TuneConfig(
             search_alg=search, scheduler=scheduler, num_samples=total,
-            max_concurrent_trials=spec.max_concurrent, reuse_actors=True,
+            max_concurrent_trials=spec.max_concurrent,
+            # A data-parallel trial's actor owns its Ray Train run (controller, workers): never hand
+            # it to the next trial, so a stopped trial (ASHA) takes its run down with it.
+            reuse_actors=spec.workers == 1,
         ),
         "run_config": tune.RunConfig(
             name=spec.name,
@@ -121,6 +138,22 @@ def _init_ray(address: str | None, spec: SweepSpec) -> None:
     if ray.is_initialized():
         return
     if address:
+        # A cluster started with `ray start` uses token auth when ~/.ray/auth_token exists (the
+        # Ray 2.60 default), but ray.init(address=<explicit address>) does not turn it on, as
+        # it does for a local start or "auto": the connect hangs ~20 s, then fails with
+        # InvalidAuthToken. So do what Ray does for "auto": with RAY_AUTH_MODE unset and a
+        # token available (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]), set RAY_AUTH_MODE=token
+        # and reload Ray's cached config (setting the variable alone is too late once ray is
+        # imported). As with "auto", a driver for a cluster started without auth then needs
+        # RAY_AUTH_MODE=disabled: its trials' workers could not call back a token-mode driver.
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:  # a Ray without token auth
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         ray.init(address=address, log_to_driver=False)
     else:  # a local Ray; its dashboard (if installed) listens on 127.0.0.1 only
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)

@@ -4,13 +4,35 @@ Progress goes to `tune.report` every report interval; a resumable training state
 (model, optimizers, step = data position, elapsed training seconds, RNG) rides along
 as a Tune checkpoint every checkpoint interval. A restored trial continues from it
 with the remaining budget, so it still trains for `train_seconds` in total.
+
+A trial with `workers > 1` is data parallel, run by Ray Train inside the Tune trial,
+the way Ray Train V2 (the default since Ray 2.50) supports it: the Tune function is a
+light driver (it holds no CPU or GPU) that calls `TorchTrainer(...).fit()`; Ray Train
+starts the workers with their own resources (`ScalingConfig`), sets up the gloo
+(CPU) or nccl (CUDA) process group, and every worker runs `run_trial(...,
+parallel=DataParallel)` on its slice of the global batch. (Passing a Trainer to the
+Tuner, `Tuner(trainer)`, is the V1 API, deprecated, and refuses V2 trainers.)
+
+- Progress: every worker calls `ray.train.report` at the same steps (they agree on the
+  clock); `ProgressToTune` forwards rank 0's progress to the Tune trial.
+- Checkpoints: rank 0's resumable state is a Ray Train checkpoint in the trial's
+  directory (`<trial>/train/`, the two latest kept). When Tune restarts the trial (a
+  failure, or `loopgolf resume` after the driver died), the driver starts a
+  TorchTrainer with the same storage path and name, Ray Train restores its run from
+  there, and every worker resumes from the latest state with the remaining budget,
+  exactly as a single-process trial does from its Tune checkpoint.
+- Final metrics: rank 0 reports them with a small checkpoint (`final.json`) so that
+  they are the run's result; the driver adds the trial's identity and reports them to
+  Tune. A restarted driver whose run had already finished finds `final.json` and
+  reports the same metrics without training again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +41,12 @@ import torch
 from ray import tune
 
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.train import run_trial
+from loopgolf.trial.distributed import DataParallel, backend_for, check_divisible
+from loopgolf.trial.train import _json_default, run_trial
 
 STATE_FILE = "training_state.pt"
+FINAL_FILE = "final.json"  # in the Ray Train checkpoint that carries a data-parallel trial's final metrics
+TRAIN_RUN = "train"  # the Ray Train run of a data-parallel trial: <trial dir>/train
 
 
 def save_state(state: dict[str, Any], directory: Path) -> None:
@@ -34,33 +59,52 @@ def load_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def sweep_trial_dir(sweep_dir: str) -> Path:
+    """The trial's directory in the sweep itself, where its artifact and metrics.json go.
+
+    Not Tune's `get_trial_dir()`: that is a per-session staging copy, and with reused
+    actors later trials' copies never reach the sweep directory (measured on Ray 2.60).
+    """
+    if not sweep_dir:
+        raise ValueError("train_trial: expected the sweep directory (sweep_dir)")
+    return Path(sweep_dir) / Path(tune.get_context().get_trial_dir()).name
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
-def train_trial(config: dict[str, Any], data_dir: str, cpus: float) -> None:
-    """Tune function trainable; `config` is what ConfigSampler returned."""
+def train_trial(
+    config: dict[str, Any], data_dir: str, cpus: float, gpus: float = 0.0, workers: int = 1, sweep_dir: str = ""
+) -> None:
+    """Tune function trainable; `config` is what ConfigSampler returned.
+
+    `workers > 1`: a data-parallel trial through Ray Train, `cpus` and `gpus` per worker,
+    its files in the trial's directory under `sweep_dir` (the Tune experiment directory).
+    """
+    if workers > 1:
+        _train_data_parallel(config, data_dir, cpus, gpus, workers, sweep_dir)
+        return
     # One intra-op thread per CPU the trial holds: concurrent trials that each spin up
     # a thread per core oversubscribe the machine (measured: 10x slower steps on 2 cores).
     torch.set_num_threads(max(1, int(cpus)))
     trial_config = TrialConfig.from_flat(config["trial_config"])
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    trial_dir = sweep_trial_dir(sweep_dir)
     started_at = _now()
     checkpoint = tune.get_checkpoint()
     resume_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume_state = load_state(directory)
-    staging = trial_dir / ".checkpoint-staging"
 
     def reporter(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None:
             tune.report(progress)
             return
-        shutil.rmtree(staging, ignore_errors=True)
-        save_state(state, staging)
-        tune.report(progress, checkpoint=tune.Checkpoint.from_directory(str(staging)))
-        shutil.rmtree(staging, ignore_errors=True)
+        # Staged outside the trial directory, which the driver may be copying meanwhile.
+        with tempfile.TemporaryDirectory(prefix="loopgolf-checkpoint-") as staging:
+            save_state(state, Path(staging))
+            tune.report(progress, checkpoint=tune.Checkpoint.from_directory(staging))
 
     metrics = run_trial(trial_config, data_dir, trial_dir / "trial", reporter=reporter, resume_state=resume_state)
     tune.report(
@@ -74,3 +118,114 @@ def train_trial(config: dict[str, Any], data_dir: str, cpus: float) -> None:
             "resumed_from_step": resume_state["step"] if resume_state else 0,
         }
     )
+
+
+# ------------------------------------------------------------------ data parallel (Ray Train)
+
+
+def _progress_to_tune() -> Any:
+    """A Ray Train callback that forwards rank 0's progress reports to the Tune trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ProgressToTune(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if "status" in metrics[0]:  # the final metrics: the driver reports them, with the trial's identity
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ProgressToTune()
+
+
+def _train_data_parallel(
+    config: dict[str, Any], data_dir: str, cpus: float, gpus: float, workers: int, sweep_dir: str
+) -> None:
+    """The Tune driver of a data-parallel trial: one TorchTrainer run, restored by name after a restart."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not TorchTrainer.__module__.startswith("ray.train.v2"):
+        raise RuntimeError("data-parallel trials (workers > 1) need Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
+    trial_config = TrialConfig.from_flat(config["trial_config"])
+    check_divisible(trial_config, workers)
+    # In the sweep itself (sweep_trial_dir): the Ray Train run must be found again by a driver
+    # of a later Ray session, and rank 0 may run on another node (multi-node needs shared storage).
+    trial_dir = sweep_trial_dir(sweep_dir)
+    started_at = _now()
+    per_worker = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "trial_config": config["trial_config"],
+            "data_dir": data_dir,
+            "out_dir": str(trial_dir / "trial"),
+            "cpus": cpus,
+            "use_gpu": gpus > 0,
+        },
+        torch_config=TorchConfig(backend=backend_for(gpus > 0)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN,
+            storage_path=str(trial_dir),
+            callbacks=[_progress_to_tune()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=0),  # Tune's failure policy restarts the trial
+        ),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if "status" not in metrics:
+        raise RuntimeError(f"data-parallel trial ended without its final metrics (Ray Train run {result.path})")
+    metrics.pop("checkpoint_dir_name", None)
+    tune.report(
+        metrics
+        | {
+            "config_id": config["config_id"],
+            "seed": trial_config.train.seed,
+            "started_at": started_at,
+            "ended_at": _now(),
+        }
+    )
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a data-parallel trial (Ray Train has set up the process group)."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(max(1, int(loop_config["cpus"])))
+    config = TrialConfig.from_flat(loop_config["trial_config"])
+    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
+    parallel = DataParallel.from_process_group(device=device)
+    resume_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            if (Path(directory) / FINAL_FILE).is_file():
+                return  # the run had finished: its final report is already the run's result
+            resume_state = load_state(directory)
+
+    def reporter(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
+        # Every rank reports at the same steps (ray.train.report is a collective); rank 0 with the state.
+        if state is None:
+            ray.train.report(progress)
+            return
+        with tempfile.TemporaryDirectory() as staging:
+            save_state(state, Path(staging))
+            ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(staging))
+
+    metrics = run_trial(
+        config, loop_config["data_dir"], loop_config["out_dir"], reporter=reporter, resume_state=resume_state,
+        parallel=parallel,
+    )  # fmt: skip
+    metrics |= {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "resumed_from_step": resume_state["step"] if resume_state else 0,
+    }
+    if not parallel.is_main:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        payload = json.dumps(metrics, default=_json_default, sort_keys=True)
+        (Path(staging) / FINAL_FILE).write_text(payload, encoding="utf-8")
+        ray.train.report(json.loads(payload), checkpoint=ray.train.Checkpoint.from_directory(staging))

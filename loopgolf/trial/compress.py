@@ -374,18 +374,22 @@ def quantized_model(model: RecurrentLM, cfg: CompressConfig) -> RecurrentLM:
 
 # -------------------------------------------------------------------------- container
 #
-# Measured with bench/bench_compress.py --packing (trained weights, 2025-11-22):
-# - bit-packing 5- and 6-bit levels costs 5-35% more bytes than one int8 per level with
-#   every codec (packing misaligns symbols with bytes, so the entropy coder cannot see the
-#   level distribution); at 4 bits two levels per byte (nibbles, still byte-aligned) wins
-#   by 1-13%. So 4-bit levels are nibble-packed and wider ones are one int8 each.
-# - each part is compressed as its own frame: a JSON header in front of the levels cost
-#   zstd-22 up to 8% of the payload, and separate frames are within about 1% of one
-#   stream for every codec (usually smaller), which also makes each part's bytes
-#   predictable on its own (search_spaces/budget.py).
-# - fp16 data go as two byte planes (low bytes: mantissa noise; high bytes: sign and
-#   exponent, compressible), each its own frame: one frame of both planes let zstd-22 and
-#   zlib share one entropy table across them and cost them up to 9% on small parts.
+# Measured with bench/bench_compress.py --packing (d_model 512 model trained 200 steps,
+# 6.0M params, 2026-11-22); "+x%" is bytes relative to the chosen layout:
+# - levels: bit-packing 6-bit levels costs zlib/lzma/zstd/brotli +4.6/+6.9/+9.2/+7.0%,
+#   5-bit +3.5/+11.3/+16.4/+12.7%, against one int8 per level (packing misaligns symbols
+#   with bytes, so the entropy coder cannot see the level distribution). At 4 bits two
+#   levels per byte (nibbles, still byte-aligned) beat int8 by 11.5/7.0/0.5/0.9%. So
+#   4-bit levels are nibble-packed and wider ones are one int8 each.
+# - fp16 data (scales, fp16 tensors) go as two byte planes (low bytes: mantissa noise;
+#   high bytes: sign and exponent), each its own frame: plain fp16 costs +4-8% on fp16
+#   tensors and +6-17% on scales; both planes in one frame still +0.1-7.5% (zstd-22 and
+#   zlib then share one entropy table between them).
+# - each part is compressed as its own frame: one stream of the same parts costs zstd-22
+#   +3.7% (a JSON header ahead of the levels spoils its first block: up to +8% on small
+#   models) and the others under +0.1%; interleaving levels and scales per tensor costs
+#   +0.9-2.5%. Separate frames also make each part's bytes predictable on its own
+#   (search_spaces/budget.py).
 
 _EXACT_DTYPES: dict[str, tuple[str, torch.dtype]] = {
     "float32": ("<f4", torch.float32), "float64": ("<f8", torch.float64), "float16": ("<f2", torch.float16),

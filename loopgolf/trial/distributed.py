@@ -1,0 +1,176 @@
+"""Data parallelism for one trial: N ranks, one global batch, identical replicas.
+
+    parallel = DataParallel.from_process_group()     # after torch.distributed.init_process_group
+    run_trial(config, data_dir, out_dir, reporter, parallel=parallel)
+
+The trial stays one Python function; a rank differs from the single-process run in
+five places only, all here:
+
+- Data: every rank draws the same global batch (`TrainBatches.batch(step)`, a pure
+  function of seed and step) and keeps its contiguous slice of rows, so the data order
+  is that of one process with the same `batch_size`. `batch_size % world_size == 0`.
+- Gradients: averaged over ranks after backward, in one flat all-reduce. The loss is a
+  mean over equally many tokens per rank, so the average of the ranks' gradients is the
+  gradient of the global batch, and Muon / AdamW (run whole on every rank) see exactly
+  the single-process gradient. A parameter no rank computed a gradient for keeps `None`
+  (the optimizers skip it, as in one process); one that only some ranks touched counts
+  zeros from the others.
+- Agreement: after every step the ranks exchange (loss, step time, float buffers) in one
+  small collective. All ranks then hold the mean loss, the slowest rank's step time (so
+  the clock, hence the stopping step, report and checkpoint times, and the LR schedule,
+  are the same everywhere) and the mean of each float buffer (the router's calibrated
+  threshold: each rank calibrates on its slice; the mean keeps the replicas identical).
+- Start: rank 0's parameters and buffers are broadcast, so the replicas start equal.
+- Output: only rank 0 evaluates, writes the artifact and metrics.json.
+
+No process group is created here: `torch.distributed.init_process_group` belongs to the
+launcher (Ray Train's TorchTrainer, torchrun, a test's spawned processes). Backend:
+gloo on CPU, nccl on CUDA (`backend_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from loopgolf.trial.config import ConfigError, TrialConfig
+
+
+def backend_for(use_gpu: bool) -> str:
+    return "nccl" if use_gpu else "gloo"
+
+
+def check_divisible(config: TrialConfig, world_size: int) -> None:
+    """One clear error when the global batch does not split evenly over the ranks."""
+    batch = config.train.batch_size
+    if world_size > 1 and batch % world_size:
+        raise ConfigError(
+            f"TrainConfig.batch_size={batch}: expected a multiple of the {world_size} data-parallel workers "
+            "(each worker trains on an equal slice of the global batch)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAgreement:
+    loss: float  # mean over ranks of the ranks' mean losses = the global batch's mean loss
+    seconds: float  # the slowest rank's step time
+    means: tuple[float, ...]  # the rank means of the `means` passed in
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """This process's place in a data-parallel trial, over an initialized process group."""
+
+    rank: int
+    world_size: int
+    device: torch.device | None = None  # None: TrainConfig.device decides
+    group: dist.ProcessGroup | None = None  # None: the default group
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"DataParallel: rank={self.rank}, world_size={self.world_size}")
+
+    @classmethod
+    def from_process_group(
+        cls, device: torch.device | str | None = None, group: dist.ProcessGroup | None = None
+    ) -> DataParallel:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DataParallel.from_process_group: torch.distributed is not initialized")
+        return cls(
+            rank=dist.get_rank(group),
+            world_size=dist.get_world_size(group),
+            device=torch.device(device) if device is not None else None,
+            group=group,
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ---- data
+
+    def shard(self, batch: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's contiguous slice of the global batch's rows."""
+        x, y = batch
+        per = x.shape[0] // self.world_size
+        rows = slice(self.rank * per, (self.rank + 1) * per)
+        return x[rows], y[rows]
+
+    # ---- collectives (every rank must call each one, in the same order)
+
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers to every rank."""
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(
+                    tensor.data, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group
+                )
+
+    def average_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Average .grad over ranks in place (one flat all-reduce); see the module docstring."""
+        if not params:
+            return
+        device = params[0].device
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in params]
+        flat = torch.cat([*pieces, has_grad])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        counted = flat[-len(params) :].tolist()
+        flat = flat[: -len(params)].div_(self.world_size)
+        offset = 0
+        for p, any_grad in zip(params, counted, strict=True):
+            n = p.numel()
+            if any_grad > 0:
+                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+
+    def barrier(self, device: torch.device) -> None:
+        """Wait for every rank (a one-element all-reduce on the training device: any backend, no warnings)."""
+        dist.all_reduce(torch.zeros(1, device=device), group=self.group)
+
+    def agree_step(
+        self,
+        loss: float,
+        seconds: float,
+        buffers: Sequence[torch.Tensor],
+        device: torch.device,
+        means: Sequence[float] = (),
+    ) -> StepAgreement:
+        """Mean loss, slowest step time and means of `means` over ranks; float buffers set to their rank mean."""
+        floats = [b for b in buffers if b.is_floating_point()]
+        row = torch.cat(
+            [torch.tensor([loss, seconds, *means], dtype=torch.float64, device=device)]
+            + [b.detach().reshape(-1).to(torch.float64) for b in floats]
+        )
+        table = torch.zeros(self.world_size, row.numel(), dtype=torch.float64, device=device)
+        table[self.rank] = row  # each rank fills its own row: a SUM gathers the table everywhere
+        dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 2 + len(means)
+        with torch.no_grad():
+            for b in floats:
+                n = b.numel()
+                b.copy_(table[:, offset : offset + n].mean(0).view_as(b).to(b.dtype))
+                offset += n
+        return StepAgreement(
+            loss=float(table[:, 0].mean()),
+            seconds=float(table[:, 1].max()),
+            means=tuple(table[:, 2 : 2 + len(means)].mean(0).tolist()),
+        )
+
+    def replica_drift(self, module: torch.nn.Module) -> float:
+        """Largest relative difference of a parameter fingerprint from rank 0's (0.0: identical replicas)."""
+        with torch.no_grad():
+            total = sum((p.detach().double().sum() for p in module.parameters()), torch.zeros((), dtype=torch.float64))
+            squares = sum(
+                (p.detach().double().square().sum() for p in module.parameters()), torch.zeros((), dtype=torch.float64)
+            )
+            device = next(module.parameters()).device
+            table = torch.zeros(self.world_size, 2, dtype=torch.float64, device=device)
+            table[self.rank, 0], table[self.rank, 1] = total.to(device), squares.to(device)
+            dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
+            scale = table[0].abs().clamp_min(1e-30)
+            return float(((table - table[0]).abs() / scale).max())

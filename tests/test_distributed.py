@@ -1,0 +1,197 @@
+"""Data-parallel trials: N ranks over gloo give the 1-process trajectory; Ray Train runs them in a sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from loopgolf.trial.config import ConfigError, TrialConfig, preset
+from loopgolf.trial.distributed import DataParallel
+from loopgolf.trial.train import run_trial
+
+# A fixed-step trial: the schedule follows steps (train_seconds is out of reach), so runs
+# that take different times still see the same learning rates at the same steps; a
+# report after every step (a step takes far more than 1 ms) records the loss per step.
+FIXED_STEPS = {
+    "batch_size": 8, "eval_tokens": 4096, "quick_eval_tokens": 128, "bits": 8, "codec": "zlib",
+    "max_steps": 8, "train_seconds": 1e6, "warmup_steps": 2, "warmdown_frac": 0.5,
+    "report_every_seconds": 1e-3, "checkpoint_every_seconds": 1e6,
+}  # fmt: skip
+
+
+def fixed_steps(**values: Any) -> TrialConfig:
+    return preset("tiny").replace(**(FIXED_STEPS | values))
+
+
+def _rank_main(rank: int, world: int, init_file: str, runs: dict[str, TrialConfig], data: str, out: str) -> None:
+    """One spawned rank: join the gloo group, run each trial, write what it saw."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, config in runs.items():
+            reports: list[dict[str, Any]] = []
+            metrics = run_trial(
+                config, data, Path(out, name), reporter=lambda p, s, seen=reports: seen.append(p | {"state": s}),
+                parallel=DataParallel.from_process_group(),
+            )  # fmt: skip
+            result = {"reports": reports, "metrics": metrics}
+            Path(out, f"{name}.rank{rank}.json").write_text(json.dumps(result, default=str), encoding="utf-8")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, runs: dict[str, TrialConfig], data: Path, out: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each trial of `runs` on `world` spawned gloo ranks: {name: [rank 0's record, rank 1's, ...]}."""
+    out.mkdir(parents=True)
+    mp.spawn(_rank_main, args=(world, str(out / "pg"), runs, str(data), str(out)), nprocs=world, join=True)
+    return {n: [json.loads((out / f"{n}.rank{r}.json").read_text()) for r in range(world)] for n in runs}
+
+
+def losses_by_step(reports: list[dict[str, Any]]) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in reports}
+
+
+# Relative tolerance per trial. AdamW sees the 1-process gradient up to float32 rounding
+# (the global mean is summed in another order). Muon orthogonalizes in bfloat16, which
+# turns those 1e-7 differences into bf16 rounding flips: ~1e-5 after a few steps. With
+# refinement, each rank calibrates the router threshold on its slice and the ranks
+# average it, which is close to, not exactly, the global batch's quantile.
+TRAJECTORIES = {
+    "adamw": ({"optimizer": "adamw"}, 1e-6),
+    "muon_refine": ({"refine_passes": 1, "signal": "entropy"}, 1e-4),
+}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(shakespeare_data: Path, tmp_path: Path) -> None:
+    runs = {name: fixed_steps(**values) for name, (values, _) in TRAJECTORIES.items()}
+    ranked = run_ranks(2, runs, shakespeare_data, tmp_path / "two")
+    for name, config in runs.items():
+        tolerance = TRAJECTORIES[name][1]
+        seen: list[dict[str, Any]] = []
+        single = run_trial(config, shakespeare_data, tmp_path / name, reporter=lambda p, s, seen=seen: seen.append(p))
+        rank0, rank1 = ranked[name]
+        assert single["train_steps"] == rank0["metrics"]["train_steps"] == rank1["metrics"]["train_steps"] == 8
+        assert single["train_tokens"] == rank0["metrics"]["train_tokens"] == 8 * 8 * 128
+        one, two = losses_by_step(seen), losses_by_step(rank0["reports"])
+        common = sorted(set(one) & set(two))
+        assert len(common) >= 6 and common[-1] == 8, name
+        for step in common:
+            assert two[step] == pytest.approx(one[step], rel=tolerance), f"{name}, step {step}"
+        assert rank0["metrics"]["val_bpb"] == pytest.approx(single["val_bpb"], rel=10 * tolerance), name
+        # The ranks report the same steps and losses and stay identical; rank 0 alone evaluates and writes.
+        assert [r["step"] for r in rank1["reports"]] == [r["step"] for r in rank0["reports"]]
+        assert losses_by_step(rank1["reports"]) == two
+        assert all("quick_val_bpb" in r for r in rank0["reports"])
+        assert not any("quick_val_bpb" in r for r in rank1["reports"])
+        assert rank0["metrics"]["replica_drift"] == 0.0 and rank0["metrics"]["world_size"] == 2
+        assert "val_bpb" not in rank1["metrics"] and rank1["metrics"]["status"] == "complete"
+        saved = json.loads((tmp_path / "two" / name / "metrics.json").read_text())
+        assert saved["val_bpb"] == rank0["metrics"]["val_bpb"] and math.isfinite(saved["val_bpb"])
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(shakespeare_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        run_trial(fixed_steps(batch_size=6), shakespeare_data, tmp_path / "x", parallel=DataParallel(0, 4))
+    assert str(info.value) == (
+        "TrainConfig.batch_size=6: expected a multiple of the 4 data-parallel workers "
+        "(each worker trains on an equal slice of the global batch)"
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(shakespeare_data: Path, tmp_path: Path) -> None:
+    from loopgolf.trial.train import lr_scale
+
+    config = fixed_steps(max_steps=10, warmup_steps=0, warmdown_frac=0.5)
+    assert lr_scale(4, 0.0, config) == 1.0 and lr_scale(8, 0.0, config) == pytest.approx(0.4)
+    assert lr_scale(2, 0.9e6, config) == pytest.approx(0.2)  # the time budget, when it is further along
+    with pytest.raises(ConfigError, match="max_steps=-1"):
+        fixed_steps(max_steps=-1)
+    metrics = run_trial(fixed_steps(max_steps=3), shakespeare_data, tmp_path / "m")
+    assert metrics["status"] == "complete" and metrics["train_steps"] == 3 and metrics["world_size"] == 1
+
+
+def test_world_size_one_is_the_plain_trial(shakespeare_data: Path, tmp_path: Path) -> None:
+    config = fixed_steps(max_steps=3)
+    plain = run_trial(config, shakespeare_data, tmp_path / "a")
+    ranked = run_trial(config, shakespeare_data, tmp_path / "b", parallel=DataParallel(0, 1))
+    assert ranked["train_loss"] == plain["train_loss"] and "replica_drift" not in ranked
+
+
+def _spec(data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
+    return {
+        "name": "dp", "data": str(data), "storage": str(tmp_path / "sweeps"), "space": "shared_vs_unique",
+        "overrides": {"n_blocks": 2, "n_passes": 2, "n_prelude": 0, "n_coda": 0, "d_model": 64},
+        "base": {"preset": "tiny", "batch_size": batch_size},
+        "budget": {"artifact_bytes": 2_000_000, "train_seconds": 3},
+        "resources": resources,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resources", "batch_size", "message"),
+    [
+        ({"workers": 0}, 8, "resources.workers=0: expected an integer >= 1"),
+        ({"workers": 1.5}, 8, "resources.workers=1.5: expected an integer >= 1"),
+        ({"workers": 2, "gpu": 0.5}, 8, "resources.gpu=0.5 with workers=2: expected 0 or 1"),
+        ({"workers": 3}, 8, "base.batch_size=8 with resources.workers=3: expected a multiple of workers"),
+    ],
+)
+def test_bad_worker_resources_fail_with_one_line(
+    shakespeare_data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int, message: str
+) -> None:
+    from loopgolf.orchestrator.spec import SpecError, spec_from_dict
+
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(_spec(shakespeare_data, tmp_path, resources, batch_size))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_workers_default_to_one_and_round_trip_through_the_saved_spec(shakespeare_data: Path, tmp_path: Path) -> None:
+    from loopgolf.orchestrator.spec import spec_from_dict
+
+    assert spec_from_dict(_spec(shakespeare_data, tmp_path, {"cpu": 1})).workers == 1
+    spec = spec_from_dict(_spec(shakespeare_data, tmp_path, {"cpu": 2, "gpu": 1, "workers": 8}))
+    assert (spec.cpu, spec.gpu, spec.workers) == (2, 1, 8)
+    assert spec_from_dict(spec.to_yaml_dict()) == spec
+
+
+@pytest.mark.slow
+def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(shakespeare_data: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+
+    spec = _spec(shakespeare_data, tmp_path, {"cpu": 1, "gpu": 0, "workers": 2}) | {
+        "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 1},
+        "seeds": 1, "max_concurrent": 1,
+    }  # fmt: skip
+    spec["base"] |= {"eval_tokens": 4096, "quick_eval_tokens": 512, "bits": 8, "codec": "zlib",
+                     "report_every_seconds": 0.5, "checkpoint_every_seconds": 1.0}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(tmp_path / "spec.yaml")],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "dp"
+    trials = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
+    assert len(trials) == 1
+    row = trials.iloc[0]
+    assert row["status"] == "complete" and row["feasible"] and row["world_size"] == 2
+    assert row["replica_drift"] == 0.0 and row["config_id"] and abs(row["train_seconds"] - 3.0) < 0.5
+    assert Path(row["artifact_path"]).is_file() and Path(row["artifact_path"]).is_relative_to(sweep_dir)
+    curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
+    assert {"train_loss", "quick_val_bpb"} <= set(curves["metric"]) and curves["step"].nunique() >= 3
+    # rank 0's resumable state: Ray Train checkpoints in the trial's directory, found again by name on a restart
+    assert list(sweep_dir.glob("*/train/checkpoint_*/training_state.pt"))
