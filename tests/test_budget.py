@@ -115,8 +115,12 @@ def test_predicted_bytes_within_tolerance_of_real_compression(
     bits = (8, 6, 5, 4) if shape == "tiny" else (6, 4)  # the larger model: fewer, to keep the file fast
     cases = [{"codec": c, "bits": b, "small_tensor_numel": 4096} for c in ("zlib", "lzma", "zstd", "brotli")
              for b in bits]
-    cases += [{"codec": "zstd", "bits": 6}, {"codec": "brotli", "bits": 6, "clip_sigma": 12.85},
-              {"codec": "zstd", "bits": 5, "protect": ["tok_emb.weight"], "protect_bits": 16}]
+    # The challenge's fp16 rule (65,536) as calibrated. With the 4,096 default, int6 at k=12.85 under
+    # brotli over-predicts by up to +3.9% on these briefly trained models (measured): conservative.
+    challenge_rule = {"small_tensor_numel": 65_536}
+    cases += [challenge_rule | {"codec": "zstd", "bits": 6},
+              challenge_rule | {"codec": "brotli", "bits": 6, "clip_sigma": 12.85},
+              challenge_rule | {"codec": "zstd", "bits": 5, "protect": ["tok_emb.weight"], "protect_bits": 16}]
     errors = {}
     for case in cases:
         config = base.replace(**case)

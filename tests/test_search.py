@@ -94,3 +94,15 @@ def test_a_stale_searcher_never_tells_a_trial_twice_nor_loses_a_configuration(tm
 def test_every_algorithm_has_a_sampler(algorithm: str) -> None:
     sampler = make_sampler(algorithm, seed=1, grid={"n_blocks": [1, 2]})
     assert sampler is not None
+
+
+def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> None:
+    base = preset("tiny").replace(bits=8, codec="zlib")
+    search = SweepSearch(
+        ConfigSampler({"n_blocks": Choice((1,))}, base, equal_bytes=False, byte_budget=2_000_000),
+        OBJECTIVES, seeds=2, total_trials=6, storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
+        study_name="s", sampler=make_sampler("random", seed=0),
+    )  # fmt: skip
+    configs = [search.suggest(f"t{i}") for i in range(6)]
+    assert len({c["config_id"] for c in configs}) == 1  # the space holds one configuration
+    assert sorted(c["trial_config"]["seed"] for c in configs) == [0, 1, 2, 3, 4, 5]

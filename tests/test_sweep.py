@@ -97,8 +97,9 @@ def _check_ledger_and_study(sweep_dir: Path, expected: int, seeds: int) -> pd.Da
     trials = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
     assert len(trials) == expected and trials["trial_id"].is_unique
     assert set(DESIGN_COLUMNS) <= set(trials.columns)
+    # No configuration ran twice with one seed (one proposed again continues its seeds).
     assert (trials.groupby("config_id")["seed"].nunique() == trials.groupby("config_id").size()).all()
-    assert (trials.groupby("config_id").size() <= seeds).all()
+    assert trials.groupby("config_id").size().max() >= min(seeds, expected)
     study = _study(sweep_dir)
     finished = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("orphaned")]
     assert len(finished) == expected

@@ -88,13 +88,25 @@ class SweepSearch(OptunaSearch):
             return Searcher.FINISHED
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
-        if "seed_index" not in ot_trial.user_attrs:  # a new configuration: queue its other seeds
-            ot_trial.set_user_attr("seed_index", 0)
-            for index in range(1, self._seeds):
+        if "seed_index" not in ot_trial.user_attrs:  # sampled, not a queued replicate
+            # A sampler may propose a configuration again: it then continues that
+            # configuration's seeds rather than repeating one.
+            first = self._trials_with_params(ot_trial.params, exclude=ot_trial.number)
+            ot_trial.set_user_attr("seed_index", first)
+            config["trial_config"]["seed"] += first  # ConfigSampler assumed seed_index 0
+            for index in range(first + 1, first + self._seeds):
                 self._ot_study.enqueue_trial(
                     ot_trial.params, user_attrs={"seed_index": index, "replicate_of": ot_trial.number}
                 )
         return config
+
+    def _trials_with_params(self, params: dict, exclude: int) -> int:
+        """Earlier trials (queued included, orphaned not) of the same configuration."""
+        return sum(
+            1
+            for t in self._ot_study.get_trials(deepcopy=False)
+            if t.number != exclude and t.params == params and not t.user_attrs.get(ORPHANED)
+        )
 
     # ------------------------------------------------------------------ results
 

@@ -25,10 +25,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from loopgolf.errors import LoopgolfError
-from loopgolf.trial.config import ConfigError, TrialConfig, coerce_field, parse_override, preset
+from loopgolf.trial.config import (
+    ConfigError,
+    TrialConfig,
+    coerce_field,
+    parse_override,
+    preset,
+    read_yaml_mapping,
+)
 
 Algorithm = Literal["tpe", "nsga2", "random", "grid"]
 METRICS = (
@@ -235,15 +240,7 @@ def _check_space(spec: SweepSpec) -> None:
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> SweepSpec:
     """Read a spec file, apply `--set dotted.key=value` overrides and explicit fields (CLI flags)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise SpecError(f"spec {str(path)!r}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec {str(path)!r}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"spec {str(path)!r}: expected a mapping")
+    raw = read_yaml_mapping(path, "spec", SpecError)
     for text in overrides:
         try:
             key, value = parse_override(text)

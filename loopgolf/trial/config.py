@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -310,19 +311,25 @@ def coerce_field(key: str, value: Any) -> Any:
     return value
 
 
-def load_trial_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrialConfig:
-    """Read a flat YAML trial file, apply `key=value` overrides, validate."""
+def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[LoopgolfError] = ConfigError) -> dict:
+    """A YAML file that must hold a mapping; anything else is one `error` naming the file."""
     import yaml
 
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
     except FileNotFoundError:
-        raise ConfigError(f"trial config {path!r}: file not found") from None
+        raise error(f"{what} {str(path)!r}: file not found") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"trial config {path!r}: not valid YAML ({exc.__class__.__name__})") from None
+        raise error(f"{what} {str(path)!r}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"trial config {path!r}: expected a mapping of field: value, got {type(raw).__name__}")
+        raise error(f"{what} {str(path)!r}: expected a mapping of field: value, got {type(raw).__name__}")
+    return raw
+
+
+def load_trial_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrialConfig:
+    """Read a flat YAML trial file, apply `key=value` overrides, validate."""
+    raw = read_yaml_mapping(path, "trial config")
     base = preset(str(raw.pop("preset"))) if "preset" in raw else TrialConfig()
     values = {k: coerce_field(k, v) for k, v in raw.items()}
     for text in overrides:
