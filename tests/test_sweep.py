@@ -143,13 +143,15 @@ def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(shakespeare_da
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill once trials are running and at least one finished
+        while time.monotonic() < deadline:  # kill once a trial finished and an unfinished one has checkpointed
             ledger = sweep_dir / "results" / "trials.parquet"
-            if ledger.is_file() and len(pd.read_parquet(ledger)) >= 1:
+            done = set(pd.read_parquet(ledger)["trial_id"]) if ledger.is_file() else set()
+            in_flight = {p.parent.name for p in sweep_dir.glob("*/checkpoint_*")}
+            if done and any(not any(t in name for t in done) for name in in_flight):
                 break
             assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
-            time.sleep(0.5)
-        time.sleep(2.5)  # into the next trials' training
+            time.sleep(0.25)
+        time.sleep(2.5)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state has registered that checkpoint
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         driver.wait()
