@@ -33,13 +33,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pandas as pd
 import ray
+from common import prepare_shakespeare, tiny_sweep_spec  # bench/common.py (the script's own directory)
 from ray.cluster_utils import Cluster
 
 from loopgolf.orchestrator.spec import spec_from_dict
 from loopgolf.orchestrator.sweep import run_sweep
-from loopgolf.trial.prepare import PrepareConfig, prepare
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def process_tree(pids: list[int]) -> list[Any]:
@@ -99,22 +97,10 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / "data"
-            prepare(PrepareConfig(data, (SHARED / "corpora" / "tinyshakespeare.txt",),
-                                  SHARED / "tokenizers" / "fineweb_1024_bpe.model"))  # fmt: skip
+            prepare_shakespeare(data)
             walls = {}
             for nodes in args.nodes:
-                spec_raw = {
-                    "name": f"cluster{nodes}", "data": str(data), "storage": str(Path(tmp) / "sweeps"),
-                    "space": "shared_vs_unique",
-                    "overrides": {"n_blocks": [1, 2], "n_passes": [1, 2], "n_prelude": 0, "n_coda": 0, "d_model": 64},
-                    "base": {"preset": "tiny", "batch_size": 16, "eval_tokens": 8192, "quick_eval_tokens": 2048,
-                             "report_every_seconds": max(2.0, seconds / 6),
-                             "checkpoint_every_seconds": max(4.0, seconds / 3)},
-                    "budget": {"artifact_bytes": 16_000_000, "train_seconds": seconds},
-                    "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": args.trials,
-                               "seed": 0},
-                    "max_concurrent": 2, "resources": {"cpu": 1},
-                }  # fmt: skip
+                spec_raw = tiny_sweep_spec(f"cluster{nodes}", data, Path(tmp) / "sweeps", seconds, args.trials, 2)
                 wall, trials, names = run_on_cluster(nodes, spec_raw)
                 walls[nodes] = wall
                 trained = float(trials["train_seconds"].sum())

@@ -16,12 +16,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from common import prepare_shakespeare, tiny_sweep_spec  # bench/common.py (the script's own directory)
 
 from loopgolf.orchestrator.spec import spec_from_dict
 from loopgolf.orchestrator.sweep import run_sweep
-from loopgolf.trial.prepare import PrepareConfig, prepare
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
@@ -32,20 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        prepare(PrepareConfig(data, (SHARED / "corpora" / "tinyshakespeare.txt",),
-                              SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
+        prepare_shakespeare(data)
         for seconds in args.trial_seconds:
-            spec = spec_from_dict({
-                "name": f"bench{int(seconds)}", "data": str(data), "storage": str(Path(tmp) / "sweeps"),
-                "space": "shared_vs_unique",
-                "overrides": {"n_blocks": [1, 2], "n_passes": [1, 2], "n_prelude": 0, "n_coda": 0, "d_model": 64},
-                "base": {"preset": "tiny", "batch_size": 16, "eval_tokens": 8192, "quick_eval_tokens": 2048,
-                         "report_every_seconds": max(2.0, seconds / 6),
-                         "checkpoint_every_seconds": max(4.0, seconds / 3)},
-                "budget": {"artifact_bytes": 16_000_000, "train_seconds": seconds},
-                "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": args.trials},
-                "max_concurrent": args.concurrency, "resources": {"cpu": 1},
-            })  # fmt: skip
+            spec = spec_from_dict(tiny_sweep_spec(
+                f"bench{int(seconds)}", data, Path(tmp) / "sweeps", seconds, args.trials, args.concurrency
+            ))
             start = time.perf_counter()
             run_sweep(spec)
             wall = time.perf_counter() - start

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
+from common import (  # bench/common.py (the script's own directory)
+    dense_matmuls,
+    prepare_shakespeare,
+    training_matmul_shapes,
+)
 
 from loopgolf.trial.config import preset
 from loopgolf.trial.model import flops_per_token
-from loopgolf.trial.prepare import PrepareConfig, prepare
 from loopgolf.trial.train import run_trial
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def dense_flops_per_second(config, tokens: int, reps: int = 5) -> float:  # type: ignore[no-untyped-def]
@@ -50,8 +51,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
-        prepare(PrepareConfig(data, (SHARED / "corpora" / "tinyshakespeare.txt",),
-                              SHARED / "tokenizers" / "fineweb_1024_bpe.model"))
+        prepare_shakespeare(data)
         for name, config in shapes.items():
             config = config.replace(train_seconds=args.seconds, eval_tokens=32_768, bits=6, codec="lzma")
             m = run_trial(config, data, Path(tmp) / name)

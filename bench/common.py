@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from loopgolf.trial.config import ModelConfig
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def training_matmul_shapes(config: ModelConfig, looping: bool = True) -> list[tuple[int, int]]:
@@ -26,3 +30,25 @@ def dense_matmuls(shapes: list[tuple[int, int]], tokens: int) -> tuple[object, f
             torch.matmul(a.T, g)  # grad wrt weight
 
     return run, float(sum(6 * tokens * k * n for k, n in shapes))
+
+
+def prepare_shakespeare(out: Path) -> Path:
+    """tinyshakespeare as challenge shards with the challenge's 1024-piece tokenizer."""
+    from loopgolf.trial.prepare import PrepareConfig, prepare
+
+    prepare(PrepareConfig(out, (SHARED / "corpora" / "tinyshakespeare.txt",),
+                          SHARED / "tokenizers" / "fineweb_1024_bpe.model"))  # fmt: skip
+    return out
+
+
+def tiny_sweep_spec(name: str, data: Path, storage: Path, seconds: float, trials: int, concurrency: int) -> dict:
+    """The benchmarks' sweep: `trials` tiny trials of `seconds`, one CPU each."""
+    return {
+        "name": name, "data": str(data), "storage": str(storage), "space": "shared_vs_unique",
+        "overrides": {"n_blocks": [1, 2], "n_passes": [1, 2], "n_prelude": 0, "n_coda": 0, "d_model": 64},
+        "base": {"preset": "tiny", "batch_size": 16, "eval_tokens": 8192, "quick_eval_tokens": 2048,
+                 "report_every_seconds": max(2.0, seconds / 6), "checkpoint_every_seconds": max(4.0, seconds / 3)},
+        "budget": {"artifact_bytes": 16_000_000, "train_seconds": seconds},
+        "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": trials, "seed": 0},
+        "max_concurrent": concurrency, "resources": {"cpu": 1},
+    }  # fmt: skip
