@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +234,3 @@ def default_corpus() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     return [(f"pydoc_data.topics:{name}", topics[name]) for name in sorted(topics)]
-
-
-def count_documents(sources: Sequence[tuple[str, str]]) -> int:
-    return sum(len(split_documents(text)) for _, text in sources)
