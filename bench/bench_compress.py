@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loopgolf.search_spaces import budget  # noqa: E402
-from loopgolf.trial import compress as C  # noqa: E402
+from loopgolf.trial import artifact as A  # noqa: E402
+from loopgolf.trial import quantize as Q  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
 from loopgolf.trial.model import RecurrentLM  # noqa: E402
 
@@ -115,7 +116,7 @@ def trained(name: str, flat: dict[str, object], steps: int, tokens: np.ndarray |
 # ----------------------------------------------------------------------- measurements
 
 
-def section_bytes(state: C.QuantizedState, codec: str) -> dict[str, float]:
+def section_bytes(state: Q.QuantizedState, codec: str) -> dict[str, float]:
     """Each kind of content compressed alone: quantized / protected levels, scales, fp16 kinds."""
     groups: dict[str, list[bytes]] = {"quantized": [], "protected_int": [], "scales": [], "matrix": [], "control": []}
     for t in state.tensors:
@@ -123,7 +124,7 @@ def section_bytes(state: C.QuantizedState, codec: str) -> dict[str, float]:
             continue
         if t.plan.enc == "int":
             groups["quantized" if t.plan.group == "quantized" else "protected_int"].append(
-                C._pack_levels(t.q, t.plan.bits)
+                A._pack_levels(t.q, t.plan.bits)
             )
             groups["scales"].append(t.scales.numpy().astype("<f2").tobytes())
         elif t.plan.enc == "half":
@@ -131,16 +132,16 @@ def section_bytes(state: C.QuantizedState, codec: str) -> dict[str, float]:
     out = {}
     for key, chunks in groups.items():
         raw = b"".join(chunks)
-        planes = C._byte_planes(raw) if key in ("scales", "matrix", "control") else (raw,)
-        out[key] = sum(len(C.compress_bytes(p, codec)) for p in planes if p)
+        planes = A._byte_planes(raw) if key in ("scales", "matrix", "control") else (raw,)
+        out[key] = sum(len(A.compress_bytes(p, codec)) for p in planes if p)
     return out
 
 
-def header_bytes(state: C.QuantizedState, config: TrialConfig) -> int:
-    return len(C.compress_bytes(C.encode_parts(state, config)["header"], config.compress.codec))
+def header_bytes(state: Q.QuantizedState, config: TrialConfig) -> int:
+    return len(A.compress_bytes(A.encode_parts(state, config)["header"], config.compress.codec))
 
 
-def predicted_entropy_bytes(state: C.QuantizedState, group: str) -> float:
+def predicted_entropy_bytes(state: Q.QuantizedState, group: str) -> float:
     total = 0.0
     for t in state.tensors:
         if t.alias_of is None and t.plan.enc == "int" and t.plan.group == group:
@@ -149,7 +150,7 @@ def predicted_entropy_bytes(state: C.QuantizedState, group: str) -> float:
     return total
 
 
-def empirical_entropy_bytes(state: C.QuantizedState) -> float:
+def empirical_entropy_bytes(state: Q.QuantizedState) -> float:
     total = 0.0
     for t in state.tensors:
         if t.alias_of is None and t.plan.enc == "int" and t.plan.group == "quantized":
@@ -196,7 +197,7 @@ def calibrate(steps: int) -> None:
             for bits in BITS:
                 for k in CLIP_SIGMAS:
                     cc = CompressConfig(bits=bits, codec=codec, clip_sigma=k, small_tensor_numel=4096)
-                    state = C.quantize_model(model, cc)
+                    state = Q.quantize_model(model, cc)
                     sb = section_bytes(state, codec)
                     n = state.counts()["quantized"]
                     # k = 0 clips at the row max, whose ratio depends on the row length: one point per model
@@ -212,7 +213,7 @@ def calibrate(steps: int) -> None:
                         emp_vs_pred.append((empirical_entropy_bytes(state), entropy))
             # fp16: the default small threshold puts the tiny family's matrices in fp16, plus a protected embedding
             cc = CompressConfig(codec=codec, protect=("tok_emb.weight",), protect_bits=16)
-            state = C.quantize_model(model, cc)
+            state = Q.quantize_model(model, cc)
             sb = section_bytes(state, codec)
             for kind in ("matrix", "control"):
                 values = sum(
@@ -284,7 +285,7 @@ def check_prediction(steps: int) -> dict[str, list[float]]:
                 for bits in BITS:
                     for extra in settings:
                         config = TrialConfig.from_flat({**flat, "seq_len": 128, "codec": codec, "bits": bits, **extra})
-                        actual = len(C.encode_artifact(C.quantize_model(m, config.compress), config))
+                        actual = len(A.encode_artifact(Q.quantize_model(m, config.compress), config))
                         err = budget.estimate_bytes(config, code=0).model_bytes / actual - 1
                         if variant == "trained":
                             errors[codec].append(err)
@@ -301,52 +302,52 @@ def check_prediction(steps: int) -> dict[str, list[float]]:
 
 def _bitpack(q: torch.Tensor, bits: int) -> bytes:
     """Levels as a dense little-endian bit stream of `bits` bits each (the alternative to int8)."""
-    u = (q.reshape(-1).numpy().astype(np.int16) + C.qmax(bits)).astype(np.uint8)
+    u = (q.reshape(-1).numpy().astype(np.int16) + Q.qmax(bits)).astype(np.uint8)
     planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
     return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
 
 
 def packing() -> None:
-    """Which byte layout compresses best, per codec (the choices documented in compress.py)."""
+    """Which byte layout compresses best, per codec (the choices documented in artifact.py)."""
     model = trained("bench_d512", BENCH_SHAPE, 200, None)
     print("\nlevels: bytes per quantized value (int8 per level | bit-packed | nibbles at 4 bits)")
     for bits in (6, 5, 4):
-        state = C.quantize_model(model, CompressConfig(bits=bits))
+        state = Q.quantize_model(model, CompressConfig(bits=bits))
         qs = [t.q for t in state.tensors if t.q is not None]
         n = sum(q.numel() for q in qs)
         as_int8 = b"".join(q.reshape(-1).numpy().tobytes() for q in qs)
         packed = b"".join(_bitpack(q, bits) for q in qs)
         row = []
         for codec in CODECS:
-            sizes = [len(C.compress_bytes(as_int8, codec)) / n, len(C.compress_bytes(packed, codec)) / n]
+            sizes = [len(A.compress_bytes(as_int8, codec)) / n, len(A.compress_bytes(packed, codec)) / n]
             if bits == 4:
-                sizes.append(len(C.compress_bytes(b"".join(C._pack_levels(q, 4) for q in qs), codec)) / n)
+                sizes.append(len(A.compress_bytes(b"".join(A._pack_levels(q, 4) for q in qs), codec)) / n)
             row.append(f"{codec} " + " | ".join(f"{v:.4f}" for v in sizes))
         print(f"  int{bits}: " + "   ".join(row))
-    state = C.quantize_model(model, CompressConfig(bits=6, protect=("tok_emb.weight",)))
+    state = Q.quantize_model(model, CompressConfig(bits=6, protect=("tok_emb.weight",)))
     scales = b"".join(t.scales.numpy().astype("<f2").tobytes() for t in state.tensors if t.scales is not None)
     half = b"".join(t.data.numpy().astype("<f2").tobytes() for t in state.tensors if t.plan.enc == "half")
     print("fp16 sections: compressed bytes, plain | byte-shuffled, one frame | two byte-plane frames")
     for label, raw in (("scales", scales), ("fp16 tensors", half)):
         row = []
         for c in CODECS:
-            lo, hi = C._byte_planes(raw)
-            sizes = (len(C.compress_bytes(raw, c)), len(C.compress_bytes(lo + hi, c)),
-                     len(C.compress_bytes(lo, c)) + len(C.compress_bytes(hi, c)))
+            lo, hi = A._byte_planes(raw)
+            sizes = (len(A.compress_bytes(raw, c)), len(A.compress_bytes(lo + hi, c)),
+                     len(A.compress_bytes(lo, c)) + len(A.compress_bytes(hi, c)))
             row.append(f"{c} " + " | ".join(f"{v:,}" for v in sizes))
         print(f"  {label}: " + "   ".join(row))
-    parts = C.encode_parts(state, TrialConfig.from_flat({**BENCH_SHAPE, "bits": 6, "protect": ["tok_emb.weight"]}))
+    parts = A.encode_parts(state, TrialConfig.from_flat({**BENCH_SHAPE, "bits": 6, "protect": ["tok_emb.weight"]}))
     interleaved = b"".join(
-        C._pack_levels(t.q, 6) + t.scales.numpy().astype("<f2").tobytes() if t.q is not None
+        A._pack_levels(t.q, 6) + t.scales.numpy().astype("<f2").tobytes() if t.q is not None
         else t.data.numpy().astype("<f2").tobytes() if t.data is not None else b""
         for t in state.tensors
     )
     print("layout: compressed bytes, one frame per part (the format) | the parts as one stream | "
           "per tensor interleaved, unshuffled")
     for codec in CODECS:
-        frames = len(C.pack_parts(parts, codec))
-        stream = len(C.compress_bytes(b"".join(parts.values()), codec))
-        mixed = len(C.compress_bytes(parts["header"] + interleaved, codec))
+        frames = len(A.pack_parts(parts, codec))
+        stream = len(A.compress_bytes(b"".join(parts.values()), codec))
+        mixed = len(A.compress_bytes(parts["header"] + interleaved, codec))
         print(f"  {codec}: {frames:,} | {stream:,} | {mixed:,}")
 
 
@@ -369,7 +370,7 @@ def bench() -> None:
     ce_fp32 = _ce(model, windows)
     path = CACHE / "bench.lga"
     params = model.unique_params()
-    code = C.code_bytes()
+    code = A.code_bytes()
     baseline_model = (BASELINE_BYTES - 47_642) / BASELINE_PARAMS  # the challenge's model bytes per param
     baseline_total = BASELINE_BYTES / BASELINE_PARAMS
     print(f"\ntrained model: d_model 512, 3 blocks, vocab 1024, {params:,} params, 200 steps on tinyshakespeare")
@@ -383,9 +384,9 @@ def bench() -> None:
         for clip in (0.0, 4.0, 12.85) if bits == 6 else (0.0,):
             for codec in CODECS:
                 config = base.replace(bits=bits, codec=codec, clip_sigma=clip)
-                info = C.save_artifact(model, config, path)
+                info = A.save_artifact(model, config, path)
                 tick = time.perf_counter()
-                loaded = C.load_artifact(path)
+                loaded = A.load_artifact(path)
                 load = time.perf_counter() - tick
                 d_ce = _ce(loaded, windows) - ce_fp32
                 bpp = info.model_bytes / params
@@ -405,9 +406,9 @@ def bench() -> None:
     for bits in (8, 6):
         for codec in CODECS:
             config = full.replace(bits=bits, codec=codec)
-            info = C.save_artifact(big, config, path)
+            info = A.save_artifact(big, config, path)
             tick = time.perf_counter()
-            C.load_artifact(path)
+            A.load_artifact(path)
             load = time.perf_counter() - tick
             share = info.artifact_bytes / BASELINE_BYTES
             print(f"  int{bits} {codec:>7}: {info.artifact_bytes:>12,} bytes ({share:.3f} of the baseline), "

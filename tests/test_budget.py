@@ -15,9 +15,10 @@ import torch
 
 from loopgolf.search_spaces import budget
 from loopgolf.search_spaces.budget import BudgetError, count_params, derive_heads, inventory, solve_width
-from loopgolf.trial import compress as C
+from loopgolf.trial.artifact import code_bytes, save_artifact
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, preset
 from loopgolf.trial.model import RecurrentLM
+from loopgolf.trial.quantize import quantize_model
 from tests.conftest import SHAKESPEARE, tokenizer_path
 
 # The prediction's stated tolerance on briefly trained tiny-family models: |predicted /
@@ -59,7 +60,7 @@ def test_count_groups_match_what_the_quantizer_stores(compress: CompressConfig) 
     config = preset("small").replace(n_prelude=1, unet_skips=True, phase="lora", tie_embeddings=False,
                                      refine_passes=1)
     counts = count_params(config.model, compress)
-    stored = C.quantize_model(RecurrentLM(config.model), compress)
+    stored = quantize_model(RecurrentLM(config.model), compress)
     groups = stored.counts()
     assert (counts.quantized, counts.protected, counts.small) == (
         groups["quantized"], groups["protected"], groups["small"])
@@ -124,7 +125,7 @@ def test_predicted_bytes_within_tolerance_of_real_compression(
     errors = {}
     for case in cases:
         config = base.replace(**case)
-        info = C.save_artifact(model, config, tmp_path / "a.lga")
+        info = save_artifact(model, config, tmp_path / "a.lga")
         estimate = budget.estimate_bytes(config)
         assert estimate.code_bytes == info.code_bytes
         errors[str(case)] = estimate.model_bytes / info.model_bytes - 1
@@ -136,7 +137,7 @@ def test_predict_artifact_bytes_is_model_plus_code() -> None:
     config = preset("small")
     estimate = budget.estimate_bytes(config)
     assert budget.predict_artifact_bytes(config) == estimate.artifact_bytes
-    assert estimate.artifact_bytes == int(np.ceil(estimate.model_bytes)) + C.code_bytes()
+    assert estimate.artifact_bytes == int(np.ceil(estimate.model_bytes)) + code_bytes()
     fewer_bits = budget.predict_artifact_bytes(config.replace(bits=4, small_tensor_numel=0))
     assert fewer_bits < budget.predict_artifact_bytes(config.replace(bits=8, small_tensor_numel=0))
 
@@ -183,14 +184,14 @@ def test_solved_width_fits_after_real_compression(
     name: str, overrides: dict[str, object], model_budget: int, tmp_path: Path
 ) -> None:
     config = preset(name).replace(seq_len=64, **overrides)
-    cap = model_budget + C.code_bytes()
+    cap = model_budget + code_bytes()
     solved = solve_width(config, cap)
     torch.manual_seed(0)
     model = RecurrentLM(solved.model)
     with torch.no_grad():  # every tensor off its init, as after training (worse for fp16 gains)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    info = C.save_artifact(model, solved, tmp_path / "a.lga")
+    info = save_artifact(model, solved, tmp_path / "a.lga")
     assert info.artifact_bytes <= cap
     wider = next(d for d in budget.width_grid() if d > solved.model.d_model)
     n_heads, n_kv = derive_heads(wider, 64, config.model.n_heads // config.model.n_kv_heads)
@@ -200,4 +201,4 @@ def test_solved_width_fits_after_real_compression(
 
 def test_solve_width_says_when_nothing_fits() -> None:
     with pytest.raises(BudgetError, match=r"narrowest, d_model=8, is predicted at [\d,]+ bytes"):
-        solve_width(preset("small"), C.code_bytes() + 1_000)
+        solve_width(preset("small"), code_bytes() + 1_000)

@@ -3,11 +3,11 @@ widest model that fits a byte budget.
 
 Everything here is analytic and takes milliseconds, so the search spaces can reject an
 infeasible configuration, or solve its width for an equal-bytes sweep, before a trial
-starts. The number that counts is still the compressed file (trial/compress.py); the
+starts. The number that counts is still the compressed file (trial/artifact.py); the
 prediction is calibrated against it and carries a measured safety margin.
 
 1. The inventory: the model's state dict (names and shapes) in closed form.
-2. Params per storage group, by compress.py's own `plan_tensor` rule.
+2. Params per storage group, by quantize.py's own `plan_tensor` rule.
 3. Bytes: the entropy of Gaussian weights quantized by the export rule, times a measured
    codec overhead, plus measured bytes for scales, fp16 tensors and the header.
 4. FLOPs: model.py's analytic count.
@@ -24,9 +24,10 @@ import math
 import torch
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.trial.compress import MAGIC, PARTS, CompressConfig, code_bytes, n_rows, plan_tensor, qmax
-from loopgolf.trial.config import ModelConfig, TrialConfig
+from loopgolf.trial.artifact import MAGIC, PARTS, code_bytes
+from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig
 from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.quantize import n_rows, plan_tensor, qmax
 
 __all__ = [
     "SAFETY_MARGIN",
@@ -124,7 +125,7 @@ class ParamCounts:
 
 
 def count_params(model_cfg: ModelConfig, compress: CompressConfig | None = None) -> ParamCounts:
-    """Closed-form params of RecurrentLM(model_cfg), grouped by compress.py's storage rule."""
+    """Closed-form params of RecurrentLM(model_cfg), grouped by quantize.py's storage rule."""
     compress = compress or CompressConfig()
     groups = {"quantized": 0, "protected": 0, "small": 0, "exact": 0}
     rows = 0

@@ -200,8 +200,9 @@ def run_trial(
     `parallel`: this process is one rank of a data-parallel trial (module docstring).
     """
     from loopgolf.search_spaces.budget import predict_artifact_bytes
-    from loopgolf.trial.compress import install_qat, load_artifact, remove_qat, save_artifact
+    from loopgolf.trial.artifact import load_artifact, save_artifact
     from loopgolf.trial.model import RecurrentLM
+    from loopgolf.trial.qat import install_qat, remove_qat
 
     if parallel is not None and parallel.world_size == 1:
         parallel = None
@@ -396,7 +397,7 @@ def evaluate_artifact(
     device: str = "auto",
 ) -> dict[str, Any]:
     """val_bpb from the artifact file alone (its config travels inside it)."""
-    from loopgolf.trial.compress import load_artifact_with_config
+    from loopgolf.trial.artifact import load_artifact_with_config
 
     model, config = load_artifact_with_config(artifact)
     if eval_tokens is not None:

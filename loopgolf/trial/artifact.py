@@ -6,26 +6,7 @@
 source files needed to rebuild and run the model from it (`CODE_FILES`). Nothing in the
 reported number is estimated.
 
-Quantization (per tensor, first rule that applies):
-
-1. non-float tensors (integer/bool buffers)        -> stored exactly
-2. float buffers (calibrated statistics such as the router threshold, not weights)
-                                                    -> stored exactly (fp32)
-3. numel <= small_tensor_numel (norm gains, scales, control vectors)
-                                                    -> fp16
-4. name matches a `protect` glob                   -> fp16 (protect_bits 16), or int8 per row
-                                                       clipped at the row max (protect_bits 8)
-5. everything else                                 -> int at `bits`, per row, clipped per
-                                                       `clip_sigma`
-
-Integer encoding at b bits: each row (each vector along the last dim of a >= 2-D tensor,
-i.e. a Linear's output row or an embedding's token row; the whole tensor if 1-D) gets one
-scale s = clip / qmax with qmax = 2^(b-1) - 1, and q = clamp(round(w / s), -qmax,
-qmax). The clip is k * std(row) when clip_sigma = k > 0 (the challenge records' SDClip:
-k is an entropy knob, bits and k trade off as about b - log2 k, and k * std may exceed the
-row max, which simply makes the grid coarser); with k = 0 it is the row max |w| (nothing is
-clipped). s is stored as fp16, rounded *up* to the next fp16 so that unclipped values keep
-|w - q s| <= s / 2 with the stored s. Dequantization is q * s in fp32.
+What is stored per tensor, and how integers are encoded, is quantize.py's plan.
 
 File layout (all integers little-endian):
 
@@ -61,7 +42,6 @@ Loading reads only json and numpy buffers: no pickle, no torch.load, no code fro
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import lzma
 import math
@@ -71,7 +51,7 @@ import time
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,297 +59,25 @@ from torch import Tensor
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrainConfig, TrialConfig
-
-if TYPE_CHECKING:
-    from loopgolf.trial.model import RecurrentLM
+from loopgolf.trial.model import RecurrentLM
+from loopgolf.trial.quantize import (
+    Plan,
+    QuantizedState,
+    QuantizedTensor,
+    QuantizeError,
+    dequantize,
+    n_rows,
+    qmax,
+    quantize_model,
+)
 
 MAGIC = b"LGAF"
 VERSION = 1
 FORMAT = "loopgolf-artifact"
-Encoding = Literal["int", "half", "exact"]
 
 
 class ArtifactError(LoopgolfError):
     """An artifact file is missing, corrupt, truncated, or not a loopgolf artifact."""
-
-
-# ------------------------------------------------------------------------ quantization
-
-
-def qmax(bits: int) -> int:
-    """Largest integer level of symmetric b-bit quantization: values lie in [-qmax, qmax]."""
-    return (1 << (bits - 1)) - 1
-
-
-def n_rows(shape: tuple[int, ...]) -> int:
-    """Rows of a tensor for per-row scales: every vector along the last dim if >= 2-D
-    (a Linear's output rows, an embedding's token rows), else one row for the whole tensor."""
-    return math.prod(shape[:-1]) if len(shape) >= 2 else 1
-
-
-def _rows(w: Tensor) -> Tensor:
-    """The tensor as (rows, cols) in fp32."""
-    return w.detach().float().reshape(n_rows(tuple(w.shape)), -1)
-
-
-def row_scales(w: Tensor, bits: int, clip_sigma: float) -> Tensor:
-    """Per-row fp16 scales (rows,): clip / qmax, rounded up to the next representable fp16.
-
-    clip = clip_sigma * std(row) when clip_sigma > 0, else max |w| of the row. Rounding up
-    keeps every unclipped value within half a step of its level with the *stored* scale.
-    A row whose clip is 0 (all zeros) gets scale 1: every level is then 0, exactly.
-    No host sync: this also runs inside every QAT forward.
-    """
-    rows = _rows(w)
-    clip = clip_sigma * rows.std(dim=1, correction=0) if clip_sigma > 0 else rows.abs().amax(dim=1)
-    exact = torch.where(clip > 0, clip / qmax(bits), torch.ones_like(clip))
-    half = exact.half()
-    # the next fp16 up: for a positive finite fp16, its bit pattern plus one
-    up = (half.view(torch.int16) + 1).view(torch.float16)
-    return torch.where(half.float() < exact, up, half)
-
-
-def quantize_rows(w: Tensor, scales: Tensor, bits: int) -> Tensor:
-    """Integer levels (rows, cols) int8 of w for the given fp16 row scales."""
-    limit = qmax(bits)
-    return torch.clamp(torch.round(_rows(w) / scales.float()[:, None]), -limit, limit).to(torch.int8)
-
-
-def dequantize_rows(q: Tensor, scales: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """fp32 weights of the given shape from levels and fp16 row scales."""
-    return (q.float() * scales.float()[:, None]).reshape(shape)
-
-
-def quantize_dequantize(w: Tensor, bits: int, clip_sigma: float) -> Tensor:
-    """w as the artifact will store it (fp32, same shape): the export rule in one call."""
-    scales = row_scales(w, bits, clip_sigma)
-    return dequantize_rows(quantize_rows(w, scales, bits), scales, tuple(w.shape))
-
-
-# ---------------------------------------------------------------------- the model's plan
-
-
-Group = Literal["quantized", "protected", "small", "exact"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How one tensor is stored, and which byte-accounting group it falls in."""
-
-    enc: Encoding
-    group: Group
-    bits: int = 16  # int only
-    clip_sigma: float = 0.0  # int only
-
-
-def plan_tensor(
-    name: str, numel: int, is_float_param: bool, cfg: CompressConfig, aliases: tuple[str, ...] = ()
-) -> Plan:
-    """The storage rule for one tensor (the module docstring's table, in order).
-
-    `is_float_param`: a floating-point parameter (not a buffer, not an integer tensor).
-    `aliases` are other names of the same tensor (a tied head): protecting any name
-    protects the tensor. budget.py applies the same rule to its analytic inventory.
-    """
-    if not is_float_param:
-        return Plan("exact", "exact")
-    if numel <= cfg.small_tensor_numel:
-        return Plan("half", "small")
-    if any(fnmatch.fnmatchcase(n, glob) for n in (name, *aliases) for glob in cfg.protect):
-        # Protection keeps information, so a protected int8 tensor is never clipped.
-        return Plan("half", "protected") if cfg.protect_bits == 16 else Plan("int", "protected", 8, 0.0)
-    return Plan("int", "quantized", cfg.bits, cfg.clip_sigma)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    name: str
-    tensor: Tensor
-    is_param: bool
-    alias_of: str | None  # set on the second name of a tied tensor
-    aliases: tuple[str, ...]  # set on the first: the tensor's other names
-
-
-def _plan_entry(e: _Entry, cfg: CompressConfig) -> Plan:
-    return plan_tensor(e.name, e.tensor.numel(), e.is_param and e.tensor.is_floating_point(), cfg, e.aliases)
-
-
-def _entries(model: torch.nn.Module) -> list[_Entry]:
-    """Every state_dict entry, ties resolved.
-
-    A tied weight (the LM head sharing the embedding) appears in the state dict under
-    two names but is stored once, under the first; the others become aliases of it.
-    """
-    params = {id(p) for p in model.parameters()}
-    names: dict[int, list[str]] = {}
-    state = model.state_dict(keep_vars=True)
-    for name, t in state.items():
-        names.setdefault(id(t), []).append(name)
-    out = []
-    for name, t in state.items():
-        first, *rest = names[id(t)]
-        is_first = name == first
-        out.append(_Entry(name, t, id(t) in params, None if is_first else first, tuple(rest) if is_first else ()))
-    return out
-
-
-# ------------------------------------------------------------------- quantized state
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedTensor:
-    """One stored tensor: int levels + fp16 row scales, an fp16 copy, or exact bytes."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype  # the model's dtype, restored on load
-    plan: Plan
-    q: Tensor | None = None  # int8 (rows, cols), enc "int"
-    scales: Tensor | None = None  # fp16 (rows,), enc "int"
-    data: Tensor | None = None  # enc "half" (fp16) or "exact" (original dtype), flat
-    alias_of: str | None = None  # a tied name: same tensor as `alias_of`
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizedState:
-    """The in-memory artifact: what `save_artifact` writes and `load_artifact` reads back."""
-
-    tensors: tuple[QuantizedTensor, ...]
-    compress: CompressConfig
-
-    def counts(self) -> dict[Group, int]:
-        """Stored numel per group (tied tensors once)."""
-        counts: dict[Group, int] = {"quantized": 0, "protected": 0, "small": 0, "exact": 0}
-        for t in self.tensors:
-            if t.alias_of is None:
-                counts[t.plan.group] += math.prod(t.shape)
-        return counts
-
-
-def quantize_tensor(name: str, t: Tensor, plan: Plan) -> QuantizedTensor:
-    shape, dtype = tuple(t.shape), t.dtype
-    t = t.detach().cpu()
-    if plan.enc == "exact":
-        return QuantizedTensor(name, shape, dtype, plan, data=t.reshape(-1).clone())
-    if not torch.isfinite(t).all():
-        raise ArtifactError(f"{name}: non-finite weights cannot be quantized")
-    if plan.enc == "int":
-        scales = row_scales(t, plan.bits, plan.clip_sigma)
-        stored = QuantizedTensor(name, shape, dtype, plan, q=quantize_rows(t, scales, plan.bits), scales=scales)
-    else:
-        stored = QuantizedTensor(name, shape, dtype, plan, data=t.reshape(-1).half())
-    if not torch.isfinite(stored.scales if stored.scales is not None else stored.data).all():
-        raise ArtifactError(f"{name}: weights beyond the fp16 range")
-    return stored
-
-
-def quantize_model(model: torch.nn.Module, cfg: CompressConfig) -> QuantizedState:
-    """Quantize every state_dict tensor of `model` by `plan_tensor` (ties stored once)."""
-    out: dict[str, QuantizedTensor] = {}
-    for e in _entries(model):
-        if e.alias_of is not None:
-            out[e.name] = dataclasses.replace(out[e.alias_of], name=e.name, q=None, scales=None, data=None,
-                                              alias_of=e.alias_of)
-        else:
-            out[e.name] = quantize_tensor(e.name, e.tensor, _plan_entry(e, cfg))
-    return QuantizedState(tuple(out.values()), cfg)
-
-
-def dequantize_tensor(t: QuantizedTensor) -> Tensor:
-    if t.plan.enc == "int":
-        assert t.q is not None and t.scales is not None, t.name
-        return dequantize_rows(t.q, t.scales, t.shape).to(t.dtype)
-    assert t.data is not None, t.name
-    return t.data.reshape(t.shape).to(t.dtype)
-
-
-def dequantize(state: QuantizedState) -> dict[str, Tensor]:
-    """A state dict (name -> tensor) of the dequantized weights; tied names share a tensor."""
-    out: dict[str, Tensor] = {}
-    for t in state.tensors:
-        out[t.name] = out[t.alias_of] if t.alias_of is not None else dequantize_tensor(t)
-    return out
-
-
-# ------------------------------------------------------------ quantization-aware training
-
-
-def fake_quantize(weight: Tensor, bits: int, mode: str, clip_sigma: float = 0.0) -> Tensor:
-    """The weight as training should see it under QAT at the export bit width.
-
-    "ste": the exported (quantized-dequantized) weight in the forward pass, identity
-    gradient (straight-through). "noise": weight + U(-s/2, s/2) per row, s the row's export
-    step (noise sized to int8 hurts an int5 export, so the step is that of `bits`).
-    "none": the weight unchanged. Scales come from the detached weight: they are not
-    trained through.
-    """
-    if mode == "none":
-        return weight
-    if mode == "ste":  # exported value forward (w - w.detach() is exactly 0), gradient 1
-        return quantize_dequantize(weight, bits, clip_sigma).to(weight.dtype) + (weight - weight.detach())
-    if mode == "noise":
-        step = row_scales(weight, bits, clip_sigma).to(weight.dtype)
-        noise = (torch.rand(_rows(weight).shape, device=weight.device, dtype=weight.dtype) - 0.5) * step[:, None]
-        return weight + noise.reshape(weight.shape)
-    raise ValueError(f"qat mode {mode!r}: expected 'none', 'noise' or 'ste'")
-
-
-@dataclasses.dataclass(frozen=True)
-class QatTransform:
-    """A QATLinear's `weight_transform`: fake-quantize at the export bits in forward.
-
-    Noise is a training regularizer, so under torch.no_grad (evaluation) a noise transform
-    passes the weight unchanged; an STE transform always shows the exported weight.
-    """
-
-    bits: int
-    mode: str
-    clip_sigma: float
-
-    def __call__(self, weight: Tensor) -> Tensor:
-        if self.mode == "noise" and not torch.is_grad_enabled():
-            return weight
-        return fake_quantize(weight, self.bits, self.mode, self.clip_sigma)
-
-
-def _qat_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    from loopgolf.trial.model import QATLinear
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, QATLinear)]
-
-
-def install_qat(model: torch.nn.Module, cfg: CompressConfig) -> int:
-    """Set `weight_transform` on every QATLinear the export quantizes at `cfg.bits`.
-
-    Protected, small and other tensors are left alone (their export is not `bits`).
-    Returns how many modules got a transform; cfg.qat == "none" installs nothing.
-    """
-    remove_qat(model)
-    if cfg.qat == "none":
-        return 0
-    first = {id(e.tensor): e for e in _entries(model) if e.alias_of is None}
-    installed = 0
-    for _, module in _qat_modules(model):
-        e = first[id(module.weight)]
-        if _plan_entry(e, cfg).group == "quantized":
-            module.weight_transform = QatTransform(cfg.bits, cfg.qat, cfg.clip_sigma)
-            installed += 1
-    return installed
-
-
-def remove_qat(model: torch.nn.Module) -> None:
-    for _, module in _qat_modules(model):
-        module.weight_transform = None
-
-
-def quantized_model(model: RecurrentLM, cfg: CompressConfig) -> RecurrentLM:
-    """A copy of `model` with the weights the artifact stores: what loading it gives back."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    remove_qat(clone)
-    clone.load_state_dict(dequantize(quantize_model(model, cfg)))
-    return clone
 
 
 # -------------------------------------------------------------------------- container
@@ -750,8 +458,6 @@ class ArtifactInfo:
 
 def _check_matches(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
     """The artifact must rebuild: `model`'s tensors must be those RecurrentLM(model_cfg) has."""
-    from loopgolf.trial.model import RecurrentLM
-
     with torch.device("meta"):
         reference = RecurrentLM(model_cfg)
     want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
@@ -765,7 +471,10 @@ def save_artifact(model: RecurrentLM, config: TrialConfig, path: str | os.PathLi
     """Quantize, pack and compress `model` into `path` (atomically); report the bytes."""
     tick = time.perf_counter()
     _check_matches(model, config.model)
-    state = quantize_model(model, config.compress)
+    try:
+        state = quantize_model(model, config.compress)
+    except QuantizeError as exc:
+        raise ArtifactError(str(exc)) from exc
     raw = encode_artifact(state, config)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -798,8 +507,6 @@ def read_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
 
     Any problem with the file is one ArtifactError naming it.
     """
-    from loopgolf.trial.model import RecurrentLM
-
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -830,19 +537,22 @@ def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM
 # ----------------------------------------------------------------- byte accounting
 #
 # The code term counts the source a reader needs to rebuild and run the model from the
-# artifact: the config dataclasses it is rebuilt from, the model, this loader, the error
-# base class they raise, and the package __init__ files Python executes to import them.
-# Training (train.py), the data pipeline and bits-per-byte scorer (data.py, evaluate.py),
-# the orchestrator and the search spaces are not needed to run the model; the scorer is
-# the challenge's fixed definition, the same for every entry. Third-party libraries
-# (torch, numpy, the codecs) are not counted, as in the challenge.
+# artifact: exactly the loopgolf modules that loading an artifact and running the model
+# imports (tests/test_artifact.py checks this against the real import graph in a fresh
+# interpreter): the config dataclasses it is rebuilt from, the model, the dequantizer,
+# this loader, the error base class, and the package __init__ files Python executes to
+# import them. Training (train.py, qat.py), the data pipeline and bits-per-byte scorer
+# (data.py, evaluate.py), the orchestrator and the search spaces are not needed to run
+# the model; the scorer is the challenge's fixed definition, the same for every entry.
+# Third-party libraries (torch, numpy, the codecs) are not counted, as in the challenge.
 CODE_FILES: tuple[str, ...] = (
     "loopgolf/__init__.py",
     "loopgolf/errors.py",
     "loopgolf/trial/__init__.py",
     "loopgolf/trial/config.py",
     "loopgolf/trial/model.py",
-    "loopgolf/trial/compress.py",
+    "loopgolf/trial/quantize.py",
+    "loopgolf/trial/artifact.py",
 )
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
