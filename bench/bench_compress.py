@@ -1,8 +1,8 @@
 """Artifact compression: bytes per parameter for bits x codec, save/load times, and the
-calibration of search_spaces/budget.py's byte prediction.
+calibration of trial/estimate.py's byte prediction.
 
     python bench/bench_compress.py               # the benchmark (a few minutes on 2 CPU cores)
-    python bench/bench_compress.py --calibrate   # re-measure budget.py's tables and check them
+    python bench/bench_compress.py --calibrate   # re-measure estimate.py's tables and check them
     python bench/bench_compress.py --packing     # int8 vs bit-packed levels; byte-shuffle
 
 Models are trained briefly on real text (tinyshakespeare, the challenge's 1024-piece
@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loopgolf.search_spaces import budget  # noqa: E402
 from loopgolf.trial import artifact as A  # noqa: E402
+from loopgolf.trial import estimate  # noqa: E402
 from loopgolf.trial import quantize as Q  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
 from loopgolf.trial.model import RecurrentLM  # noqa: E402
@@ -128,7 +128,7 @@ def section_bytes(state: Q.QuantizedState, codec: str) -> dict[str, float]:
             )
             groups["scales"].append(t.scales.numpy().astype("<f2").tobytes())
         elif t.plan.enc == "half":
-            groups[budget.fp16_kind(t.name)].append(t.data.numpy().astype("<f2").tobytes())
+            groups[estimate.fp16_kind(t.name)].append(t.data.numpy().astype("<f2").tobytes())
     out = {}
     for key, chunks in groups.items():
         raw = b"".join(chunks)
@@ -145,8 +145,8 @@ def predicted_entropy_bytes(state: Q.QuantizedState, group: str) -> float:
     total = 0.0
     for t in state.tensors:
         if t.alias_of is None and t.plan.enc == "int" and t.plan.group == group:
-            r = budget.clip_ratio(t.shape[-1] if t.shape else 1, t.plan.clip_sigma)
-            total += math.prod(t.shape) * budget.level_entropy(t.plan.bits, r) / 8
+            r = estimate.clip_ratio(t.shape[-1] if t.shape else 1, t.plan.clip_sigma)
+            total += math.prod(t.shape) * estimate.level_entropy(t.plan.bits, r) / 8
     return total
 
 
@@ -168,7 +168,7 @@ def gaussian_like(model: RecurrentLM, seed: int = 1) -> RecurrentLM:
     clone = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in clone.named_parameters():
-            if budget.fp16_kind(name) == "matrix":
+            if estimate.fp16_kind(name) == "matrix":
                 p.copy_(torch.randn_like(p) * p.std())
     return clone
 
@@ -218,7 +218,7 @@ def calibrate(steps: int) -> None:
             for kind in ("matrix", "control"):
                 values = sum(
                     math.prod(t.shape) for t in state.tensors
-                    if t.alias_of is None and t.plan.enc == "half" and budget.fp16_kind(t.name) == kind
+                    if t.alias_of is None and t.plan.enc == "half" and estimate.fp16_kind(t.name) == kind
                 )
                 fp16_acc[codec][kind][0] += sb[kind]
                 fp16_acc[codec][kind][1] += values
@@ -238,14 +238,14 @@ def calibrate(steps: int) -> None:
         },
         "HEADER_BYTES": {c: tuple(round(x, 2) for x in _fit_line(*header_pts[c])) for c in CODECS},
     }
-    print("\n# paste into loopgolf/search_spaces/budget.py")
+    print("\n# paste into loopgolf/trial/estimate.py")
     print(format_tables(tables))
     for name, value in tables.items():
-        setattr(budget, name, value)  # so --check in the same run checks the fresh tables
+        setattr(estimate, name, value)  # so --check in the same run checks the fresh tables
 
 
 def format_tables(tables: dict[str, dict]) -> str:
-    """The tables as budget.py's Python literals, within 120 columns."""
+    """The tables as estimate.py's Python literals, within 120 columns."""
     lines = ["CODEC_RATIO: dict[str, dict[int, tuple[tuple[float, float], ...]]] = {"]
     for codec, per_bits in tables["CODEC_RATIO"].items():
         lines.append(f'    "{codec}": {{')
@@ -286,7 +286,7 @@ def check_prediction(steps: int) -> dict[str, list[float]]:
                     for extra in settings:
                         config = TrialConfig.from_flat({**flat, "seq_len": 128, "codec": codec, "bits": bits, **extra})
                         actual = len(A.encode_artifact(Q.quantize_model(m, config.compress), config))
-                        err = budget.estimate_bytes(config, code=0).model_bytes / actual - 1
+                        err = estimate.estimate_bytes(config, code=0).model_bytes / actual - 1
                         if variant == "trained":
                             errors[codec].append(err)
                         worst = max(worst, (err, f"{codec} int{bits} {extra}"), key=lambda e: abs(e[0]))
@@ -391,7 +391,7 @@ def bench() -> None:
                 d_ce = _ce(loaded, windows) - ce_fp32
                 bpp = info.model_bytes / params
                 projected = (bpp * BASELINE_PARAMS + code) / BASELINE_BYTES
-                err = budget.estimate_bytes(config, code=0).model_bytes / info.model_bytes - 1
+                err = estimate.estimate_bytes(config, code=0).model_bytes / info.model_bytes - 1
                 print(f"{bits:>4} {clip:>6.2f} {codec:>7} {bpp:>8.4f} {bpp / baseline_model:>8.3f} {projected:>9.3f} "
                       f"{err:>+8.2%} {info.save_seconds:>7.2f} {load:>7.2f} {d_ce:>+7.4f}")
     # Per-row scales make the int levels independent of each row's std, and trained rows are
@@ -401,7 +401,7 @@ def bench() -> None:
     big = RecurrentLM(full.model)
     with torch.no_grad():
         for name, p in big.named_parameters():
-            if budget.fp16_kind(name) == "matrix":
+            if estimate.fp16_kind(name) == "matrix":
                 p.normal_(0.0, 0.05)
     for bits in (8, 6):
         for codec in CODECS:
@@ -420,7 +420,7 @@ def bench() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calibrate", action="store_true", help="re-measure budget.py's tables, then check them")
+    parser.add_argument("--calibrate", action="store_true", help="re-measure estimate.py's tables, then check them")
     parser.add_argument("--check", action="store_true", help="predicted vs actual bytes on the calibration models")
     parser.add_argument("--packing", action="store_true", help="int8 vs bit-packed levels; byte-shuffle; layout")
     parser.add_argument("--steps", type=int, default=150, help="training steps of the calibration models")

@@ -170,8 +170,8 @@ def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(shakespeare_da
 def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
     shakespeare_data: Path, tmp_path: Path
 ) -> None:
-    from loopgolf.search_spaces.budget import predict_artifact_bytes
     from loopgolf.trial.config import preset
+    from loopgolf.trial.estimate import predict_artifact_bytes
 
     small = preset("tiny").replace(d_model=32, n_heads=1, n_kv_heads=1, n_blocks=1, bits=8, codec="zlib")
     cap = predict_artifact_bytes(small) + 2_000  # only the smallest shapes fit

@@ -1,1 +1,1 @@
-"""What Optuna may propose (spaces.py), and what fits the byte budget (budget.py)."""
+"""What Optuna may propose (spaces.py), and the widest model that fits the byte budget (budget.py)."""

@@ -163,7 +163,8 @@ def smallest_predicted_bytes(space: Space, base: TrialConfig, equal_bytes: bool)
     setting each dimension in turn to the value that minimizes the prediction, twice
     over, finds the minimum without enumerating the product of all dimensions.
     """
-    from loopgolf.search_spaces.budget import predict_artifact_bytes, width_grid
+    from loopgolf.search_spaces.budget import width_grid
+    from loopgolf.trial.estimate import predict_artifact_bytes
 
     def candidates(name: str, dim: Dimension) -> list[Scalar]:
         if equal_bytes and name == "d_model":
@@ -224,7 +225,7 @@ class ConfigSampler:
     byte_budget: int
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from loopgolf.search_spaces.budget import predict_artifact_bytes
+        from loopgolf.trial.estimate import predict_artifact_bytes
 
         values = {name: suggest(trial, name, dim) for name, dim in self.space.items()}
         seed = self.base.train.seed + int(trial.user_attrs.get("seed_index", 0))

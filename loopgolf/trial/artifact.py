@@ -97,7 +97,7 @@ class ArtifactError(LoopgolfError):
 #   +3.7% (a JSON header ahead of the levels spoils its first block: up to +8% on small
 #   models) and the others under +0.1%; interleaving levels and scales per tensor costs
 #   +0.9-2.5%. Separate frames also make each part's bytes predictable on its own
-#   (search_spaces/budget.py).
+#   (estimate.py).
 
 _EXACT_DTYPES: dict[str, tuple[str, torch.dtype]] = {
     "float32": ("<f4", torch.float32), "float64": ("<f8", torch.float64), "float16": ("<f2", torch.float16),

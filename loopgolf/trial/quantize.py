@@ -121,7 +121,7 @@ def plan_tensor(
 
     `is_float_param`: a floating-point parameter (not a buffer, not an integer tensor).
     `aliases` are other names of the same tensor (a tied head): protecting any name
-    protects the tensor. budget.py applies the same rule to its analytic inventory.
+    protects the tensor. estimate.py applies the same rule to its analytic inventory.
     """
     if not is_float_param:
         return Plan("exact", "exact")

@@ -2,7 +2,7 @@
 
     run_trial(config, data_dir, out_dir, reporter, resume_state, parallel) -> metrics
 
-1. Reject early: budget.py predicts the artifact's bytes; a config predicted over the
+1. Reject early: estimate.py predicts the artifact's bytes; a config predicted over the
    cap is not trained (status "rejected") unless `allow_over_cap`.
 2. Train for `train_seconds` of training time, to within half a step, or for `max_steps`
    steps when that comes first. The clock runs only during optimizer steps: start-up,
@@ -199,8 +199,8 @@ def run_trial(
 
     `parallel`: this process is one rank of a data-parallel trial (module docstring).
     """
-    from loopgolf.search_spaces.budget import predict_artifact_bytes
     from loopgolf.trial.artifact import load_artifact, save_artifact
+    from loopgolf.trial.estimate import predict_artifact_bytes
     from loopgolf.trial.model import RecurrentLM
     from loopgolf.trial.qat import install_qat, remove_qat
 
