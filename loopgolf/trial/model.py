@@ -135,6 +135,7 @@ class Selection:
     slots: Tensor  # (n,) its rank among its row's selected tokens
     slot_pos: Tensor  # (B, n_max) position held by each slot
     chunks: list[tuple[int, int, int]]  # (first slot, end slot, keys read) per attention call
+    n_keys: int  # keys the K/V table must hold: one past the last selected position of any row
     _masks: dict[torch.dtype, list[Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -147,7 +148,9 @@ class Selection:
         by_chunk = F.pad(slot_pos, (0, n_chunks * QUERY_CHUNK - n_max)).view(mask.size(0), n_chunks, QUERY_CHUNK)
         n_keys = (by_chunk.amax(dim=(0, 2)) + 1).tolist()  # one host sync per forward, not per block
         chunks = [(i * QUERY_CHUNK, min((i + 1) * QUERY_CHUNK, n_max), k) for i, k in enumerate(n_keys)]
-        return cls(rows, pos, slots, slot_pos, chunks)
+        # Key counts are not monotone over chunks: a row with few, late selections puts its
+        # last position in an early chunk. The table is sized by the largest.
+        return cls(rows, pos, slots, slot_pos, chunks, max(n_keys, default=0))
 
     @property
     def n(self) -> int:
@@ -180,7 +183,7 @@ class SelectedAttend:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         s = self.sel
-        n_keys = s.chunks[-1][2] if s.chunks else 0
+        n_keys = s.n_keys
         keys = self.k_cache[:, :n_keys].index_put((s.rows, s.pos), k).transpose(1, 2)  # (B, kv_heads, keys, hd)
         values = self.v_cache[:, :n_keys].index_put((s.rows, s.pos), v).transpose(1, 2)
         q_pad = q.new_zeros(s.slot_pos.size(0), s.slot_pos.size(1), *q.shape[1:]).index_put((s.rows, s.slots), q)
@@ -560,7 +563,13 @@ class RecurrentLM(nn.Module):
 
     # ---- forward
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, return_token_ce: bool = False) -> ModelOutput:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, *, return_token_ce: bool = False,
+        refine_mask: Tensor | None = None,
+    ) -> ModelOutput:
+        """`refine_mask` (B, T) bool, when given, replaces the router: exactly those tokens are
+        refined (no threshold, no cap, no calibration). For tests and analyses that need a
+        chosen selection; routing stays causal only if the mask is."""
         c = self.config
         if idx.ndim != 2:
             raise ValueError(f"RecurrentLM: idx must be (batch, seq), got shape {tuple(idx.shape)}")
@@ -573,9 +582,14 @@ class RecurrentLM(nn.Module):
         logits, score, refined, fraction = base.logits, None, None, 0.0
         if c.refine_passes:
             score = self._router_score(base)
-            refined = causal_cap(score > self.threshold(), c.refine_cap)
-            if self.training and not self.threshold_frozen and c.signal not in ("uniform", "random"):
-                self._calibrate(score)
+            if refine_mask is not None:
+                if refine_mask.shape != idx.shape or refine_mask.dtype != torch.bool:
+                    raise ValueError(f"RecurrentLM: refine_mask must be bool of shape {tuple(idx.shape)}")
+                refined = refine_mask
+            else:
+                refined = causal_cap(score > self.threshold(), c.refine_cap)
+                if self.training and not self.threshold_frozen and c.signal not in ("uniform", "random"):
+                    self._calibrate(score)
             sel = Selection.from_mask(refined)
             if sel.n:
                 logits = base.logits.index_put((sel.rows, sel.pos), self._logits(self._refine(base, x0, cos, sin, sel)))
