@@ -69,7 +69,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
 
 
 def _cmd_artifact_eval(args: argparse.Namespace) -> int:
-    from loopgolf.trial.train import evaluate_artifact
+    from loopgolf.trial.evaluate import evaluate_artifact
 
     metrics = evaluate_artifact(args.artifact, args.data, eval_tokens=args.eval_tokens, device=args.device)
     print(f"val_bpb {metrics['val_bpb']:.6f} over {metrics['eval_tokens']:,} tokens ({metrics['eval_bytes']:,} bytes)")

@@ -12,12 +12,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from loopgolf.trial.data import ByteTable, token_bytes, val_windows
+from loopgolf.trial.artifact import load_artifact_with_config
+from loopgolf.trial.config import TrialConfig
+from loopgolf.trial.data import ByteTable, DataError, byte_table, load_tokenizer, token_bytes, val_tokens, val_windows
+from loopgolf.trial.prepare import read_manifest, tokenizer_path
 
 N_SCORE_BINS = 10
 MAX_STAT_TOKENS = 1 << 20  # per-token router statistics use at most the first 1M scored tokens
@@ -35,6 +41,38 @@ class EvalResult:
     refine_fraction: float
     decile_ce_delta: tuple[float, ...] | None  # mean (final CE - base CE) per router-score decile
     decile_refined_frac: tuple[float, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ValData:
+    """The val split of a prepared data directory, as the scorer reads it."""
+
+    table: ByteTable
+    val: np.ndarray  # the first eval_tokens of the val split
+    quick_val: np.ndarray  # the head of it that progress reports score (at least one window)
+
+
+def read_val_data(data_dir: Path, config: TrialConfig) -> ValData:
+    manifest = read_manifest(data_dir)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab > config.model.vocab_size:
+        raise DataError(
+            f"data dir {str(data_dir)!r} uses a {vocab}-piece tokenizer but vocab_size={config.model.vocab_size}"
+        )
+    table = byte_table(load_tokenizer(tokenizer_path(data_dir)), config.model.vocab_size)
+    val = val_tokens(data_dir, config.train.eval_tokens)
+    quick_val = val[: config.train.quick_eval_tokens + 1]
+    if len(quick_val) <= config.model.seq_len:
+        quick_val = val[: config.model.seq_len + 1]
+    return ValData(table, val, quick_val)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise DataError("device='cuda' but CUDA is not available on this machine")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -110,3 +148,30 @@ def evaluate(
         decile_ce_delta=deciles[0],
         decile_refined_frac=deciles[1],
     )
+
+
+def eval_metrics(result: EvalResult, suffix: str = "") -> dict[str, Any]:
+    """An evaluation as metrics (names suffixed with `suffix`)."""
+    return {
+        f"val_loss{suffix}": result.val_loss,
+        f"val_bpb{suffix}": result.val_bpb,
+        f"eval_seconds{suffix}": result.seconds,
+        f"eval_passes_per_token{suffix}": result.passes_per_token,
+        f"eval_flops_per_token{suffix}": result.flops_per_token,
+        f"refine_fraction{suffix}": result.refine_fraction,
+    }
+
+
+def evaluate_artifact(
+    artifact: str | os.PathLike[str], data_dir: str | os.PathLike[str], eval_tokens: int | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """val_bpb from the artifact file alone (its config travels inside it)."""
+    model, config = load_artifact_with_config(artifact)
+    if eval_tokens is not None:
+        config = config.replace(eval_tokens=eval_tokens)
+    data = read_val_data(Path(data_dir), config)
+    torch_device = resolve_device(device)
+    result = evaluate(model.to(torch_device), data.val, data.table, batch_size=config.train.batch_size,
+                      device=torch_device)
+    return eval_metrics(result) | {"eval_tokens": result.tokens, "eval_bytes": result.bytes, "artifact": str(artifact)}

@@ -33,6 +33,7 @@ return the training part (status, steps, tokens, loss).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -45,11 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopgolf.trial.artifact import load_artifact, save_artifact
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.data import ByteTable, DataError, TrainBatches, byte_table, load_tokenizer, val_tokens
+from loopgolf.trial.data import TrainBatches
 from loopgolf.trial.distributed import DataParallel, check_divisible
-from loopgolf.trial.evaluate import EvalResult, autocast_for, evaluate
-from loopgolf.trial.prepare import read_manifest, tokenizer_path
+from loopgolf.trial.estimate import predict_artifact_bytes
+from loopgolf.trial.evaluate import ValData, autocast_for, eval_metrics, evaluate, read_val_data, resolve_device
+from loopgolf.trial.model import RecurrentLM
+from loopgolf.trial.qat import install_qat, remove_qat
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 ARTIFACT_NAME = "model.lgart"
@@ -57,14 +61,6 @@ METRICS_NAME = "metrics.json"
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise DataError("device='cuda' but CUDA is not available on this machine")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def budget_spent(step: int, elapsed: float, config: TrialConfig) -> float:
@@ -129,17 +125,6 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def eval_metrics(result: EvalResult, suffix: str = "") -> dict[str, Any]:
-    return {
-        f"val_loss{suffix}": result.val_loss,
-        f"val_bpb{suffix}": result.val_bpb,
-        f"eval_seconds{suffix}": result.seconds,
-        f"eval_passes_per_token{suffix}": result.passes_per_token,
-        f"eval_flops_per_token{suffix}": result.flops_per_token,
-        f"refine_fraction{suffix}": result.refine_fraction,
-    }
-
-
 def _prime_compiled(
     forward: Callable[..., Any],
     model: torch.nn.Module,
@@ -165,26 +150,237 @@ def _prime_compiled(
         opt.load_state_dict(state)
 
 
-class _Data:
-    """The trial's view of a prepared data directory."""
-
-    def __init__(self, data_dir: Path, config: TrialConfig, train: bool = True) -> None:
-        manifest = read_manifest(data_dir)
-        vocab = int(manifest["tokenizer"]["vocab_size"])
-        if vocab > config.model.vocab_size:
-            raise DataError(
-                f"data dir {str(data_dir)!r} uses a {vocab}-piece tokenizer but vocab_size={config.model.vocab_size}"
-            )
-        self.table: ByteTable = byte_table(load_tokenizer(tokenizer_path(data_dir)), config.model.vocab_size)
-        if train:
-            self.train = TrainBatches(data_dir, config.train.batch_size, config.model.seq_len, config.train.seed)
-        self.val = val_tokens(data_dir, config.train.eval_tokens)
-        self.quick_val = self.val[: config.train.quick_eval_tokens + 1]
-        if len(self.quick_val) <= config.model.seq_len:
-            self.quick_val = self.val[: config.model.seq_len + 1]
-
-
 # ---------------------------------------------------------------------------- the trial
+
+
+@dataclasses.dataclass
+class _Run:
+    """One trial in progress: what its phases share, and the training state they advance."""
+
+    config: TrialConfig
+    out: Path
+    parallel: DataParallel | None
+    val: ValData
+    batches: TrainBatches
+    device: torch.device
+    model: RecurrentLM
+    optimizers: list[torch.optim.Optimizer]
+    wall_start: float
+    forward: Callable[..., Any] = dataclasses.field(init=False)  # the model, or its compiled graph
+    params: list[torch.nn.Parameter] = dataclasses.field(init=False)
+    buffers: list[torch.Tensor] = dataclasses.field(init=False)
+    step: int = 0
+    elapsed: float = 0.0  # training clock: optimizer steps only
+    train_tokens: int = 0
+    loss: float = math.nan
+    refine_fraction: float = 0.0
+    failure: str | None = None
+    startup_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.forward = self.model
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.buffers = list(self.model.buffers())
+
+    @property
+    def world(self) -> int:
+        return self.parallel.world_size if self.parallel else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
+    def batch(self, at: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's part of global batch `at`."""
+        full = self.batches.batch(at)
+        return self.parallel.shard(full) if self.parallel is not None else full
+
+    def training_state(self) -> dict[str, Any]:
+        """What `resume` needs to continue exactly where this run is."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "train_tokens": self.train_tokens,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def resume(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        self.step, self.elapsed, self.train_tokens = state["step"], state["elapsed"], state["train_tokens"]
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _reject_over_cap(config: TrialConfig, base: dict[str, Any]) -> dict[str, Any] | None:
+    """The metrics of a trial not trained because its predicted bytes exceed the cap, or None."""
+    cap, predicted = config.compress.max_artifact_bytes, base["predicted_artifact_bytes"]
+    if predicted <= cap or config.compress.allow_over_cap:
+        return None
+    return base | {
+        "status": "rejected",
+        "feasible": False,
+        "byte_violation": predicted - cap,
+        "error": f"predicted {predicted:,} bytes > cap {cap:,} (not trained)",
+    }
+
+
+def _set_up(
+    config: TrialConfig, data_dir: Path, out: Path, parallel: DataParallel | None,
+    resume_state: dict[str, Any] | None, wall_start: float,
+) -> _Run:
+    """Data, device, model (with QAT), optimizers, resumed state; compiled and primed; ranks in step."""
+    val = read_val_data(data_dir, config)
+    batches = TrainBatches(data_dir, config.train.batch_size, config.model.seq_len, config.train.seed)
+    device = parallel.device if parallel is not None and parallel.device is not None else None
+    device = device or resolve_device(config.train.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    torch.manual_seed(config.train.seed)
+    model = RecurrentLM(config.model).to(device)
+    if config.compress.qat != "none":
+        install_qat(model, config.compress)
+    run = _Run(config, out, parallel, val, batches, device, model, build_optimizers(model, config), wall_start)
+    if resume_state is not None:
+        run.resume(resume_state)
+    if parallel is not None:
+        parallel.broadcast_module(model)
+    if config.train.compile:
+        run.forward = torch.compile(model)
+        _prime_compiled(run.forward, model, run.optimizers, run.batch(0), device, config)
+    if parallel is not None:  # start the clocks together
+        parallel.barrier(device)
+    run.startup_seconds = time.perf_counter() - wall_start
+    return run
+
+
+def _step(run: _Run, scale: float) -> float:
+    """One optimizer step at LR multiplier `scale`; returns its (agreed) time on the clock."""
+    config, model, device = run.config, run.model, run.device
+    model.set_looping(budget_spent(run.step, run.elapsed, config) >= config.model.loop_start)
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+    x_np, y_np = run.batch(run.step)
+    tick = time.perf_counter()
+    x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
+    with autocast_for(device):
+        out = run.forward(x, y)
+        objective = out.loss + config.model.aux_loss * out.base_loss
+    objective.backward()
+    if run.parallel is not None:
+        run.parallel.average_gradients(run.params)
+    if config.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+    for opt in run.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss = out.loss.detach().item()  # synchronizes, so the clock below is honest on CUDA
+    took = time.perf_counter() - tick
+    refine_fraction = out.stats.refined_fraction
+    if run.parallel is not None:  # one clock, one loss, one router threshold on every rank
+        agreed = run.parallel.agree_step(loss, took, run.buffers, device, means=(refine_fraction,))
+        loss, took, (refine_fraction,) = agreed.loss, agreed.seconds, agreed.means
+    run.loss, run.refine_fraction = loss, refine_fraction
+    run.elapsed += took
+    run.step += 1
+    run.train_tokens += x.numel() * run.world
+    return took
+
+
+def _report(run: _Run, reporter: Reporter, scale: float, checkpoint: bool) -> None:
+    """Progress (rank 0 adds a quick val_bpb) and, when `checkpoint`, rank 0's resumable state."""
+    progress = {
+        "step": run.step,
+        "elapsed_seconds": run.elapsed,
+        "train_loss": run.loss,
+        "train_tokens": run.train_tokens,
+        "refine_fraction": run.refine_fraction,
+        "lr_scale": scale,
+    }
+    if run.is_main:
+        quick = evaluate(run.model, run.val.quick_val, run.val.table, batch_size=run.config.train.batch_size,
+                         device=run.device)
+        progress["quick_val_bpb"] = quick.val_bpb
+    reporter(progress, run.training_state() if checkpoint and run.is_main else None)
+    if run.parallel is not None:  # rank 0's quick eval and checkpoint stay off every rank's clock
+        run.parallel.barrier(run.device)
+
+
+def _train(run: _Run, reporter: Reporter | None) -> None:
+    """Step until the budget is spent or the loss is non-finite; report and checkpoint on the clock."""
+    train = run.config.train
+    next_report = (math.floor(run.elapsed / train.report_every_seconds) + 1) * train.report_every_seconds
+    next_checkpoint = (math.floor(run.elapsed / train.checkpoint_every_seconds) + 1) * train.checkpoint_every_seconds
+    run.model.train()
+    step_seconds = 0.0  # running mean of one step's time
+    # Stop where the budget is nearest: before a step that would end more than half a step late.
+    while run.elapsed + 0.5 * step_seconds < train.train_seconds and not (
+        train.max_steps and run.step >= train.max_steps
+    ):
+        scale = lr_scale(run.step, run.elapsed, run.config)
+        took = _step(run, scale)
+        step_seconds = took if step_seconds == 0.0 else 0.9 * step_seconds + 0.1 * took
+        if not math.isfinite(run.loss):
+            run.failure = f"non-finite training loss ({run.loss}) at step {run.step}"
+            return
+        checkpoint_due = run.elapsed >= next_checkpoint
+        if reporter is not None and (run.elapsed >= next_report or checkpoint_due):
+            while next_report <= run.elapsed:
+                next_report += train.report_every_seconds
+            while checkpoint_due and next_checkpoint <= run.elapsed:
+                next_checkpoint += train.checkpoint_every_seconds
+            _report(run, reporter, scale, checkpoint_due)
+
+
+def _training_metrics(run: _Run) -> dict[str, Any]:
+    return {
+        "status": "complete",
+        "device": str(run.device),
+        "params": run.model.unique_params(),
+        "effective_params": run.model.effective_params(),
+        "train_seconds": run.elapsed,
+        "train_steps": run.step,
+        "train_tokens": run.train_tokens,
+        "train_loss": run.loss,
+        "startup_seconds": run.startup_seconds,
+        "tokens_per_second": run.train_tokens / run.elapsed if run.elapsed > 0 else 0.0,
+    }
+
+
+def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: evaluate in memory, write the artifact, reload it from disk, evaluate that."""
+    config, val, device = run.config, run.val, run.device
+    batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
+    if config.compress.qat != "none":
+        remove_qat(run.model)
+    prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
+    tick = time.perf_counter()
+    info = save_artifact(run.model, config, path)
+    compress_seconds = time.perf_counter() - tick
+    final = evaluate(load_artifact(path).to(device), val.val, val.table, batch_size=batch_size, device=device)
+    eval_cap = config.train.max_eval_seconds
+    metrics = metrics | eval_metrics(final) | {
+        "val_bpb_prequant": prequant.val_bpb,
+        "val_loss_prequant": prequant.val_loss,
+        "eval_tokens": final.tokens,
+        "eval_bytes": final.bytes,
+        "artifact_path": str(path),
+        "artifact_bytes": info.artifact_bytes,
+        "model_bytes": info.model_bytes,
+        "code_bytes": info.code_bytes,
+        "compress_seconds": compress_seconds,
+        "byte_violation": info.artifact_bytes - config.compress.max_artifact_bytes,
+        "eval_violation": final.seconds - eval_cap if eval_cap else 0.0,
+        "decile_ce_delta": final.decile_ce_delta,
+        "decile_refined_frac": final.decile_refined_frac,
+    }
+    metrics["feasible"] = metrics["byte_violation"] <= 0 and metrics["eval_violation"] <= 0
+    metrics["wall_seconds"] = time.perf_counter() - run.wall_start
+    _atomic_write_json(run.out / METRICS_NAME, metrics)
+    return metrics
 
 
 def run_trial(
@@ -199,11 +395,6 @@ def run_trial(
 
     `parallel`: this process is one rank of a data-parallel trial (module docstring).
     """
-    from loopgolf.trial.artifact import load_artifact, save_artifact
-    from loopgolf.trial.estimate import predict_artifact_bytes
-    from loopgolf.trial.model import RecurrentLM
-    from loopgolf.trial.qat import install_qat, remove_qat
-
     if parallel is not None and parallel.world_size == 1:
         parallel = None
     world = parallel.world_size if parallel else 1
@@ -213,197 +404,26 @@ def run_trial(
     out = Path(out_dir)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    cap = config.compress.max_artifact_bytes
     base: dict[str, Any] = {
         "host": socket.gethostname(),
-        "max_artifact_bytes": cap,
+        "max_artifact_bytes": config.compress.max_artifact_bytes,
         "predicted_artifact_bytes": predict_artifact_bytes(config),
         "world_size": world,
     }
-    if base["predicted_artifact_bytes"] > cap and not config.compress.allow_over_cap:
-        metrics = base | {
-            "status": "rejected",
-            "feasible": False,
-            "byte_violation": base["predicted_artifact_bytes"] - cap,
-            "error": f"predicted {base['predicted_artifact_bytes']:,} bytes > cap {cap:,} (not trained)",
-        }
+    rejected = _reject_over_cap(config, base)
+    if rejected is not None:
         if is_main:
-            _atomic_write_json(out / METRICS_NAME, metrics)
-        return metrics
+            _atomic_write_json(out / METRICS_NAME, rejected)
+        return rejected
 
-    data = _Data(Path(data_dir), config)
-    device = parallel.device if parallel is not None and parallel.device is not None else None
-    device = device or resolve_device(config.train.device)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    torch.manual_seed(config.train.seed)
-    model = RecurrentLM(config.model).to(device)
-    if config.compress.qat != "none":
-        install_qat(model, config.compress)
-    optimizers = build_optimizers(model, config)
-    step, elapsed, train_tokens = 0, 0.0, 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        for opt, opt_state in zip(optimizers, resume_state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        step, elapsed, train_tokens = resume_state["step"], resume_state["elapsed"], resume_state["train_tokens"]
-        torch.set_rng_state(resume_state["torch_rng"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers = list(model.buffers())
-    if parallel is not None:
-        parallel.broadcast_module(model)
-
-    def batch(at: int) -> tuple[np.ndarray, np.ndarray]:
-        full = data.train.batch(at)
-        return parallel.shard(full) if parallel is not None else full
-
-    forward = model
-    if config.train.compile:
-        forward = torch.compile(model)
-        _prime_compiled(forward, model, optimizers, batch(0), device, config)
-    if parallel is not None:  # start the clocks together
-        parallel.barrier(device)
-    startup_seconds = time.perf_counter() - wall_start
-
-    def training_state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers],
-            "step": step,
-            "elapsed": elapsed,
-            "train_tokens": train_tokens,
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    train = config.train
-    next_report = (math.floor(elapsed / train.report_every_seconds) + 1) * train.report_every_seconds
-    next_checkpoint = (math.floor(elapsed / train.checkpoint_every_seconds) + 1) * train.checkpoint_every_seconds
-    loss_value, refine_fraction, failure = math.nan, 0.0, None
-    model.train()
-    step_seconds = 0.0  # running mean of one step's time
-    # Stop where the budget is nearest: before a step that would end more than half a step late.
-    while elapsed + 0.5 * step_seconds < train.train_seconds and not (train.max_steps and step >= train.max_steps):
-        model.set_looping(budget_spent(step, elapsed, config) >= config.model.loop_start)
-        scale = lr_scale(step, elapsed, config)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * scale
-        x_np, y_np = batch(step)
-        tick = time.perf_counter()
-        x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
-        with autocast_for(device):
-            out_step = forward(x, y)
-            objective = out_step.loss + config.model.aux_loss * out_step.base_loss
-        objective.backward()
-        if parallel is not None:
-            parallel.average_gradients(params)
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss_value = out_step.loss.detach().item()  # synchronizes, so the clock below is honest on CUDA
-        took = time.perf_counter() - tick
-        refine_fraction = out_step.stats.refined_fraction
-        if parallel is not None:  # one clock, one loss, one router threshold on every rank
-            agreed = parallel.agree_step(loss_value, took, buffers, device, means=(refine_fraction,))
-            loss_value, took, (refine_fraction,) = agreed.loss, agreed.seconds, agreed.means
-        elapsed += took
-        step_seconds = took if step_seconds == 0.0 else 0.9 * step_seconds + 0.1 * took
-        step += 1
-        train_tokens += x.numel() * world
-        if not math.isfinite(loss_value):
-            failure = f"non-finite training loss ({loss_value}) at step {step}"
-            break
-        checkpoint_due = elapsed >= next_checkpoint
-        if reporter is not None and (elapsed >= next_report or checkpoint_due):
-            while next_report <= elapsed:
-                next_report += train.report_every_seconds
-            progress = {
-                "step": step,
-                "elapsed_seconds": elapsed,
-                "train_loss": loss_value,
-                "train_tokens": train_tokens,
-                "refine_fraction": refine_fraction,
-                "lr_scale": scale,
-            }
-            if is_main:
-                quick = evaluate(model, data.quick_val, data.table, batch_size=train.batch_size, device=device)
-                progress["quick_val_bpb"] = quick.val_bpb
-            state = None
-            if checkpoint_due:
-                while next_checkpoint <= elapsed:
-                    next_checkpoint += train.checkpoint_every_seconds
-                state = training_state() if is_main else None
-            reporter(progress, state)
-            if parallel is not None:  # rank 0's quick eval and checkpoint stay off every rank's clock
-                parallel.barrier(device)
-
-    metrics = base | {
-        "status": "complete",
-        "device": str(device),
-        "params": model.unique_params(),
-        "effective_params": model.effective_params(),
-        "train_seconds": elapsed,
-        "train_steps": step,
-        "train_tokens": train_tokens,
-        "train_loss": loss_value,
-        "startup_seconds": startup_seconds,
-        "tokens_per_second": train_tokens / elapsed if elapsed > 0 else 0.0,
-    }
+    run = _set_up(config, Path(data_dir), out, parallel, resume_state, wall_start)
+    _train(run, reporter)
+    metrics = base | _training_metrics(run)
     if parallel is not None:  # the last collective: after it, rank 0 goes on alone
-        metrics["replica_drift"] = parallel.replica_drift(model)
-    if failure is not None:
-        metrics |= {"status": "failed", "feasible": False, "error": failure}
+        metrics["replica_drift"] = parallel.replica_drift(run.model)
+    if run.failure is not None:
+        metrics |= {"status": "failed", "feasible": False, "error": run.failure}
         if is_main:
             _atomic_write_json(out / METRICS_NAME, metrics)
         return metrics
-    if not is_main:
-        return metrics
-
-    batch_size = train.batch_size
-    if config.compress.qat != "none":
-        remove_qat(model)
-    prequant = evaluate(model, data.val, data.table, batch_size=batch_size, device=device)
-    tick = time.perf_counter()
-    info = save_artifact(model, config, out / ARTIFACT_NAME)
-    compress_seconds = time.perf_counter() - tick
-    reloaded = load_artifact(out / ARTIFACT_NAME).to(device)
-    final = evaluate(reloaded, data.val, data.table, batch_size=batch_size, device=device)
-    eval_cap = train.max_eval_seconds
-    metrics |= eval_metrics(final) | {
-        "val_bpb_prequant": prequant.val_bpb,
-        "val_loss_prequant": prequant.val_loss,
-        "eval_tokens": final.tokens,
-        "eval_bytes": final.bytes,
-        "artifact_path": str(out / ARTIFACT_NAME),
-        "artifact_bytes": info.artifact_bytes,
-        "model_bytes": info.model_bytes,
-        "code_bytes": info.code_bytes,
-        "compress_seconds": compress_seconds,
-        "byte_violation": info.artifact_bytes - cap,
-        "eval_violation": final.seconds - eval_cap if eval_cap else 0.0,
-        "decile_ce_delta": final.decile_ce_delta,
-        "decile_refined_frac": final.decile_refined_frac,
-    }
-    metrics["feasible"] = metrics["byte_violation"] <= 0 and metrics["eval_violation"] <= 0
-    metrics["wall_seconds"] = time.perf_counter() - wall_start
-    _atomic_write_json(out / METRICS_NAME, metrics)
-    return metrics
-
-
-def evaluate_artifact(
-    artifact: str | os.PathLike[str], data_dir: str | os.PathLike[str], eval_tokens: int | None = None,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """val_bpb from the artifact file alone (its config travels inside it)."""
-    from loopgolf.trial.artifact import load_artifact_with_config
-
-    model, config = load_artifact_with_config(artifact)
-    if eval_tokens is not None:
-        config = config.replace(eval_tokens=eval_tokens)
-    data = _Data(Path(data_dir), config, train=False)
-    torch_device = resolve_device(device)
-    result = evaluate(model.to(torch_device), data.val, data.table, batch_size=config.train.batch_size,
-                      device=torch_device)
-    return eval_metrics(result) | {"eval_tokens": result.tokens, "eval_bytes": result.bytes, "artifact": str(artifact)}
+    return _finish(run, metrics) if is_main else metrics
