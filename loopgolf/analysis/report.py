@@ -19,7 +19,6 @@ import importlib.util
 import io
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from scipy import stats
 
 from loopgolf.analysis.pareto import pareto_front
 from loopgolf.analysis.results import STATUSES, feasible_complete, load_results, trials_files
+from loopgolf.atomic import atomic_write_bytes
 from loopgolf.errors import LoopgolfError
 
 METRIC = "val_bpb"  # the challenge's score: lower is better
@@ -500,24 +500,13 @@ def _verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
 # ------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(fig: object, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
     plt.close(fig)  # type: ignore[arg-type]
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path.name
 
 
@@ -624,7 +613,7 @@ def _plotly_fronts(rows: pd.DataFrame, path: Path) -> str | None:
         front = pareto_front(rows, objectives)  # type: ignore[arg-type]
         fig.add_trace(go.Scatter(x=rows[x], y=rows[METRIC], mode="markers", text=hover, name="trials"), row=1, col=col)
         fig.add_trace(go.Scatter(x=front[x], y=front[METRIC], mode="lines+markers", name="front"), row=1, col=col)
-    _atomic_write(path, fig.to_html(include_plotlyjs="cdn").encode())
+    atomic_write_bytes(path, fig.to_html(include_plotlyjs="cdn").encode())
     return path.name
 
 
@@ -783,5 +772,5 @@ def report(
             md += [f"Interactive version: [{html}]({html})", ""]
 
     path = out / "report.md"
-    _atomic_write(path, "\n".join(md).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import tempfile
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from loopgolf.atomic import atomic_write
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrainConfig
 
@@ -199,8 +199,8 @@ def write_table(data: pd.DataFrame | pa.Table, path: str | os.PathLike[str], sch
 
     With `schema`, columns are cast to its types, its missing columns are added as typed
     nulls and other columns are kept after it. The file is written beside `path` and moved
-    over it with `os.replace`, so a reader sees the old file or the new one, never half of
-    one (and a crash leaves at most a hidden `.tmp` file).
+    over it (loopgolf.atomic), so a reader sees the old file or the new one, never half of
+    one.
     """
     path = Path(path)
     if isinstance(data, pa.Table):
@@ -208,18 +208,7 @@ def write_table(data: pd.DataFrame | pa.Table, path: str | os.PathLike[str], sch
     else:
         table = _table_from_frame(data, schema)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:  # durable before it becomes visible under the real name
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: pq.write_table(table, fh))
 
 
 # ------------------------------------------------------------------------- reading

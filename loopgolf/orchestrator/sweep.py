@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 import loopgolf
+from loopgolf.atomic import atomic_write_text
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
 
@@ -173,9 +174,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
     if (sweep_dir / SPEC_FILE).exists():
         raise SweepError(f"sweep {str(sweep_dir)!r} already exists: continue it with `loopgolf resume {sweep_dir}`")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f".{SPEC_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, sweep_dir / SPEC_FILE)
+    atomic_write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
     _init_ray(address, spec)
     pieces = _build(spec, sweep_dir)
     tuner = tune.Tuner(pieces["trainable"], tune_config=pieces["tune_config"], run_config=pieces["run_config"])

@@ -476,13 +476,9 @@ def save_artifact(model: RecurrentLM, config: TrialConfig, path: str | os.PathLi
     except QuantizeError as exc:
         raise ArtifactError(str(exc)) from exc
     raw = encode_artifact(state, config)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from loopgolf.atomic import atomic_write_bytes  # saving only: loading needs no writer (CODE_FILES)
+
+    path = atomic_write_bytes(path, raw)
     model_bytes = os.path.getsize(path)
     code = code_bytes()
     counts = state.counts()

@@ -17,9 +17,11 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from loopgolf.atomic import atomic_write
 from loopgolf.errors import LoopgolfError
 
 SHARD_MAGIC = 20240520
@@ -56,12 +58,12 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray) -> None:
         raise ShardError(f"{path}: token ids must be in [0, 65535], got [{tokens.min()}, {tokens.max()}]")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
+
+    def write(fh: BinaryIO) -> None:
         fh.write(header.tobytes())
         fh.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 def read_shard(path: str | os.PathLike[str]) -> np.ndarray:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loopgolf.atomic import atomic_write_json
 from loopgolf.trial.artifact import load_artifact, save_artifact
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import TrainBatches
@@ -109,12 +109,6 @@ def build_optimizers(model: torch.nn.Module, config: TrialConfig) -> list[torch.
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
     return optimizers
-
-
-def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _json_default(value: object) -> object:
@@ -379,7 +373,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     }
     metrics["feasible"] = metrics["byte_violation"] <= 0 and metrics["eval_violation"] <= 0
     metrics["wall_seconds"] = time.perf_counter() - run.wall_start
-    _atomic_write_json(run.out / METRICS_NAME, metrics)
+    atomic_write_json(run.out / METRICS_NAME, metrics, default=_json_default)
     return metrics
 
 
@@ -413,7 +407,7 @@ def run_trial(
     rejected = _reject_over_cap(config, base)
     if rejected is not None:
         if is_main:
-            _atomic_write_json(out / METRICS_NAME, rejected)
+            atomic_write_json(out / METRICS_NAME, rejected, default=_json_default)
         return rejected
 
     run = _set_up(config, Path(data_dir), out, parallel, resume_state, wall_start)
@@ -424,6 +418,6 @@ def run_trial(
     if run.failure is not None:
         metrics |= {"status": "failed", "feasible": False, "error": run.failure}
         if is_main:
-            _atomic_write_json(out / METRICS_NAME, metrics)
+            atomic_write_json(out / METRICS_NAME, metrics, default=_json_default)
         return metrics
     return _finish(run, metrics) if is_main else metrics
