@@ -6,7 +6,7 @@ calibration of trial/estimate.py's byte prediction.
     python bench/bench_compress.py --packing     # int8 vs bit-packed levels; byte-shuffle
 
 Models are trained briefly on real text (tinyshakespeare, the challenge's 1024-piece
-tokenizer) with the trial's own optimizers (Muon for block matrices, AdamW for the rest),
+tokenizer, both read from the folder LOOPGOLF_CHALLENGE_DATA names) with the trial's own optimizers (Muon for block matrices, AdamW for the rest),
 because a trained model compresses differently from its initialization. Trained weights
 are cached under runs/bench_compress/ (a local cache of our own training output).
 
@@ -29,17 +29,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import challenge_data  # noqa: E402  (bench/common.py, the script's own directory)
+
 from loopgolf.trial import artifact as A  # noqa: E402
 from loopgolf.trial import estimate  # noqa: E402
 from loopgolf.trial import quantize as Q  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
 from loopgolf.trial.model import RecurrentLM  # noqa: E402
 
-CORPUS = Path("/work/shared/data/corpora/tinyshakespeare.txt")
-TOKENIZER = Path("/work/shared/data/tokenizers/fineweb_1024_bpe.model")
-if not CORPUS.exists():  # a clean clone with ../shared beside it
-    CORPUS = ROOT.parent / "shared/data/corpora/tinyshakespeare.txt"
-    TOKENIZER = ROOT.parent / "shared/data/tokenizers/fineweb_1024_bpe.model"
+DATA = challenge_data()  # the calibration is made on the challenge's text and tokenizer
+assert DATA is not None
+CORPUS = DATA / "corpora" / "tinyshakespeare.txt"
+TOKENIZER = DATA / "tokenizers" / "fineweb_1024_bpe.model"
 CACHE = ROOT / "runs" / "bench_compress"
 BASELINE_BYTES, BASELINE_PARAMS = 15_863_489, 17_059_912
 CODECS = ("zlib", "lzma", "zstd", "brotli")

@@ -1,8 +1,8 @@
 """Throughput of `loopgolf data prepare`: MB of text per second, per tokenizer.
 
 Run: .venv/bin/python bench/bench_prepare.py [--repeat N]
-The corpus is ../shared/data/corpora/tinyshakespeare.txt concatenated N times (the
-copies differ by a line so that documents are not all duplicates).
+The corpus is the challenge's tinyshakespeare.txt (from LOOPGOLF_CHALLENGE_DATA) concatenated
+N times (the copies differ by a line so that documents are not all duplicates).
 """
 
 from __future__ import annotations
@@ -12,23 +12,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from loopgolf.trial.prepare import PrepareConfig, prepare
+from common import challenge_data  # bench/common.py (the script's own directory)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from loopgolf.trial.prepare import PrepareConfig, prepare
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=8)
     args = parser.parse_args()
-    base = (SHARED / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    data = challenge_data()
+    assert data is not None
+    base = (data / "corpora" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         text = Path(tmp) / "corpus.txt"
         text.write_text("\n\n".join(f"Copy {i}.\n\n{base}" for i in range(args.repeat)), encoding="utf-8")
         megabytes = text.stat().st_size / 1e6
         for vocab in (1024, 4096, 8192):
             start = time.perf_counter()
-            tokenizer = SHARED / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+            tokenizer = data / "tokenizers" / f"fineweb_{vocab}_bpe.model"
             prepare(PrepareConfig(Path(tmp) / f"out{vocab}", (text,), tokenizer))
             seconds = time.perf_counter() - start
             print(f"sp{vocab}: {megabytes:.1f} MB in {seconds:.2f} s = {megabytes / seconds:.1f} MB/s")

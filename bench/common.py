@@ -1,14 +1,33 @@
-"""What the benchmarks share: the dense-matmul reference a model's FLOP/s is compared with."""
+"""What the benchmarks share: the data they run on, the dense-matmul reference a model's
+FLOP/s is compared with, and the tiny sweep spec.
+
+The challenge's tokenizers and text are read from the folder LOOPGOLF_CHALLENGE_DATA names
+(holding `tokenizers/` and `corpora/`); benchmarks that only need some real text fall back
+to the built-in corpus without it, and say so.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from loopgolf.trial.config import ModelConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHALLENGE_ENV = "LOOPGOLF_CHALLENGE_DATA"
+
+
+def challenge_data(required: bool = True) -> Path | None:
+    """The challenge's data folder; without it, exit with one line (or None when not required)."""
+    value = os.environ.get(CHALLENGE_ENV, "")
+    root = Path(value).expanduser().resolve() if value else None
+    if root is not None and all((root / name).is_dir() for name in ("tokenizers", "corpora")):
+        return root
+    if required:
+        sys.exit(f"bench: {CHALLENGE_ENV}={value!r}: expected a folder holding tokenizers/ and corpora/")
+    return None
 
 
 def training_matmul_shapes(config: ModelConfig, looping: bool = True) -> list[tuple[int, int]]:
@@ -33,11 +52,17 @@ def dense_matmuls(shapes: list[tuple[int, int]], tokens: int) -> tuple[object, f
 
 
 def prepare_shakespeare(out: Path) -> Path:
-    """tinyshakespeare as challenge shards with the challenge's 1024-piece tokenizer."""
+    """tinyshakespeare as challenge shards with the challenge's 1024-piece tokenizer; without the
+    challenge's data, the built-in corpus with a trained 1024-piece BPE."""
     from loopgolf.trial.prepare import PrepareConfig, prepare
 
-    prepare(PrepareConfig(out, (SHARED / "corpora" / "tinyshakespeare.txt",),
-                          SHARED / "tokenizers" / "fineweb_1024_bpe.model"))  # fmt: skip
+    root = challenge_data(required=False)
+    if root is None:
+        print(f"data: the built-in corpus with a trained 1024-piece BPE ({CHALLENGE_ENV} not set)", file=sys.stderr)
+        prepare(PrepareConfig(out, vocab_size=1024))
+    else:
+        prepare(PrepareConfig(out, (root / "corpora" / "tinyshakespeare.txt",),
+                              root / "tokenizers" / "fineweb_1024_bpe.model"))  # fmt: skip
     return out
 
 

@@ -206,10 +206,10 @@ def finished_study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
 @pytest.mark.slow
 def test_sweep_on_a_token_auth_cluster_runs_trials_on_both_nodes(
-    token_cluster: str, shakespeare_data: Path, tmp_path: Path
+    token_cluster: str, corpus_data: Path, tmp_path: Path
 ) -> None:
     storage = tmp_path / "sweeps"
-    spec = cluster_spec(tmp_path / "spec.yaml", shakespeare_data, storage, num_samples=2, train_seconds=3)
+    spec = cluster_spec(tmp_path / "spec.yaml", corpus_data, storage, num_samples=2, train_seconds=3)
     proc = subprocess.run(sweep_command(spec, token_cluster), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2/2 trials finished (2 complete)" in proc.stdout
@@ -233,7 +233,7 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slow
 def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
-    ray_tmpdir: Path, shakespeare_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_tmpdir: Path, corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Cluster starts its nodes without token auth; the driver must not use it either (with
     # ~/.ray/auth_token present it would: the trials' actors could not reach the driver).
@@ -241,7 +241,7 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     storage = tmp_path / "sweeps"
     sweep_dir = storage / "t"
-    spec = cluster_spec(tmp_path / "spec.yaml", shakespeare_data, storage, num_samples=2, train_seconds=BUDGET)
+    spec = cluster_spec(tmp_path / "spec.yaml", corpus_data, storage, num_samples=2, train_seconds=BUDGET)
     log = tmp_path / "driver.log"
     with local_cluster([1, 1]) as (cluster, (head, worker)), log.open("w") as out:
         driver = subprocess.Popen(

@@ -59,24 +59,25 @@ def losses_by_step(reports: list[dict[str, Any]]) -> dict[int, float]:
 
 
 # Relative tolerance per trial. AdamW sees the 1-process gradient up to float32 rounding
-# (the global mean is summed in another order). Muon orthogonalizes in bfloat16, which
+# (the global mean is summed in another order); its division by sqrt(v) amplifies that
+# rounding on small gradients: 3.3e-6 of the loss by step 8 on the built-in corpus. Muon orthogonalizes in bfloat16, which
 # turns those 1e-7 differences into bf16 rounding flips: ~1e-5 after a few steps. With
 # refinement, each rank calibrates the router threshold on its slice and the ranks
 # average it, which is close to, not exactly, the global batch's quantile.
 TRAJECTORIES = {
-    "adamw": ({"optimizer": "adamw"}, 1e-6),
+    "adamw": ({"optimizer": "adamw"}, 1e-5),
     "muon_refine": ({"refine_passes": 1, "signal": "entropy"}, 1e-4),
 }
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(corpus_data: Path, tmp_path: Path) -> None:
     runs = {name: fixed_steps(**values) for name, (values, _) in TRAJECTORIES.items()}
-    ranked = run_ranks(2, runs, shakespeare_data, tmp_path / "two")
+    ranked = run_ranks(2, runs, corpus_data, tmp_path / "two")
     for name, config in runs.items():
         tolerance = TRAJECTORIES[name][1]
         seen: list[dict[str, Any]] = []
-        single = run_trial(config, shakespeare_data, tmp_path / name, reporter=lambda p, s, seen=seen: seen.append(p))
+        single = run_trial(config, corpus_data, tmp_path / name, reporter=lambda p, s, seen=seen: seen.append(p))
         rank0, rank1 = ranked[name]
         assert single["train_steps"] == rank0["metrics"]["train_steps"] == rank1["metrics"]["train_steps"] == 8
         assert single["train_tokens"] == rank0["metrics"]["train_tokens"] == 8 * 8 * 128
@@ -97,9 +98,9 @@ def test_two_gloo_ranks_follow_the_one_process_loss_trajectory(shakespeare_data:
         assert saved["val_bpb"] == rank0["metrics"]["val_bpb"] and math.isfinite(saved["val_bpb"])
 
 
-def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(corpus_data: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        run_trial(fixed_steps(batch_size=6), shakespeare_data, tmp_path / "x", parallel=DataParallel(0, 4))
+        run_trial(fixed_steps(batch_size=6), corpus_data, tmp_path / "x", parallel=DataParallel(0, 4))
     assert str(info.value) == (
         "TrainConfig.batch_size=6: expected a multiple of the 4 data-parallel workers "
         "(each worker trains on an equal slice of the global batch)"
@@ -107,7 +108,7 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(shakespea
     assert not (tmp_path / "x").exists()
 
 
-def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(corpus_data: Path, tmp_path: Path) -> None:
     from loopgolf.trial.train import lr_scale
 
     config = fixed_steps(max_steps=10, warmup_steps=0, warmdown_frac=0.5)
@@ -115,14 +116,14 @@ def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(shakespeare
     assert lr_scale(2, 0.9e6, config) == pytest.approx(0.2)  # the time budget, when it is further along
     with pytest.raises(ConfigError, match="max_steps=-1"):
         fixed_steps(max_steps=-1)
-    metrics = run_trial(fixed_steps(max_steps=3), shakespeare_data, tmp_path / "m")
+    metrics = run_trial(fixed_steps(max_steps=3), corpus_data, tmp_path / "m")
     assert metrics["status"] == "complete" and metrics["train_steps"] == 3 and metrics["world_size"] == 1
 
 
-def test_world_size_one_is_the_plain_trial(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_world_size_one_is_the_plain_trial(corpus_data: Path, tmp_path: Path) -> None:
     config = fixed_steps(max_steps=3)
-    plain = run_trial(config, shakespeare_data, tmp_path / "a")
-    ranked = run_trial(config, shakespeare_data, tmp_path / "b", parallel=DataParallel(0, 1))
+    plain = run_trial(config, corpus_data, tmp_path / "a")
+    ranked = run_trial(config, corpus_data, tmp_path / "b", parallel=DataParallel(0, 1))
     assert ranked["train_loss"] == plain["train_loss"] and "replica_drift" not in ranked
 
 
@@ -146,33 +147,33 @@ def _spec(data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int
     ],
 )
 def test_bad_worker_resources_fail_with_one_line(
-    shakespeare_data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int, message: str
+    corpus_data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int, message: str
 ) -> None:
     from loopgolf.orchestrator.spec import SpecError, spec_from_dict
 
     with pytest.raises(SpecError) as info:
-        spec_from_dict(_spec(shakespeare_data, tmp_path, resources, batch_size))
+        spec_from_dict(_spec(corpus_data, tmp_path, resources, batch_size))
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_workers_default_to_one_and_round_trip_through_the_saved_spec(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_workers_default_to_one_and_round_trip_through_the_saved_spec(corpus_data: Path, tmp_path: Path) -> None:
     from loopgolf.orchestrator.spec import spec_from_dict
 
-    assert spec_from_dict(_spec(shakespeare_data, tmp_path, {"cpu": 1})).workers == 1
-    spec = spec_from_dict(_spec(shakespeare_data, tmp_path, {"cpu": 2, "gpu": 1, "workers": 8}))
+    assert spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 1})).workers == 1
+    spec = spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 2, "gpu": 1, "workers": 8}))
     assert (spec.cpu, spec.gpu, spec.workers) == (2, 1, 8)
     assert spec_from_dict(spec.to_yaml_dict()) == spec
 
 
 @pytest.mark.slow
-def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
     import pandas as pd
     import yaml
 
-    spec = _spec(shakespeare_data, tmp_path, {"cpu": 1, "gpu": 0, "workers": 2}) | {
+    spec = _spec(corpus_data, tmp_path, {"cpu": 1, "gpu": 0, "workers": 2}) | {
         "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 1},
         "seeds": 1, "max_concurrent": 1,
     }  # fmt: skip

@@ -19,13 +19,17 @@ from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, pres
 from loopgolf.trial.estimate import count_params, inventory
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.quantize import quantize_model
-from tests.conftest import SHAKESPEARE, tokenizer_path
 
 # The prediction's stated tolerance on briefly trained tiny-family models: |predicted /
 # actual - 1| of model_bytes. bench/bench_compress.py --check measures it on the whole
 # calibration grid (see estimate.SAFETY_MARGIN's comment; zstd at ~1 bit per level is the
 # one regime that varies more, and is not in this grid).
 TOLERANCE = 0.03
+# The calibration was made on models trained on English prose (tinyshakespeare, the challenge's
+# tokenizer); on the built-in corpus (Python's documentation, code-heavy) briefly trained models
+# compress better than predicted: +2.3% to +6.5% measured on `tiny`, i.e. conservative. There the
+# test bounds the safe side as tightly and the conservative side by this wider margin.
+OVER_PREDICTION_ON_OTHER_TEXT = 0.08
 
 
 # ---------------------------------------------------------------------- param counts
@@ -70,13 +74,6 @@ def test_count_groups_match_what_the_quantizer_stores(compress: CompressConfig) 
 # ---------------------------------------------------------------- byte prediction
 
 
-def _tokens() -> np.ndarray:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path(1024)))
-    return np.asarray(sp.encode(SHAKESPEARE.read_text(encoding="utf-8")[:200_000]), dtype=np.int64)
-
-
 def _train(config: TrialConfig, steps: int, tokens: np.ndarray) -> RecurrentLM:
     """A brief run of the trial's own optimizers (Muon + AdamW) on real text."""
     from loopgolf.trial.train import build_optimizers
@@ -103,14 +100,14 @@ PREDICTION_SHAPES = {
 
 
 @pytest.fixture(scope="module")
-def trained_models() -> dict[str, RecurrentLM]:
-    tokens = _tokens()
-    return {name: _train(config, 60, tokens) for name, config in PREDICTION_SHAPES.items()}
+def trained_models(text_tokens: np.ndarray) -> dict[str, RecurrentLM]:
+    """Briefly trained on the built-in corpus, and on tinyshakespeare with the challenge's data."""
+    return {name: _train(config, 60, text_tokens) for name, config in PREDICTION_SHAPES.items()}
 
 
 @pytest.mark.parametrize("shape", list(PREDICTION_SHAPES))
 def test_predicted_bytes_within_tolerance_of_real_compression(
-    shape: str, trained_models: dict[str, RecurrentLM], tmp_path: Path
+    shape: str, trained_models: dict[str, RecurrentLM], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     model, base = trained_models[shape], PREDICTION_SHAPES[shape]
     bits = (8, 6, 5, 4) if shape == "tiny" else (6, 4)  # the larger model: fewer, to keep the file fast
@@ -129,8 +126,9 @@ def test_predicted_bytes_within_tolerance_of_real_compression(
         predicted = estimate.estimate_bytes(config)
         assert predicted.code_bytes == info.code_bytes
         errors[str(case)] = predicted.model_bytes / info.model_bytes - 1
+    over = TOLERANCE if request.node.callspec.params["text_tokens"] == "challenge" else OVER_PREDICTION_ON_OTHER_TEXT
     worst = max(errors.items(), key=lambda kv: abs(kv[1]))
-    assert abs(worst[1]) <= TOLERANCE, f"{shape}: worst relative error {worst[1]:+.2%} at {worst[0]}"
+    assert -TOLERANCE <= worst[1] <= over, f"{shape}: worst relative error {worst[1]:+.2%} at {worst[0]}"
 
 
 def test_predict_artifact_bytes_is_model_plus_code() -> None:

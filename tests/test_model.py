@@ -21,9 +21,7 @@ import torch
 
 from loopgolf.trial import model as model_module
 from loopgolf.trial.config import ModelConfig, preset
-from loopgolf.trial.data import load_tokenizer
 from loopgolf.trial.model import QATLinear, RecurrentLM, block_flops_per_token, causal_cap, flops_per_token
-from tests.conftest import SHAKESPEARE, tokenizer_path
 
 SIGNALS = ("entropy", "margin", "resid_norm", "kl", "uniform", "random")
 CALIBRATED = ("entropy", "margin", "resid_norm", "kl")
@@ -415,10 +413,9 @@ def _train_tiny(config: ModelConfig, train: torch.Tensor) -> tuple[float, Recurr
     return seconds, model
 
 
-def test_tiny_model_learns_shakespeare() -> None:
+def test_tiny_model_learns_real_text(text_tokens: np.ndarray) -> None:
     """`tiny` with entropy-routed refinement, 150 AdamW steps: well below the unigram entropy."""
-    sp = load_tokenizer(tokenizer_path(1024))
-    ids = np.array(sp.encode(SHAKESPEARE.read_text(encoding="utf-8")), dtype=np.int64)  # type: ignore[attr-defined]
+    ids = text_tokens
     split = int(0.9 * len(ids))
     train, val = torch.from_numpy(ids[:split]), torch.from_numpy(ids[split:])
     counts = np.bincount(ids[:split], minlength=1024).astype(np.float64) + 1e-9

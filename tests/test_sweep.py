@@ -70,10 +70,10 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_specs_fail_with_one_line_and_leave_no_sweep_dir(
-    shakespeare_data: Path, tmp_path: Path, changes: dict[str, Any], message: str
+    corpus_data: Path, tmp_path: Path, changes: dict[str, Any], message: str
 ) -> None:
     storage = tmp_path / "sweeps"
-    spec = write_spec(tmp_path / "spec.yaml", shakespeare_data, storage, **changes)
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, **changes)
     with pytest.raises(LoopgolfError) as info:
         load_spec(spec)
     assert message in str(info.value)
@@ -82,8 +82,8 @@ def test_bad_specs_fail_with_one_line_and_leave_no_sweep_dir(
     assert not storage.exists()
 
 
-def test_set_overrides_dotted_spec_fields(shakespeare_data: Path, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path / "spec.yaml", shakespeare_data, tmp_path / "s")
+def test_set_overrides_dotted_spec_fields(corpus_data: Path, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "s")
     loaded = load_spec(spec, ["search.num_samples=5", "budget.train_seconds=7", "seeds=1"], name="other")
     assert (loaded.num_samples, loaded.train_seconds, loaded.seeds, loaded.name) == (5, 7.0, 1, "other")
     assert loaded.base_config().train.train_seconds == 7.0
@@ -107,9 +107,9 @@ def _check_ledger_and_study(sweep_dir: Path, expected: int, seeds: int) -> pd.Da
 
 
 @pytest.mark.slow
-def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(corpus_data: Path, tmp_path: Path) -> None:
     storage = tmp_path / "sweeps"
-    spec = write_spec(tmp_path / "spec.yaml", shakespeare_data, storage)
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage)
     proc = cli("sweep", str(spec))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Pareto front" in proc.stdout
@@ -132,9 +132,9 @@ def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(shakespeare_data
 
 
 @pytest.mark.slow
-def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(corpus_data: Path, tmp_path: Path) -> None:
     storage = tmp_path / "sweeps"
-    spec = write_spec(tmp_path / "spec.yaml", shakespeare_data, storage, budget={"artifact_bytes": 2_000_000,
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, budget={"artifact_bytes": 2_000_000,
                       "train_seconds": 6})  # fmt: skip
     sweep_dir = storage / "t"
     driver = subprocess.Popen(
@@ -168,7 +168,7 @@ def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(shakespeare_da
 
 @pytest.mark.slow
 def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
-    shakespeare_data: Path, tmp_path: Path
+    corpus_data: Path, tmp_path: Path
 ) -> None:
     from loopgolf.trial.config import preset
     from loopgolf.trial.estimate import predict_artifact_bytes
@@ -177,7 +177,7 @@ def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
     cap = predict_artifact_bytes(small) + 2_000  # only the smallest shapes fit
     storage = tmp_path / "sweeps"
     spec = write_spec(
-        tmp_path / "spec.yaml", shakespeare_data, storage, seeds=1,
+        tmp_path / "spec.yaml", corpus_data, storage, seeds=1,
         overrides={"n_blocks": [1, 4], "n_passes": 1, "n_prelude": 0, "n_coda": 0, "d_model": [32, 64]},
         budget={"artifact_bytes": cap, "train_seconds": 2},
         search={"algorithm": "grid", "objectives": {"val_bpb": "min"}, "num_samples": 4},

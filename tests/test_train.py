@@ -50,15 +50,15 @@ def test_lr_schedule_warms_up_then_warms_down_by_elapsed_time() -> None:
 
 @pytest.mark.slow
 def test_twenty_second_trial_beats_unigram_and_artifact_eval_reproduces_it(
-    shakespeare_data: Path, tmp_path: Path
+    corpus_data: Path, tmp_path: Path
 ) -> None:
     config = tiny(train_seconds=20.0, batch_size=16, refine_passes=1, signal="entropy", bits=6, codec="lzma")
     reports: list[dict[str, Any]] = []
-    metrics = run_trial(config, shakespeare_data, tmp_path / "t", reporter=lambda m, s: reports.append(m))
+    metrics = run_trial(config, corpus_data, tmp_path / "t", reporter=lambda m, s: reports.append(m))
     assert metrics["status"] == "complete" and metrics["feasible"]
     step_seconds = metrics["train_seconds"] / metrics["train_steps"]
     assert abs(metrics["train_seconds"] - 20.0) <= max(0.2, step_seconds)
-    assert metrics["val_bpb"] < unigram_bpb(shakespeare_data) - 0.3
+    assert metrics["val_bpb"] < unigram_bpb(corpus_data) - 0.3
     assert abs(metrics["val_bpb"] - metrics["val_bpb_prequant"]) < 0.1
     artifact = Path(metrics["artifact_path"])
     assert metrics["model_bytes"] == artifact.stat().st_size
@@ -71,7 +71,7 @@ def test_twenty_second_trial_beats_unigram_and_artifact_eval_reproduces_it(
 
     proc = subprocess.run(
         [sys.executable, "-m", "loopgolf.orchestrator.cli", "artifact", "eval", str(artifact),
-         "--data", str(shakespeare_data)],
+         "--data", str(corpus_data)],
         capture_output=True, text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )  # fmt: skip
     from_file = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -83,7 +83,7 @@ class _Stop(Exception):
 
 
 @pytest.mark.slow
-def test_a_stopped_trial_resumes_with_the_remaining_budget(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_a_stopped_trial_resumes_with_the_remaining_budget(corpus_data: Path, tmp_path: Path) -> None:
     config = tiny(train_seconds=6.0, report_every_seconds=1.0, checkpoint_every_seconds=2.0)
     saved: dict[str, Any] = {}
 
@@ -93,20 +93,20 @@ def test_a_stopped_trial_resumes_with_the_remaining_budget(shakespeare_data: Pat
             raise _Stop
 
     with pytest.raises(_Stop):
-        run_trial(config, shakespeare_data, tmp_path / "a", reporter=stop_after_first_checkpoint)
+        run_trial(config, corpus_data, tmp_path / "a", reporter=stop_after_first_checkpoint)
     assert 2.0 <= saved["elapsed"] < 3.0 and saved["step"] > 0
     steps: list[int] = []
     metrics = run_trial(
-        config, shakespeare_data, tmp_path / "a", reporter=lambda m, s: steps.append(m["step"]), resume_state=saved
+        config, corpus_data, tmp_path / "a", reporter=lambda m, s: steps.append(m["step"]), resume_state=saved
     )
     assert metrics["status"] == "complete"
     assert abs(metrics["train_seconds"] - config.train.train_seconds) <= 1.0  # one report interval
     assert steps[0] > saved["step"] and metrics["train_steps"] > saved["step"]
-    assert metrics["val_bpb"] < unigram_bpb(shakespeare_data)
+    assert metrics["val_bpb"] < unigram_bpb(corpus_data)
 
 
 def test_non_finite_loss_ends_as_a_failed_trial_with_a_reason(
-    shakespeare_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from loopgolf.trial import model as model_module
 
@@ -121,22 +121,22 @@ def test_non_finite_loss_ends_as_a_failed_trial_with_a_reason(
         return out
 
     monkeypatch.setattr(model_module.RecurrentLM, "forward", poisoned)
-    metrics = run_trial(tiny(train_seconds=5.0), shakespeare_data, tmp_path / "nan")
+    metrics = run_trial(tiny(train_seconds=5.0), corpus_data, tmp_path / "nan")
     assert metrics["status"] == "failed" and not metrics["feasible"]
     assert "non-finite training loss" in metrics["error"] and "step 3" in metrics["error"]
     assert not (tmp_path / "nan" / "model.lgart").exists()
 
 
-def test_a_config_predicted_over_the_cap_is_rejected_without_training(shakespeare_data: Path, tmp_path: Path) -> None:
-    metrics = run_trial(tiny(max_artifact_bytes=10_000), shakespeare_data, tmp_path / "r")
+def test_a_config_predicted_over_the_cap_is_rejected_without_training(corpus_data: Path, tmp_path: Path) -> None:
+    metrics = run_trial(tiny(max_artifact_bytes=10_000), corpus_data, tmp_path / "r")
     assert metrics["status"] == "rejected" and not metrics["feasible"]
     assert metrics["predicted_artifact_bytes"] > 10_000 and metrics["byte_violation"] > 0
     assert "train_steps" not in metrics and not (tmp_path / "r" / "model.lgart").exists()
 
 
-def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(shakespeare_data: Path, tmp_path: Path) -> None:
+def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_data: Path, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "loopgolf.orchestrator.cli", "trial", str(REPO / "examples" / "trial_tiny.yaml"),
-           "--data", str(shakespeare_data), "--out", str(tmp_path / "cli")]  # fmt: skip
+           "--data", str(corpus_data), "--out", str(tmp_path / "cli")]  # fmt: skip
     bad = subprocess.run([*cli, "--set", "n_blockz=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config field 'n_blockz'" in bad.stderr
     assert bad.stderr.strip().count("\n") == 0

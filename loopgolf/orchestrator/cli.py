@@ -24,6 +24,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
         text_files=tuple(Path(p) for p in args.text or ()),
         tokenizer=Path(args.tokenizer) if args.tokenizer else None,
         vocab_size=args.vocab_size,
+        byte_fallback=not args.no_byte_fallback,
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         overwrite=args.overwrite,
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok = prep.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="MODEL", help="a SentencePiece .model file")
     tok.add_argument("--vocab-size", type=int, metavar="N", help="train a SentencePiece BPE of N pieces")
+    prep.add_argument("--no-byte-fallback", action="store_true",
+                      help="with --vocab-size: unseen characters become unknown pieces (0 bytes) instead of bytes")
     prep.add_argument("--out", required=True, metavar="DIR")
     prep.add_argument("--val-fraction", type=float, default=0.1, metavar="F")
     prep.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N")

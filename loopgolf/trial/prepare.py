@@ -46,6 +46,7 @@ class PrepareConfig:
     text_files: tuple[Path, ...] = ()  # empty: the built-in default corpus
     tokenizer: Path | None = None
     vocab_size: int | None = None
+    byte_fallback: bool = True  # only with vocab_size: False leaves unseen characters as unknown pieces
     val_fraction: float = 0.1
     shard_tokens: int = 100_000_000  # the challenge's shard size
     overwrite: bool = False
@@ -53,6 +54,8 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if (self.tokenizer is None) == (self.vocab_size is None):
             raise DataError("prepare: expected exactly one of --tokenizer MODEL or --vocab-size N")
+        if self.tokenizer is not None and not self.byte_fallback:
+            raise DataError("prepare: --no-byte-fallback applies to a trained tokenizer (--vocab-size) only")
         if self.vocab_size is not None and not 260 <= self.vocab_size <= 65_536:
             raise DataError(f"prepare: vocab_size={self.vocab_size}: expected 260..65536 (byte fallback needs 256 ids)")
         if not 0.0 < self.val_fraction < 1.0:
@@ -85,8 +88,8 @@ def read_sources(text_files: Sequence[Path]) -> list[tuple[str, str]]:
     return [(str(p), Path(p).read_text(encoding="utf-8")) for p in text_files]
 
 
-def train_tokenizer(train_docs: Sequence[str], vocab_size: int, model_path: Path) -> None:
-    """SentencePiece BPE with the challenge's settings (byte fallback, NFKC, no dummy prefix)."""
+def train_tokenizer(train_docs: Sequence[str], vocab_size: int, model_path: Path, byte_fallback: bool = True) -> None:
+    """SentencePiece BPE with the challenge's settings (NFKC, no dummy prefix; byte fallback by default)."""
     import sentencepiece as spm
 
     prefix = str(model_path.with_suffix(""))
@@ -95,7 +98,7 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int, model_path: Path
         model_prefix=prefix,
         model_type="bpe",
         vocab_size=vocab_size,
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
         split_digits=True,
         normalization_rule_name="nmt_nfkc",
         add_dummy_prefix=False,
@@ -146,7 +149,7 @@ def prepare(config: PrepareConfig) -> dict:
             shutil.copyfile(config.tokenizer, tok_path)
         else:
             assert config.vocab_size is not None
-            train_tokenizer(docs["train"], config.vocab_size, tok_path)
+            train_tokenizer(docs["train"], config.vocab_size, tok_path, config.byte_fallback)
         sp = load_tokenizer(tok_path)
         table = byte_table(sp)
         bos = sp.bos_id()  # type: ignore[attr-defined]
@@ -171,7 +174,8 @@ def prepare(config: PrepareConfig) -> dict:
             "format": "challenge-shards/1 (int32[256] header: magic 20240520, version 1, count; uint16 tokens)",
             "tokenizer": {
                 "file": TOKENIZER_FILE,
-                "source": str(config.tokenizer) if config.tokenizer else f"trained BPE, vocab {config.vocab_size}",
+                "source": str(config.tokenizer) if config.tokenizer else f"trained BPE, vocab {config.vocab_size}"
+                + ("" if config.byte_fallback else ", no byte fallback"),
                 "sha256": _sha256_bytes(tok_path.read_bytes()),
                 "vocab_size": int(sp.get_piece_size()),  # type: ignore[attr-defined]
             },
