@@ -6,9 +6,10 @@ calibration of trial/estimate.py's byte prediction.
     python bench/bench_compress.py --packing     # int8 vs bit-packed levels; byte-shuffle
 
 Models are trained briefly on real text (tinyshakespeare, the challenge's 1024-piece
-tokenizer, both read from the folder LOOPGOLF_CHALLENGE_DATA names) with the trial's own optimizers (Muon for block matrices, AdamW for the rest),
-because a trained model compresses differently from its initialization. Trained weights
-are cached under runs/bench_compress/ (a local cache of our own training output).
+tokenizer, both read from the folder LOOPGOLF_CHALLENGE_DATA names) with the trial's own
+optimizers (Muon for block matrices, AdamW for the rest), because a trained model
+compresses differently from its initialization. Trained weights are cached under
+runs/bench_compress/ (a local cache of our own training output).
 
 The reference point is the challenge's baseline: int8 + zlib, 15,863,489 bytes for
 17,059,912 params (0.9299 bytes per param, code included).
