@@ -18,7 +18,6 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.study._multi_objective import _fast_non_domination_rank, _is_pareto_front
 from scipy import stats
 
-from loopgolf.analysis.cli_commands import add_analysis_parsers
 from loopgolf.analysis.pareto import (
     hypervolume,
     hypervolume_of,
@@ -502,9 +501,9 @@ def test_report_says_so_when_rows_are_missing(tmp_path: Path) -> None:
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="loopgolf")
-    add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    from loopgolf.orchestrator.cli import build_parser  # the CLI over the analysis API
+
+    return build_parser().parse_args(argv)
 
 
 def test_cli_pareto_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,10 @@
 """The `loopgolf` command: a thin layer over the Python API.
 
-Each sub-command parses its arguments, calls one API function and prints. Errors
-about input (LoopgolfError) become one line on stderr and exit status 2.
+Every sub-command is defined here, in `build_parser`; each is run by a `_cmd_<command>`
+function (`_cmd_<command>_<action>` for the two-level `data prepare` and `artifact
+eval`) that parses nothing itself, calls the API and prints. Errors about input
+(LoopgolfError) become one line on stderr and exit status 2. tests/test_cli.py freezes
+the surface (sub-commands, flags, defaults), so a change to it is deliberate.
 """
 
 from __future__ import annotations
@@ -11,9 +14,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from loopgolf.analysis.cli_commands import add_analysis_parsers
 from loopgolf.errors import LoopgolfError
+
+DEFAULT_OBJECTIVES = "val_bpb:min,artifact_bytes:min"
+# identity and shape columns `pareto` shows beside the objectives
+PARETO_COLUMNS = ("sweep", "trial_id", "config_id", "seed", "d_model", "n_prelude", "n_blocks", "n_passes", "n_coda",
+                  "refine_passes", "signal", "bits", "codec")  # fmt: skip
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -125,10 +133,44 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from loopgolf.analysis.pareto import pareto_front, parse_objectives
+    from loopgolf.analysis.results import load_results
+
+    objectives = parse_objectives(args.objectives)  # bad spec fails before any file is read
+    df = load_results(*args.sweep_dirs)
+    front = pareto_front(df, objectives, feasible_only=not args.all)
+    front = front[[c for c in PARETO_COLUMNS if c in front and c not in objectives] + list(objectives)]
+    if args.format == "csv":
+        front.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(json.dumps(json.loads(front.to_json(orient="records"))))  # to_json: NA -> null, numpy -> JSON
+    else:
+        print(front.to_string(index=False) if len(front) else "(no feasible complete trials with these objectives)")
+    print(f"{len(front)} non-dominated of {len(df)} trials", file=sys.stderr)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from loopgolf.analysis.report import report
+
+    path = report(args.sweep_dirs, out_dir=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopgolf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    # `sub` is argparse's sub-parsers action, typed Any below: its class is private to argparse
+    _add_trial_commands(sub)
+    _add_sweep_commands(sub)
+    _add_analysis_commands(sub)
+    return parser
 
+
+def _add_trial_commands(sub: Any) -> None:
+    """`data prepare`, `trial`, `artifact eval`: one configuration, no Ray."""
     data = sub.add_parser("data", help="prepare challenge-format shards").add_subparsers(dest="action", required=True)
     prep = data.add_parser("prepare", help="tokenize text into shards + manifest.json")
     prep.add_argument("--text", nargs="+", metavar="FILE", help="text files (default: a built-in English corpus)")
@@ -150,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     trial.set_defaults(run=_cmd_trial)
 
+    artifact = sub.add_parser("artifact", help="work with artifact files").add_subparsers(dest="action", required=True)
+    art_eval = artifact.add_parser("eval", help="bits per byte from the artifact file alone")
+    art_eval.add_argument("artifact", metavar="ARTIFACT")
+    art_eval.add_argument("--data", required=True, metavar="DIR")
+    art_eval.add_argument("--eval-tokens", type=int, metavar="N", help="default: the trial's own eval_tokens")
+    art_eval.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    art_eval.set_defaults(run=_cmd_artifact_eval)
+
+
+def _add_sweep_commands(sub: Any) -> None:
+    """`sweep`, `resume`, `status`: Ray Tune + Optuna (status reads the directory alone)."""
     sweep = sub.add_parser("sweep", help="run a sweep (Ray Tune + Optuna) from a YAML spec")
     sweep.add_argument("spec", metavar="SPEC.yaml")
     sweep.add_argument("--address", metavar="ADDR", help="a Ray cluster (default: start a local Ray)")
@@ -168,16 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")
     status.set_defaults(run=_cmd_status)
 
-    add_analysis_parsers(sub)
 
-    artifact = sub.add_parser("artifact", help="work with artifact files").add_subparsers(dest="action", required=True)
-    art_eval = artifact.add_parser("eval", help="bits per byte from the artifact file alone")
-    art_eval.add_argument("artifact", metavar="ARTIFACT")
-    art_eval.add_argument("--data", required=True, metavar="DIR")
-    art_eval.add_argument("--eval-tokens", type=int, metavar="N", help="default: the trial's own eval_tokens")
-    art_eval.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    art_eval.set_defaults(run=_cmd_artifact_eval)
-    return parser
+def _add_analysis_commands(sub: Any) -> None:
+    """`pareto`, `report`: read the results' Parquet files."""
+    pareto = sub.add_parser("pareto", help="the Pareto front of one or many sweeps")
+    pareto.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="sweep directories (globs allowed)")
+    pareto.add_argument("--objectives", default=DEFAULT_OBJECTIVES, metavar="COL:min|max,...",
+                        help=f"columns and directions (default: {DEFAULT_OBJECTIVES})")
+    pareto.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    pareto.add_argument("--all", action="store_true", help="let infeasible and unfinished trials compete too")
+    pareto.set_defaults(run=_cmd_pareto)
+
+    report = sub.add_parser("report", help="write the hypothesis report (Markdown + PNG plots)")
+    report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="sweep directories (globs allowed)")
+    report.add_argument("--out", metavar="DIR", help="output directory (default: FIRST_SWEEP_DIR/report)")
+    report.set_defaults(run=_cmd_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
