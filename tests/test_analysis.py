@@ -27,18 +27,15 @@ from loopgolf.analysis.pareto import (
     pareto_rank,
     parse_objectives,
 )
-from loopgolf.analysis.report import (
+from loopgolf.analysis.questions import (
     ReportConfig,
-    compare_groups,
     decile_profile,
     looped_vs_unique,
     match_by_flops,
     quantization_ranking,
     refinement_vs_controls,
-    report,
-    summarize,
-    welch_t_test,
 )
+from loopgolf.analysis.report import report
 from loopgolf.analysis.results import (
     CURVES_FILE,
     METRICS,
@@ -49,6 +46,7 @@ from loopgolf.analysis.results import (
     trials_schema,
     write_table,
 )
+from loopgolf.analysis.stats import compare_groups, summarize, welch_t_test
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import TrialConfig
 
