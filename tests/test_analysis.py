@@ -27,15 +27,6 @@ from loopgolf.analysis.pareto import (
     pareto_rank,
     parse_objectives,
 )
-from loopgolf.analysis.questions import (
-    ReportConfig,
-    decile_profile,
-    looped_vs_unique,
-    match_by_flops,
-    quantization_ranking,
-    refinement_vs_controls,
-)
-from loopgolf.analysis.report import report
 from loopgolf.analysis.results import (
     CURVES_FILE,
     METRICS,
@@ -46,9 +37,10 @@ from loopgolf.analysis.results import (
     trials_schema,
     write_table,
 )
-from loopgolf.analysis.stats import compare_groups, summarize, welch_t_test
+from loopgolf.analysis.stats import summarize, welch_t_test
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import TrialConfig
+from tests.synthetic_sweeps import full_sweep
 
 # ------------------------------------------------------------------------- synthetic sweeps
 
@@ -351,151 +343,7 @@ def test_welch_matches_scipy_and_summary_ci() -> None:
     assert (s.n, s.ci_low, s.ci_high) == (7, pytest.approx(low), pytest.approx(high))
 
 
-def test_compare_groups_finds_a_known_effect_and_no_phantom_one() -> None:
-    rng = np.random.default_rng(1234)
-    effect = compare_groups(rng.normal(1.00, 0.01, 6), rng.normal(1.05, 0.01, 6), a_label="looped", b_label="unique")
-    assert effect.p_value < 0.01 and effect.significant and effect.verdict.startswith("looped is better")
-    none = compare_groups(rng.normal(1.00, 0.01, 5), rng.normal(1.00, 0.01, 5))
-    assert none.p_value > 0.05 and none.conclusive and not none.significant
-    few = compare_groups([1.0], [1.1, 1.2])
-    assert not few.conclusive and math.isnan(few.p_value) and "too few seeds" in few.verdict
-    flat = compare_groups([1.0, 1.0], [1.1, 1.1])
-    assert not flat.conclusive and "no seed-to-seed variance" in flat.verdict
-
-
-def _looped_frame(effect: float, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    configs = [
-        ({"n_blocks": 2, "n_passes": 3}, list(1.00 - effect + rng.normal(0, 0.01, 4))),
-        ({"n_blocks": 3, "n_passes": 2}, list(1.02 + rng.normal(0, 0.01, 4))),
-        ({"n_blocks": 6, "n_passes": 1}, list(1.00 + rng.normal(0, 0.01, 4))),
-        ({"n_blocks": 4, "n_passes": 1}, list(1.03 + rng.normal(0, 0.01, 4))),
-        ({"n_blocks": 1, "n_passes": 1, "refine_passes": 1}, [0.5, 0.5]),  # neither side: refinement shares
-    ]
-    return make_trials(configs)
-
-
-def test_looped_vs_unique_finds_the_effect_only_when_there_is_one() -> None:
-    [found] = looped_vs_unique(_looped_frame(0.05, seed=1))
-    assert found.p_value < 0.01 and found.diff < 0 and "2x3" in found.a_detail and "6x1" in found.b_detail
-    assert found.verdict.startswith("looped is better")
-    [absent] = looped_vs_unique(_looped_frame(0.0, seed=2))
-    assert absent.p_value > 0.05 and not absent.significant
-
-
-def test_looped_vs_unique_groups_by_budget() -> None:
-    small_cap = _looped_frame(0.0, 2).assign(max_artifact_bytes=8_000_000, n_blocks=lambda d: d["n_blocks"] + 10)
-    df = pd.concat([_looped_frame(0.05, 1), small_cap])  # overlapping index labels, as a plain concat gives
-    by_cap = {c.context.split(", ")[1]: c for c in looped_vs_unique(df)}
-    assert set(by_cap) == {"max_artifact_bytes=8000000", "max_artifact_bytes=16000000"}
-    big = by_cap["max_artifact_bytes=16000000"]
-    assert big.significant and "d128 0+2x3" in big.a_detail
-    assert "0+12x3" in by_cap["max_artifact_bytes=8000000"].a_detail  # each cap compares only its own rows
-
-
-def test_match_by_flops_is_greedy_within_the_ratio() -> None:
-    flops = pd.Series([1.00, 1.05, 1.12, 1.20, 2.0, float("nan")])
-    assert match_by_flops(flops, 1.10).tolist() == [0, 0, 1, 1, 2, pd.NA]
-
-
-def _refine_frame(seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-
-    def cfg(signal: str, flops: float, mean: float, n: int = 3) -> tuple[dict, list[float]]:
-        overrides = {"refine_passes": 1, "signal": signal, "_row": {"eval_flops_per_token": flops}}
-        return overrides, list(mean + rng.normal(0, 0.005, n))
-
-    return make_trials(
-        [
-            cfg("entropy", 1.00e6, 1.00),
-            cfg("uniform", 1.05e6, 1.03),
-            cfg("random", 0.98e6, 1.001),
-            cfg("kl", 3.0e6, 0.9, n=1),  # alone in its compute group: nothing to compare it with
-            cfg("uniform", 3.1e6, 0.95, n=1),
-        ]
-    )
-
-
-def test_refinement_vs_controls_at_matched_compute() -> None:
-    other_budget = make_trials(
-        [({"refine_passes": 1, "signal": "margin", "_row": {"eval_flops_per_token": 1e6}}, [0.9, 0.91])],
-        sweep="s2",
-    )
-    result = refinement_vs_controls(pd.concat([_refine_frame(0), other_budget]))  # margin has no control in s2
-    by_pair = {(c.a_label, c.b_label): c for c in result}
-    assert set(by_pair) == {("entropy", "uniform"), ("entropy", "random"), ("kl", "uniform")}
-    assert by_pair["entropy", "uniform"].p_value < 0.01
-    assert by_pair["entropy", "random"].p_value > 0.05
-    assert "too few seeds" in by_pair["kl", "uniform"].verdict
-    assert by_pair["entropy", "uniform"].context != by_pair["kl", "uniform"].context
-
-
-def test_decile_profile_averages_per_signal() -> None:
-    ramp = np.linspace(0, -0.9, 10)
-    df = make_trials(
-        [
-            ({"refine_passes": 1, "signal": "entropy"}, [1.0, 1.0]),
-            ({"refine_passes": 1, "signal": "random"}, [1.0]),
-            ({"refine_passes": 0}, [1.0]),
-        ]
-    )
-    df["decile_ce_delta"] = [list(ramp), list(ramp + 0.2), [-0.1] * 10, None]
-    df["decile_refined_frac"] = [[0.5] * 10, [0.7] * 10, [0.25] * 10, None]
-    profile = decile_profile(df)
-    assert list(profile.ce_delta.index) == ["entropy", "random"]
-    np.testing.assert_allclose(profile.ce_delta.loc["entropy"], ramp + 0.1)
-    np.testing.assert_allclose(profile.refined_frac.loc["entropy"], [0.6] * 10)
-    assert profile.trials.to_dict() == {"entropy": 2, "random": 1}
-    assert profile.ce_delta_ci.loc["random"].isna().all()
-
-
-def test_quantization_ranking_counts_rank_changes() -> None:
-    df = make_trials([({"d_model": d}, [v]) for d, v in [(64, 1.0), (96, 1.1), (128, 1.2), (160, 1.3)]])
-    df["val_bpb_prequant"] = [1.0, 1.1, 1.2, 1.3]
-    df["val_bpb"] = [1.05, 1.12, 1.11, 1.4]  # 96 and 128 swap after quantization
-    ranking = quantization_ranking(df)
-    assert ranking.n_configs == 4 and ranking.spearman == pytest.approx(0.8)
-    assert sorted(ranking.table["change"].tolist()) == [-1, 0, 0, 1]
-    assert ranking.gap_by_bits["trials"].tolist() == [4]
-
-
 # ------------------------------------------------------------------------- report and CLI
-
-
-def _full_sweep(root: Path) -> Path:
-    df = pd.concat([_looped_frame(0.05, 3), _refine_frame(4)], ignore_index=True)
-    df["decile_ce_delta"] = [list(np.linspace(0, -0.5, 10)) if r > 0 else None for r in df["refine_passes"]]
-    df["artifact_bytes"] = np.arange(len(df)) * 1000 + 500_000
-    rejected = make_trials([({"d_model": 512}, [float("nan")])]).assign(status="rejected", feasible=False)
-    return write_sweep(root, "full", pd.concat([df, rejected], ignore_index=True))
-
-
-def test_report_writes_markdown_and_plots(tmp_path: Path) -> None:
-    path = report(_full_sweep(tmp_path), out_dir=tmp_path / "out")
-    assert path == tmp_path / "out" / "report.md"
-    text = path.read_text()
-    for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## Pareto fronts"):
-        assert heading in text
-    assert "1 rejected" in text and "looped is better" in text
-    pngs = {p.name for p in path.parent.glob("*.png")}
-    assert pngs == {
-        "looped_vs_unique.png", "refinement_signals.png", "decile_ce_delta.png", "quantization_ranks.png",
-        "pareto_bytes.png", "pareto_flops.png",
-    }
-    for name in pngs:
-        assert f"]({name})" in text
-        assert (path.parent / name).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_report_says_so_when_rows_are_missing(tmp_path: Path) -> None:
-    sweep = write_sweep(tmp_path, "tiny", make_trials([({"n_passes": 1, "n_blocks": 4}, [1.0])]))
-    text = report(sweep).read_text()  # default out dir: <sweep>/report
-    assert (sweep / "report" / "report.md").is_file()
-    assert "nothing to compare" in text and "too few to correlate" in text
-    rejected = make_trials([({}, [float("nan")])]).assign(status="rejected", feasible=False, artifact_bytes=None)
-    text = report(write_sweep(tmp_path, "none", rejected)).read_text()
-    assert "0 feasible and complete" in text and "No feasible trial has artifact_bytes" in text
-    assert not list((tmp_path / "none" / "report").glob("*.png"))
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
@@ -505,7 +353,7 @@ def _cli(argv: list[str]) -> argparse.Namespace:
 
 
 def test_cli_pareto_formats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sweep = _full_sweep(tmp_path)
+    sweep = full_sweep(tmp_path)
     args = _cli(["pareto", str(sweep), "--format", "json", "--objectives", "val_bpb:min,eval_flops_per_token:min"])
     assert args.run(args) == 0
     records = json.loads(capsys.readouterr().out)
@@ -535,8 +383,3 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = _cli(["report", str(sweep), "--out", str(tmp_path / "r")])
     assert args.run(args) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'r' / 'report.md'}"
-
-
-def test_report_config_validates() -> None:
-    with pytest.raises(LoopgolfError, match="min_seeds"):
-        ReportConfig(min_seeds=1)

@@ -1,152 +1,173 @@
-"""The report's plots: PNG files for report.md (matplotlib, no display)."""
+"""The report's plots: matplotlib figures (PNG, for report.md and inlined in report.html) and
+plotly figures (the interactive Pareto fronts and learning curves of report.html).
+
+Every function returns a figure and writes nothing; the report saves them.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from loopgolf.analysis.pareto import pareto_front
-from loopgolf.analysis.questions import (
-    DECILES,
-    METRIC,
-    PARETO_VIEWS,
-    DecileProfile,
-    QuantizationRanking,
-    describe_config,
-)
-from loopgolf.analysis.stats import Comparison
+METRIC = "val_bpb"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
 
-
-def save_png(fig: object, path: Path) -> str:
+    matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def png_bytes(fig: object) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    plt = _pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
     plt.close(fig)  # type: ignore[arg-type]
-    atomic_write(path, buffer.getvalue())
-    return path.name
+    return buffer.getvalue()
 
 
-def plot_comparisons(comparisons: Sequence[Comparison], title: str, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.9 * len(comparisons)))
-    labels, means, errors, colors = [], [], [], []
-    for i, c in enumerate(comparisons):
-        for side, s, color in (("A", c.a, "tab:blue"), ("B", c.b, "tab:orange")):
-            label = c.a_label if side == "A" else c.b_label
-            detail = c.a_detail if side == "A" else c.b_detail
-            labels.append(f"{i}: {label} {detail}"[:70])
-            means.append(s.mean)
-            errors.append((s.ci_high - s.ci_low) / 2 if s.n >= 2 else 0.0)
-            colors.append(color)
-    y = np.arange(len(labels))[::-1]
-    ax.barh(y, means, xerr=errors, color=colors, alpha=0.8, capsize=3)
+def forest(table: pd.DataFrame, xlabel: str, label_columns: Sequence[str] | None = None) -> object:
+    """Estimates with their intervals, one row each; significant ones (after Holm) in red."""
+    plt = _pyplot()
+    shown = table[np.isfinite(table["_value"].astype(float))]
+    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.35 * max(1, len(shown))))
+    if label_columns is None:
+        label_columns = [c for c in table.columns if not c.startswith("_")][:2]
+    labels = [" | ".join(str(r[c])[:40] for c in label_columns) for _, r in shown.iterrows()]
+    y = np.arange(len(shown))[::-1]
+    value = shown["_value"].astype(float).to_numpy()
+    low = np.nan_to_num(value - shown["_low"].astype(float).to_numpy(), nan=0.0)
+    high = np.nan_to_num(shown["_high"].astype(float).to_numpy() - value, nan=0.0)
+    colors = ["tab:red" if s else "tab:blue" for s in shown.get("significant", [False] * len(shown))]
+    ax.errorbar(value, y, xerr=[low, high], fmt="none", ecolor="grey", capsize=3)
+    ax.scatter(value, y, c=colors, zorder=3)
+    ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, labels, fontsize=7)
-    lo = min(m - e for m, e in zip(means, errors, strict=True))
-    hi = max(m + e for m, e in zip(means, errors, strict=True))
-    pad = 0.1 * (hi - lo) + 1e-3
-    ax.set_xlim(lo - pad, hi + pad)
-    ax.set_xlabel(f"{METRIC} (mean over seeds, 95% CI)")
-    ax.set_title(title)
-    return save_png(fig, path)
+    ax.set_xlabel(f"{xlabel}, 95% interval (red: significant after Holm)")
+    return fig
 
 
-def plot_refinement(table: pd.DataFrame, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for signal, group in table.groupby("signal", sort=True):
-        errors = ((group["ci_high"] - group["ci_low"]) / 2).fillna(0)
-        ax.errorbar(group["eval_flops_per_token"], group["mean"], yerr=errors, fmt="o", capsize=3, label=signal)
-    ax.set_xscale("log")
-    ax.set_xlabel("eval FLOPs / token")
-    ax.set_ylabel(f"{METRIC} (mean over seeds, 95% CI)")
-    ax.set_title("Refinement by routing signal")
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
-
-
-def plot_deciles(profile: DecileProfile, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for signal in profile.ce_delta.index:
-        ax.errorbar(
-            profile.ce_delta.columns, profile.ce_delta.loc[signal], yerr=profile.ce_delta_ci.loc[signal].fillna(0),
-            marker="o", capsize=3, label=f"{signal} ({profile.trials[signal]} trials)",
-        )
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(DECILES))
-    ax.set_xlabel("router-score decile (0 = lowest score)")
-    ax.set_ylabel("mean CE change (final − base)")
-    ax.set_title("Where refinement helps")
-    ax.legend(fontsize=8)
-    return save_png(fig, path)
-
-
-def plot_quantization(ranking: QuantizationRanking, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
+def overhead(table: pd.DataFrame) -> object:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    ax.scatter(ranking.table["pre"], ranking.table["post"], s=18)
-    lo = min(ranking.table["pre"].min(), ranking.table["post"].min())
-    hi = max(ranking.table["pre"].max(), ranking.table["post"].max())
-    ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, label="no quantization loss")
-    ax.set_xlabel("val_bpb before quantization (mean over seeds)")
-    ax.set_ylabel("val_bpb from the artifact (mean over seeds)")
-    ax.set_title(f"Ranking through quantization (Spearman {ranking.spearman:.2f})")
+    for phase, part in table.groupby("phase"):
+        ratio = part["time ratio [95% CI]"].str.split(" ").str[0].astype(float)
+        ax.scatter(part["FLOP ratio"], ratio, label=phase)
+    lo = float(np.nanmin([table["FLOP ratio"].min(), 0.5]))
+    ax.plot([lo, 1.5], [lo, 1.5], color="grey", lw=0.8, label="time ∝ FLOPs")
+    ax.axhline(1, color="black", lw=0.6)
+    ax.set_xlabel("FLOP ratio, routed / uniform")
+    ax.set_ylabel("time ratio, routed / uniform")
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return fig
 
 
-def plot_front(rows: pd.DataFrame, front: pd.DataFrame, x: str, path: Path) -> str:
-    import matplotlib.pyplot as plt
+def profile(table: pd.DataFrame) -> object:
+    """Mean CE change per refined token by bucket, one panel per bucketing."""
+    plt = _pyplot()
+    kinds = [k for k in ("decile", "position", "frequency") if (table["by"] == k).any()]
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(4.5 * max(1, len(kinds)), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=False):
+        for signal, part in table[table["by"] == kind].groupby("signal"):
+            x = np.arange(len(part))
+            value = part["_value"].astype(float).to_numpy()
+            low, high = part["_low"].astype(float).to_numpy(), part["_high"].astype(float).to_numpy()
+            err = [np.nan_to_num(value - low), np.nan_to_num(high - value)]
+            ax.errorbar(x, value, yerr=err, marker="o", capsize=3, label=signal)
+            ax.set_xticks(x, part["bucket"], fontsize=7, rotation=45)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"by {kind}")
+        ax.set_ylabel("mean ΔCE per refined token (nats)")
+        ax.legend(fontsize=7)
+    return fig
 
+
+def concentration(curves: dict[str, np.ndarray]) -> object:
+    """Cumulative share of the gain against the share of documents, best documents first."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for label, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, label=label)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, label="spread evenly")
+    ax.set_xlabel("share of documents (largest gain first)")
+    ax.set_ylabel("share of the total gain")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def front(rows: pd.DataFrame, front_rows: pd.DataFrame, x: str) -> object:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    front = front.sort_values(x, kind="stable")  # the staircase runs along x
+    front_rows = front_rows.sort_values(x, kind="stable")  # the staircase runs along x
     ax.scatter(rows[x].astype(float), rows[METRIC], s=10, color="lightgrey", label="feasible trials")
-    ax.step(front[x].astype(float), front[METRIC], where="post", color="tab:red", lw=1)
-    ax.scatter(front[x].astype(float), front[METRIC], s=22, color="tab:red", label="Pareto front", zorder=3)
+    ax.step(front_rows[x].astype(float), front_rows[METRIC], where="post", color="tab:red", lw=1)
+    ax.scatter(front_rows[x].astype(float), front_rows[METRIC], s=22, color="tab:red", label="Pareto front", zorder=3)
     ax.set_xlabel(x)
     ax.set_ylabel(METRIC)
     ax.set_title(f"Pareto front: {METRIC} x {x}")
     ax.legend(fontsize=8)
-    return save_png(fig, path)
+    return fig
 
 
-def plotly_fronts(rows: pd.DataFrame, path: Path) -> str | None:
-    """Optional interactive version of the fronts; skipped when plotly is not installed."""
-    if importlib.util.find_spec("plotly") is None:
-        return None
+def learning_curves(curves: pd.DataFrame, labels: dict[str, str]) -> object:
+    """Quick val bpb against elapsed seconds, one line per trial, one colour per configuration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, (config, part) in enumerate(curves.groupby("config", sort=True)):
+        for i, (_, trial) in enumerate(part.groupby("trial_id", sort=True)):
+            ax.plot(trial["elapsed_seconds"], trial["value"], color=f"C{k % 10}", lw=1,
+                    label=labels.get(config, config) if i == 0 else None)  # fmt: skip
+    ax.set_xlabel("elapsed seconds")
+    ax.set_ylabel("quick val bpb")
+    if curves["config"].nunique() <= 12:
+        ax.legend(fontsize=6)
+    return fig
+
+
+# ------------------------------------------------------------------------- interactive (plotly)
+
+
+HOVER_COLUMNS = ("config", "seed", "arm", METRIC, "artifact_bytes", "eval_flops_per_token")
+
+
+def interactive_front(rows: pd.DataFrame, front_rows: pd.DataFrame, x: str) -> object:
+    """All feasible trials (grey) and the front (red); hovering a point shows its configuration,
+    seed, arm, bpb, bytes and eval FLOPs. The front's trace is named "Pareto front"."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    titles = [f"{METRIC} x {list(o)[1]}" for _, o in PARETO_VIEWS]
-    fig = make_subplots(rows=1, cols=len(PARETO_VIEWS), subplot_titles=titles)
-    hover = [f"{t} {describe_config(r)}" for t, (_, r) in zip(rows["trial_id"], rows.iterrows(), strict=True)]
-    for col, (_, objectives) in enumerate(PARETO_VIEWS, start=1):
-        x = list(objectives)[1]
-        front = pareto_front(rows, objectives)  # type: ignore[arg-type]
-        fig.add_trace(go.Scatter(x=rows[x], y=rows[METRIC], mode="markers", text=hover, name="trials"), row=1, col=col)
-        fig.add_trace(go.Scatter(x=front[x], y=front[METRIC], mode="lines+markers", name="front"), row=1, col=col)
-    atomic_write(path, fig.to_html(include_plotlyjs="cdn").encode())
-    return path.name
+    def hover(frame: pd.DataFrame) -> list[str]:
+        return [
+            "<br>".join(f"{c}: {r.get(c, '–')}" for c in HOVER_COLUMNS) for _, r in frame.iterrows()
+        ]
+
+    front_rows = front_rows.sort_values(x, kind="stable")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=rows[x].astype(float), y=rows[METRIC], mode="markers", name="feasible trials",
+                             marker={"color": "lightgrey", "size": 6}, text=hover(rows), hoverinfo="text"))
+    fig.add_trace(go.Scatter(x=front_rows[x].astype(float), y=front_rows[METRIC], mode="markers+lines",
+                             name="Pareto front", line={"shape": "hv", "color": "crimson"},
+                             marker={"size": 9}, text=hover(front_rows), hoverinfo="text"))  # fmt: skip
+    fig.update_layout(title=f"Pareto front: {METRIC} × {x}", xaxis_title=x, yaxis_title=METRIC, height=450)
+    return fig
+
+
+def interactive_curves(curves: pd.DataFrame) -> object:
+    """Quick val bpb against elapsed seconds, one trace per trial, grouped (legend) by configuration."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for config, part in curves.groupby("config", sort=True):
+        for i, (trial_id, trial) in enumerate(part.groupby("trial_id", sort=True)):
+            fig.add_trace(go.Scatter(
+                x=trial["elapsed_seconds"], y=trial["value"], mode="lines", name=str(config), legendgroup=str(config),
+                showlegend=i == 0, hovertext=f"{config} · {trial_id}", hoverinfo="text+x+y",
+            ))  # fmt: skip
+    fig.update_layout(title="Learning curves", xaxis_title="elapsed seconds", yaxis_title="quick val bpb", height=450)
+    return fig

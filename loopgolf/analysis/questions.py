@@ -1,321 +1,265 @@
-"""The research questions: one function per question, each a pure function of the trials DataFrame.
+"""The research questions: one function per section, each returning its table, plot and verdict.
 
-Replicates (rows sharing `config_id`, one per seed) are one configuration. Only feasible,
-complete trials count.
+Each function takes the feasible, complete trials (`competing(df)`), the per-token store
+(None when the sweep wrote no per-token files) and the report's knobs, and returns an
+`Answer`. A section that lacks what it needs says so plainly in `missing`. Within a
+section, p-values are Holm-corrected across all its comparisons.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from loopgolf.analysis.pareto import pareto_front
-from loopgolf.analysis.results import feasible_complete
-from loopgolf.analysis.stats import Comparison, compare_groups, summarize
-from loopgolf.errors import LoopgolfError
-
-METRIC = "val_bpb"  # the challenge's score: lower is better
-DECILES = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class ReportConfig:
-    """The report's knobs; the defaults are what `loopgolf report` uses."""
-
-    alpha: float = 0.05  # significance level of every test
-    confidence: float = 0.95  # of every confidence interval
-    min_seeds: int = 2  # per side, below which a comparison is "too few seeds"
-    # configurations whose eval FLOPs/token lie within this ratio of a group's smallest are "matched"
-    flops_match_ratio: float = 1.10
-    # equal bytes and equal wall-clock: every trial of a sweep has the same caps (DESIGN: Budgets)
-    budget_keys: tuple[str, ...] = ("sweep", "max_artifact_bytes")
-    routed_signals: tuple[str, ...] = ("entropy", "margin", "resid_norm", "kl")
-    controls: tuple[str, ...] = ("uniform", "random")
-    max_listed: int = 20  # rows of the rank-change and Pareto tables
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1 or not 0 < self.confidence < 1:
-            raise LoopgolfError(f"alpha={self.alpha}, confidence={self.confidence}: expected fractions in (0, 1)")
-        if self.min_seeds < 2:
-            raise LoopgolfError(f"min_seeds={self.min_seeds}: a t-test needs at least 2 seeds per side")
-        if self.flops_match_ratio < 1:
-            raise LoopgolfError(f"flops_match_ratio={self.flops_match_ratio}: expected >= 1")
-
-
-# ------------------------------------------------------------------------- per-configuration view
-
-
-def describe_config(row: pd.Series | dict) -> str:
-    """A short human name: width, prelude + blocks x passes + coda, phase, refinement, quantization."""
-
-    def get(name: str, default: object = "?") -> object:
-        value = row.get(name, default)
-        return default if value is None or (not isinstance(value, (list, np.ndarray)) and pd.isna(value)) else value
-
-    text = f"d{get('d_model')} {get('n_prelude', 0)}+{get('n_blocks')}x{get('n_passes')}+{get('n_coda', 0)}"
-    if get("phase", "none") != "none":
-        text += f" {get('phase')}"
-    if int(get("refine_passes", 0)) > 0:
-        text += f" +{get('refine_passes')}r:{get('signal')}"
-    return text + f" int{get('bits')}/{get('codec')}"
-
-
-def competing(df: pd.DataFrame) -> pd.DataFrame:
-    """Feasible, complete rows with a score."""
-    return df[feasible_complete(df) & df[METRIC].notna()]
-
-
-def config_table(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
-    """One row per config_id: its description, seeds, mean ± CI of val_bpb, and mean costs.
-
-    Sorted best first (lowest mean val_bpb; more seeds, then config_id, break ties).
-    """
-    columns = ["config_id", "config", "n", "mean", "ci_low", "ci_high", "artifact_bytes", "eval_flops_per_token"]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    records = []
-    for config_id, group in rows.groupby("config_id", sort=True, dropna=False):
-        s = summarize(group[METRIC], confidence)
-        records.append(
-            {
-                "config_id": config_id,
-                "config": describe_config(group.iloc[0]),
-                "n": s.n,
-                "mean": s.mean,
-                "ci_low": s.ci_low,
-                "ci_high": s.ci_high,
-                "artifact_bytes": _mean(group["artifact_bytes"]),
-                "eval_flops_per_token": _mean(group["eval_flops_per_token"]),
-            }
-        )
-    table = pd.DataFrame.from_records(records, columns=columns)
-    table["_neg_n"] = -table["n"]
-    table = table.sort_values(["mean", "_neg_n", "config_id"], kind="stable")
-    return table.drop(columns="_neg_n").reset_index(drop=True)
-
-
-def _mean(values: pd.Series) -> float:
-    x = values.to_numpy(dtype=np.float64, na_value=np.nan)
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if len(x) else math.nan
-
-
-def _values(rows: pd.DataFrame, config_id: str) -> list[float]:
-    return rows.loc[rows["config_id"] == config_id, METRIC].astype(float).tolist()
-
-
-def best_config(rows: pd.DataFrame, cfg: ReportConfig = ReportConfig()) -> pd.Series:
-    """The configuration with the lowest mean val_bpb among those with >= min_seeds seeds
-    (a lucky single seed should not stand for a side); among all when none has enough."""
-    table = config_table(rows, cfg.confidence)
-    enough = table[table["n"] >= cfg.min_seeds]
-    return (enough if len(enough) else table).iloc[0]
-
-
-def _compare_best(
-    rows_a: pd.DataFrame, rows_b: pd.DataFrame, context: str, cfg: ReportConfig, labels: tuple[str, str]
-) -> Comparison | None:
-    """Best configuration of side A vs best of side B, over their seeds."""
-    if rows_a.empty or rows_b.empty:
-        return None
-    best_a, best_b = best_config(rows_a, cfg), best_config(rows_b, cfg)
-    comparison = compare_groups(
-        _values(rows_a, best_a["config_id"]),
-        _values(rows_b, best_b["config_id"]),
-        a_label=labels[0],
-        b_label=labels[1],
-        context=context,
-        alpha=cfg.alpha,
-        confidence=cfg.confidence,
-        min_seeds=cfg.min_seeds,
-    )
-    n_a, n_b = rows_a["config_id"].nunique(), rows_b["config_id"].nunique()
-    return dataclasses.replace(
-        comparison,
-        a_detail=f"{best_a['config']} [{str(best_a['config_id'])[:8]}], best of {n_a}",
-        b_detail=f"{best_b['config']} [{str(best_b['config_id'])[:8]}], best of {n_b}",
-    )
-
-
-def _int_column(rows: pd.DataFrame, name: str, default: int) -> pd.Series:
-    return rows[name].astype("Int64").fillna(default) if name in rows else pd.Series(default, index=rows.index)
-
-
-# ------------------------------------------------------------------------- the four questions
-
-
-def looped_vs_unique(df: pd.DataFrame, cfg: ReportConfig = ReportConfig()) -> list[Comparison]:
-    """Q1: best looped/shared configuration vs best unique-depth one, per budget group.
-
-    Looped: n_passes > 1. Unique depth: n_passes == 1 and no refinement (a refinement pass
-    re-applies the core, i.e. shares weights). Budget groups are `cfg.budget_keys`: the
-    same byte cap and the same training wall-clock.
-    """
-    rows = competing(df)
-    passes, refine = _int_column(rows, "n_passes", 1), _int_column(rows, "refine_passes", 0)
-    side = np.select([passes > 1, (passes == 1) & (refine == 0)], ["looped", "unique"], default="")
-    rows = rows.assign(_side=side)
-    keys = [k for k in cfg.budget_keys if k in rows]
-    out = []
-    for key, group in rows.groupby(keys, sort=True, dropna=False) if keys else [((), rows)]:
-        key = key if isinstance(key, tuple) else (key,)
-        context = ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True))
-        looped, unique = group[group["_side"] == "looped"], group[group["_side"] == "unique"]
-        comparison = _compare_best(looped, unique, context, cfg, ("looped", "unique"))
-        if comparison is not None:
-            out.append(comparison)
-    return out
-
-
-def match_by_flops(flops: pd.Series, ratio: float) -> pd.Series:
-    """Group ids for "matched eval compute": sorted values, a new group whenever a value
-    exceeds `ratio` x the group's smallest. Greedy and deterministic; NaN gets <NA>."""
-    groups = pd.Series(pd.NA, index=flops.index, dtype="Int64")
-    current, start = -1, math.nan
-    for index, value in flops.dropna().sort_values(kind="stable").items():
-        if current < 0 or value > start * ratio:
-            current, start = current + 1, value
-        groups[index] = current
-    return groups
-
-
-def refinement_configs(df: pd.DataFrame, cfg: ReportConfig = ReportConfig()) -> pd.DataFrame:
-    """Q2's table: refining configurations (refine_passes > 0) with their signal and compute group."""
-    rows = _refining(df, cfg)
-    table = config_table(rows, cfg.confidence)
-    if table.empty:
-        return table.assign(budget="", signal=pd.Series(dtype=str), flops_group=pd.Series(dtype="Int64"))
-    firsts = rows.groupby("config_id").first()
-    table["budget"] = table["config_id"].map(firsts["_budget"])
-    table["signal"] = table["config_id"].map(firsts["signal"])
-    # compute groups are numbered across budgets, but formed within one budget each
-    table["flops_group"] = pd.Series(pd.NA, index=table.index, dtype="Int64")
-    offset = 0
-    for _, part in table.groupby("budget", sort=True):
-        groups = match_by_flops(part["eval_flops_per_token"], cfg.flops_match_ratio)
-        table.loc[part.index, "flops_group"] = groups + offset
-        offset += int(groups.max()) + 1 if groups.notna().any() else 0
-    return table
-
-
-def _budget_label(rows: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
-    present = [k for k in keys if k in rows]
-    if not present or rows.empty:
-        return pd.Series("", index=rows.index, dtype=object)
-    return rows[present].astype(str).apply(lambda r: ", ".join(f"{k}={r[k]}" for k in present), axis=1)
-
-
-def _refining(df: pd.DataFrame, cfg: ReportConfig = ReportConfig()) -> pd.DataFrame:
-    rows = competing(df)
-    rows = rows[(_int_column(rows, "refine_passes", 0) > 0) & rows["signal"].notna()]
-    return rows.assign(_budget=_budget_label(rows, cfg.budget_keys))
-
-
-def refinement_vs_controls(df: pd.DataFrame, cfg: ReportConfig = ReportConfig()) -> list[Comparison]:
-    """Q2: within each budget and matched-compute group, the best configuration of each
-    routed signal vs the best uniform-extra-pass and the best random-routing configuration."""
-    rows = _refining(df, cfg)
-    table = refinement_configs(df, cfg)
-    out = []
-    for group_id, group in table.dropna(subset=["flops_group"]).groupby("flops_group", sort=True):
-        lo, hi = group["eval_flops_per_token"].min(), group["eval_flops_per_token"].max()
-        budget = group["budget"].iloc[0]
-        context = f"compute group {group_id}: eval FLOPs/token {lo:.3g}–{hi:.3g}" + (f" ({budget})" if budget else "")
-        by_signal = {s: rows[rows["config_id"].isin(g["config_id"])] for s, g in group.groupby("signal")}
-        for signal in cfg.routed_signals:
-            for control in cfg.controls:
-                if signal in by_signal and control in by_signal:
-                    comparison = _compare_best(by_signal[signal], by_signal[control], context, cfg, (signal, control))
-                    if comparison is not None:
-                        out.append(comparison)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class DecileProfile:
-    """Q3: mean per router-score decile, per signal (rows: signals; columns: deciles 0..9)."""
-
-    ce_delta: pd.DataFrame  # mean of (final CE - base CE); negative = refinement helped
-    ce_delta_ci: pd.DataFrame  # half-width of its confidence interval (NaN for < 2 trials)
-    refined_frac: pd.DataFrame  # mean fraction of the decile's tokens refined
-    trials: pd.Series  # trials per signal
-
-
-def _is_deciles(value: object) -> bool:
-    return isinstance(value, (list, tuple, np.ndarray)) and len(value) == DECILES
-
-
-def decile_profile(df: pd.DataFrame, confidence: float = 0.95) -> DecileProfile:
-    """Mean of `decile_ce_delta` (and `decile_refined_frac`) across trials, per signal."""
-    rows = competing(df)
-    rows = rows[np.array([_is_deciles(v) for v in rows["decile_ce_delta"]], dtype=bool)]
-    columns = list(range(DECILES))
-    delta, ci, frac, counts = {}, {}, {}, {}
-    for signal, group in rows.groupby("signal", sort=True):
-        values = np.stack([np.asarray(v, dtype=np.float64) for v in group["decile_ce_delta"]])
-        per_decile = [summarize(values[:, k], confidence) for k in columns]
-        delta[signal] = [s.mean for s in per_decile]
-        ci[signal] = [(s.ci_high - s.ci_low) / 2 for s in per_decile]
-        fracs = [np.asarray(v, dtype=np.float64) for v in group["decile_refined_frac"] if _is_deciles(v)]
-        frac[signal] = np.mean(fracs, axis=0).tolist() if fracs else [math.nan] * DECILES
-        counts[signal] = len(group)
-    frame = lambda d: pd.DataFrame.from_dict(d, orient="index", columns=columns)  # noqa: E731
-    return DecileProfile(frame(delta), frame(ci), frame(frac), pd.Series(counts, name="trials", dtype="int64"))
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantizationRanking:
-    """Q4: does the ranking of configurations by val_bpb survive quantization?"""
-
-    n_configs: int
-    spearman: float
-    spearman_p: float
-    kendall: float
-    kendall_p: float
-    table: pd.DataFrame  # per config: mean pre/post val_bpb, their ranks, the change; biggest moves first
-    gap_by_bits: pd.DataFrame  # mean (val_bpb - val_bpb_prequant) per bit width
-
-
-def quantization_ranking(df: pd.DataFrame) -> QuantizationRanking:
-    """Rank configurations by mean val_bpb_prequant and by mean val_bpb (1 = best) and correlate."""
-    rows = competing(df)
-    rows = rows[rows["val_bpb_prequant"].notna()]
-    per_config = rows.groupby("config_id", sort=True).agg(
-        pre=("val_bpb_prequant", "mean"), post=(METRIC, "mean"), n=(METRIC, "size")
-    )
-    per_config["config"] = [describe_config(rows[rows["config_id"] == c].iloc[0]) for c in per_config.index]
-    per_config["rank_pre"] = per_config["pre"].rank(method="min").astype("int64")
-    per_config["rank_post"] = per_config["post"].rank(method="min").astype("int64")
-    per_config["change"] = per_config["rank_post"] - per_config["rank_pre"]  # > 0: fell after quantization
-    order = per_config["change"].abs().sort_values(ascending=False, kind="stable").index
-    table = per_config.loc[order].reset_index()
-    gap = (rows[METRIC] - rows["val_bpb_prequant"]).groupby(rows["bits"]).agg(["mean", "size"])
-    gap = gap.rename(columns={"mean": "mean_gap", "size": "trials"}).reset_index()
-    n = len(per_config)
-    if n >= 3 and per_config["pre"].nunique() > 1 and per_config["post"].nunique() > 1:
-        rho, rho_p = stats.spearmanr(per_config["pre"], per_config["post"])
-        tau, tau_p = stats.kendalltau(per_config["pre"], per_config["post"])
-    else:
-        rho = rho_p = tau = tau_p = math.nan
-    return QuantizationRanking(n, float(rho), float(rho_p), float(tau), float(tau_p), table, gap)
-
-
-PARETO_VIEWS: tuple[tuple[str, dict[str, str]], ...] = (
-    ("bytes", {METRIC: "min", "artifact_bytes": "min"}),
-    ("flops", {METRIC: "min", "eval_flops_per_token": "min"}),
+from loopgolf.analysis import plots
+from loopgolf.analysis.evidence import (
+    METRIC,
+    Matrix,
+    ReportConfig,
+    all_per_token,
+    budget_groups,
+    describe_config,
+    estimate_cells,
+    finish_section,
+    held_out_best,
+    int_column,
+    matrix,
 )
+from loopgolf.analysis.stats import crossed_difference, crossed_ratio, rank_correlation
+from loopgolf.analysis.tokens import TokenStore
 
-_FRONT_COLUMNS = ("trial_id", "config_id", "seed", "val_bpb", "artifact_bytes", "eval_flops_per_token", "sweep")
+CONTROLS = ("no_refine", "uniform", "stride", "random")
 
 
-def front_table(df: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFrame:
-    """The Pareto front of feasible complete trials, with a config description column."""
-    front = pareto_front(df, objectives)  # type: ignore[arg-type]
-    table = front[[c for c in _FRONT_COLUMNS if c in front]].copy()
-    table.insert(1, "config", [describe_config(row) for _, row in front.iterrows()])
-    return table.reset_index(drop=True)
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    title: str
+    method: str  # how to read the section
+    table: pd.DataFrame
+    verdict: str
+    missing: str = ""  # what the sweep lacks for this section, in plain words
+    figure: object | None = None  # a matplotlib Figure
+    extra: tuple[tuple[str, pd.DataFrame], ...] = ()
+
+
+def _fill(rows: pd.DataFrame) -> float:
+    if "byte_fill" in rows and rows["byte_fill"].notna().any():
+        return float(rows["byte_fill"].mean())
+    return float((rows["artifact_bytes"].astype(float) / rows["max_artifact_bytes"].astype(float)).mean())
+
+
+def _configs(rows: pd.DataFrame, store: TokenStore | None, per_token: bool) -> dict[str, Matrix]:
+    return {str(c): matrix(g, store, per_token) for c, g in rows.groupby("config_id", sort=True)}
+
+
+# ------------------------------------------------------------------------- 1. shared vs unique
+
+
+def _q1_subsets(looped: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    phase = looped["phase"].fillna("none") if "phase" in looped else pd.Series("none", index=looped.index)
+    blocks = int_column(looped, "n_blocks", 1)
+    width = int_column(looped, "d_model", 0)
+    median = float(width.median()) if len(width) else 0.0
+    return [
+        ("all looped", looped),
+        ("strict sharing (phase none)", looped[phase == "none"]),
+        ("relaxed (per-pass phase)", looped[phase != "none"]),
+        ("single block", looped[blocks == 1]),
+        ("few blocks", looped[blocks > 1]),
+        (f"narrow (d <= {median:g})", looped[width <= median]),
+        (f"wide (d > {median:g})", looped[width > median]),
+    ]
+
+
+def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) -> Answer:
+    """Looped without refinement vs unique depth, per group, split by phase mode, blocks and width."""
+    passes, refine = int_column(rows, "n_passes", 1), int_column(rows, "refine_passes", 0)
+    out: list[dict[str, object]] = []
+    for group, part in budget_groups(rows):
+        p, r = passes.loc[part.index], refine.loc[part.index]
+        looped, unique = part[(p > 1) & (r == 0)], part[(p == 1) & (r == 0)]
+        if looped.empty or unique.empty:
+            continue
+        per_token = all_per_token(pd.concat([looped, unique]), store)
+        unique_pick = held_out_best(_configs(unique, store, per_token), cfg.min_seeds)
+        for label, subset in _q1_subsets(looped):
+            if subset.empty:
+                continue
+            pick = held_out_best(_configs(subset, store, per_token), cfg.min_seeds)
+            a, b = pick.test, unique_pick.test
+            if a.num.shape[1] != b.num.shape[1]:  # held-out documents differ when only one side picked
+                a, b = _same_docs(a, b, pick, unique_pick)
+            estimate = None
+            if min(len(a.seeds), len(b.seeds)) >= cfg.min_seeds:
+                estimate = crossed_difference(a.num, a.den, b.num, b.den, confidence=cfg.confidence)
+            chosen_a = part[part["config_id"] == pick.config_id]
+            chosen_b = part[part["config_id"] == unique_pick.config_id]
+            out.append({
+                "group": group, "looped subset": label,
+                "looped": describe_config(chosen_a.iloc[0]), "unique": describe_config(chosen_b.iloc[0]),
+                "fill A/B": f"{_fill(chosen_a):.3f}/{_fill(chosen_b):.3f}",
+                "steps A/B": f"{chosen_a['train_steps'].mean():.0f}/{chosen_b['train_steps'].mean():.0f}",
+                **estimate_cells(estimate), "selection": pick.note,
+            })  # fmt: skip
+    table, verdict = finish_section(out, cfg.alpha)
+    missing = "" if out else "No group holds both a looped (n_passes > 1, no refinement) and a unique-depth trial."
+    return Answer(
+        "1. Shared vs unique depth (no refinement), at equal bytes and equal wall-clock",
+        "Δ = looped − unique in val bpb (negative: looped is better). Each side's best configuration is picked "
+        "on data it is not tested on. Fill = artifact bytes / cap; every trial of a group had the same train "
+        "seconds.",
+        table, verdict, missing, plots.forest(table, "looped − unique (bpb)") if out else None,
+    )
+
+
+def _same_docs(a: Matrix, b: Matrix, pa: object, pb: object) -> tuple[Matrix, Matrix]:
+    """Restrict a side that kept every document to the odd ones the other side was tested on."""
+    if a.num.shape[1] > b.num.shape[1]:
+        return a.take(docs=np.arange(a.num.shape[1]) % 2 == 1), b
+    return a, b.take(docs=np.arange(b.num.shape[1]) % 2 == 1)
+
+
+# ------------------------------------------------------------------------- pairs (sections 2, 4, 5, 6)
+
+
+def pairs(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, dict[str, pd.DataFrame]]]:
+    """(pair_id, routed rows, {arm: rows}) of every routed configuration that has arms."""
+    if "arm" not in rows or "pair_id" not in rows or rows["arm"].isna().all():
+        return []
+    out = []
+    for pair_id, part in rows[rows["pair_id"].notna()].groupby("pair_id", sort=True):
+        routed = part[part["arm"] == "routed"]
+        arms = {a: part[part["arm"] == a] for a in CONTROLS if (part["arm"] == a).any()}
+        if not routed.empty and arms:
+            out.append((str(pair_id), routed, arms))
+    return out
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame, store: TokenStore | None) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Matched seeds of two arms: (A - B bits [S, D], bytes [S, D], per-token?)."""
+    seeds = sorted(set(a["seed"].dropna().astype(int)) & set(b["seed"].dropna().astype(int)))
+    a, b = a[a["seed"].isin(seeds)], b[b["seed"].isin(seeds)]
+    per_token = all_per_token(pd.concat([a, b]), store)
+    ma, mb = matrix(a, store, per_token), matrix(b, store, per_token)
+    return ma.num - mb.num, ma.den, per_token
+
+
+NO_PAIRS = "No paired arms in this sweep (the ledger has no `arm`/`pair_id`, or no routed configuration has arms)."
+
+
+def routed_vs_controls(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) -> Answer:
+    """Each routed configuration against each of its own control arms, paired by seed and token."""
+    out: list[dict[str, object]] = []
+    for pair_id, routed, arms in pairs(rows):
+        for arm, control in arms.items():
+            num, den, per_token = _paired(routed, control, store)
+            estimate = crossed_ratio(num, den, confidence=cfg.confidence) if len(num) else None
+            out.append({
+                "pair": pair_id[:10], "routed": describe_config(routed.iloc[0]), "control": arm,
+                "refined (target)": _fraction(routed), **estimate_cells(estimate),
+                "evidence": "seeds x documents" if per_token else "seeds only (no per-token files)",
+            })  # fmt: skip
+    table, verdict = finish_section(out, cfg.alpha)
+    return Answer(
+        "2. Routed refinement vs its own controls",
+        "Δ = routed − control in val bpb, paired by seed and, with per-token files, by token (negative: routing "
+        "helps). Controls run the same configuration and seeds with only the routing changed.",
+        table, verdict, "" if out else NO_PAIRS, plots.forest(table, "routed − control (bpb)") if out else None,
+    )
+
+
+def _fraction(rows: pd.DataFrame) -> str:
+    got = rows["refine_fraction"].mean() if "refine_fraction" in rows else float("nan")
+    target = rows["refine_target"].mean() if "refine_target" in rows else float("nan")
+    return f"{got:.3f} ({target:.3f})"
+
+
+# ------------------------------------------------------------------------- 4. overhead
+
+
+def routing_overhead(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) -> Answer:
+    """Measured time per token of routed vs uniform, against their analytic FLOP ratio."""
+    out: list[dict[str, object]] = []
+    for pair_id, routed, arms in pairs(rows):
+        if "uniform" not in arms:
+            continue
+        uniform = arms["uniform"]
+        seeds = sorted(set(routed["seed"].astype(int)) & set(uniform["seed"].astype(int)))
+        r = routed.set_index("seed").loc[seeds]
+        u = uniform.set_index("seed").loc[seeds]
+        flops = float((r["eval_flops_per_token"] / u["eval_flops_per_token"]).mean())
+        eval_ratio = np.log((r["eval_seconds"] / u["eval_seconds"]).to_numpy(np.float64))
+        train_ratio = np.log((_train_rate(u) / _train_rate(r)).to_numpy(np.float64))
+        for what, logs in (("eval", eval_ratio), ("train", train_ratio)):
+            e = crossed_ratio(logs[:, None], np.ones((len(logs), 1)), confidence=cfg.confidence)
+            ratio = np.exp(e.value)
+            out.append({
+                "pair": pair_id[:10], "routed": describe_config(routed.iloc[0]), "phase": what,
+                "FLOP ratio": flops,
+                "time ratio [95% CI]": f"{ratio:.3f}" + (
+                    f" [{np.exp(e.ci_low):.3f}, {np.exp(e.ci_high):.3f}]" if e.testable else ""
+                ),
+                "saving realized": (1 - ratio) / (1 - flops) if flops != 1 else float("nan"),
+                "p": e.p_value, "seeds": e.n_seeds,
+            })  # fmt: skip
+    table, verdict = finish_section(out, cfg.alpha)
+    missing = "" if out else NO_PAIRS.replace("has arms", "has a `uniform` arm")
+    return Answer(
+        "4. Does routing overhead cancel the saving?",
+        "Per token, routed time / uniform time (geometric mean over seeds) beside the analytic FLOP ratio. "
+        "p tests time ratio = 1; 'saving realized' = (1 − time ratio) / (1 − FLOP ratio): 1 means the FLOP "
+        "saving shows in full in seconds, <= 0 that the overhead cancels it.",
+        table, verdict, missing, plots.overhead(table) if out else None,
+    )
+
+
+def _train_rate(rows: pd.DataFrame) -> pd.Series:
+    if "tokens_per_second" in rows and rows["tokens_per_second"].notna().all():
+        return rows["tokens_per_second"].astype(float)
+    return rows["train_tokens"].astype(float) / rows["train_seconds"].astype(float)
+
+
+# ------------------------------------------------------------------------- 5. after compression
+
+
+def after_compression(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) -> Answer:
+    """Refinement gain (routed − no_refine) before and after quantization, per bit width."""
+    units: list[dict[str, object]] = []
+    for _, routed, arms in pairs(rows):
+        if "no_refine" not in arms:
+            continue
+        nr = arms["no_refine"]
+        seeds = sorted(set(routed["seed"].astype(int)) & set(nr["seed"].astype(int)))
+        r, n = routed.set_index("seed").loc[seeds], nr.set_index("seed").loc[seeds]
+        for s in seeds:
+            pre = r.loc[s, "val_bpb_prequant"] - n.loc[s, "val_bpb_prequant"]
+            units.append({"bits": int(r.loc[s, "bits"]), "pre": pre, "post": r.loc[s, METRIC] - n.loc[s, METRIC]})
+    out: list[dict[str, object]] = []
+    for bits, part in pd.DataFrame(units).groupby("bits", sort=True) if units else []:
+        gains = (("before", part["pre"]), ("after", part["post"]), ("after − before", part["post"] - part["pre"]))
+        for what, values in gains:
+            x = values.to_numpy(np.float64)[:, None]
+            e = crossed_ratio(x, np.ones_like(x), confidence=cfg.confidence)
+            out.append({"bits": bits, "gain": what, **estimate_cells(e)})
+    table, verdict = finish_section(out, cfg.alpha)
+    extra = _ranking_tables(rows)
+    return Answer(
+        "5. After compression: does the refinement gain survive quantization?",
+        "Gain = routed − no_refine val bpb (paired by seed; units are (pair, seed)), before quantization and "
+        "from the artifact, per bit width. Below: whether the ranking of configurations survives quantization "
+        "(exact permutation p-values for n <= 8).",
+        table, verdict, "" if out else NO_PAIRS.replace("has arms", "has a `no_refine` arm"),
+        plots.forest(table, "gain (bpb)", label_columns=("bits", "gain")) if out else None, extra,
+    )
+
+
+def _ranking_tables(rows: pd.DataFrame) -> tuple[tuple[str, pd.DataFrame], ...]:
+    out = []
+    for group, part in budget_groups(rows[rows["val_bpb_prequant"].notna()]):
+        per = part.groupby("config_id").agg(pre=("val_bpb_prequant", "mean"), post=(METRIC, "mean"))
+        rc = rank_correlation(per["pre"].to_numpy(), per["post"].to_numpy())
+        out.append({"group": group, "configurations": rc.n, "Spearman ρ": rc.spearman, "p (ρ)": rc.spearman_p,
+                    "Kendall τ": rc.kendall, "p (τ)": rc.kendall_p, "exact": rc.exact})  # fmt: skip
+    return (("Ranking through quantization", pd.DataFrame(out)),) if out else ()

@@ -1,34 +1,52 @@
-"""The hypothesis report: assembles report.md from the questions (questions.py), their
-statistics (stats.py) and plots (plots.py); only `report()` reads Parquet and writes files.
+"""The hypothesis report: assembles report.md (with PNG plots) and report.html (one
+self-contained file) from the six questions (questions.py, token_questions.py), their
+statistics (stats.py) and plots (plots.py). Only `report()` reads Parquet and writes files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from loopgolf.analysis import plots
+from loopgolf.analysis import html_report, plots
+from loopgolf.analysis.evidence import METRIC, ReportConfig, competing, describe_config, group_columns
 from loopgolf.analysis.pareto import pareto_front
 from loopgolf.analysis.questions import (
-    METRIC,
-    PARETO_VIEWS,
-    ReportConfig,
-    competing,
-    decile_profile,
-    front_table,
-    looped_vs_unique,
-    quantization_ranking,
-    refinement_configs,
-    refinement_vs_controls,
+    Answer,
+    after_compression,
+    routed_vs_controls,
+    routing_overhead,
+    shared_vs_unique,
 )
-from loopgolf.analysis.results import STATUSES, load_results, trials_files
-from loopgolf.analysis.stats import Comparison
+from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results
+from loopgolf.analysis.token_questions import robustness, where_refinement_helps
+from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
+
+__all__ = ["PARETO_VIEWS", "ReportConfig", "front_table", "md_table", "report"]
+
+QUESTIONS = (shared_vs_unique, routed_vs_controls, where_refinement_helps, routing_overhead, after_compression,
+             robustness)  # fmt: skip
+
+PARETO_VIEWS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("bytes", {METRIC: "min", "artifact_bytes": "min"}),
+    ("flops", {METRIC: "min", "eval_flops_per_token": "min"}),
+)
+_FRONT_COLUMNS = ("trial_id", "config", "seed", "arm", "val_bpb", "artifact_bytes", "eval_flops_per_token", "sweep")
+
+
+def front_table(df: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFrame:
+    """The Pareto front of feasible complete trials, with a configuration description column."""
+    front = pareto_front(df, objectives)  # type: ignore[arg-type]
+    front = front.assign(config=[describe_config(row) for _, row in front.iterrows()])
+    return front[[c for c in _FRONT_COLUMNS if c in front]].reset_index(drop=True)
+
 
 # ------------------------------------------------------------------------- Markdown
 
@@ -44,12 +62,18 @@ def _cell(value: object) -> str:
         value = float(value)
         if value.is_integer() and abs(value) >= 1e3:
             return f"{value:,.0f}" if abs(value) < 1e7 else f"{value:.4g}"
-        return f"{value:.4g}" if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
+        return f"{value:.3g}" if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def visible(table: pd.DataFrame) -> pd.DataFrame:
+    """The columns a reader sees (`_`-prefixed ones feed the plots)."""
+    return table[[c for c in table.columns if not str(c).startswith("_")]]
 
 
 def md_table(table: pd.DataFrame, max_rows: int | None = None) -> str:
     """A GitHub-flavoured Markdown table (no dependency on `tabulate`)."""
+    table = visible(table)
     if table.empty:
         return "_(no rows)_"
     shown = table if max_rows is None else table.head(max_rows)
@@ -60,52 +84,98 @@ def md_table(table: pd.DataFrame, max_rows: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def comparisons_table(comparisons: Sequence[Comparison]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {
-                "group": c.context,
-                "A": c.a_label,
-                "A configuration": c.a_detail,
-                "A val_bpb": c.a.text(),
-                "B": c.b_label,
-                "B configuration": c.b_detail,
-                "B val_bpb": c.b.text(),
-                "Δ (A−B)": c.diff,
-                "p (Welch)": c.p_value,
-                "verdict": c.verdict,
-            }
-            for c in comparisons
-        ]
-    )
+# ------------------------------------------------------------------------- assembly
 
 
-def _verdict_lines(comparisons: Sequence[Comparison]) -> list[str]:
-    if not comparisons:
-        return []
-    conclusive = [c for c in comparisons if c.conclusive]
-    significant = [c for c in conclusive if c.significant]
-    lines = [
-        f"{len(comparisons)} comparison(s); {len(conclusive)} with enough seeds to test; "
-        f"{len(significant)} significant."
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section as both renderers need it: the answer, its PNG (file name and bytes)."""
+
+    answer: Answer
+    png_name: str | None
+    png: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Front:
+    name: str
+    x: str
+    table: pd.DataFrame  # front_table rows
+    rows: pd.DataFrame  # all competing trials with a value of x
+    front_rows: pd.DataFrame
+    png: bytes | None
+
+
+def _load(dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, dict[str, Path], pd.DataFrame | None]:
+    """Trials of every sweep, trial id -> its sweep directory, and the learning curves (if any)."""
+    frames, where, curves = [], {}, []
+    for d in dirs:
+        df = load_results(d)
+        frames.append(df)
+        where |= dict.fromkeys(df["trial_id"], sweep_dir_of(d))
+        if (sweep_dir_of(d) / CURVES_FILE).is_file():  # a sweep without curves: the section says so
+            curves.append(load_curves(d))
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    return df, where, (pd.concat(curves, ignore_index=True) if curves else None)
+
+
+def _expand(dirs: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
+    from loopgolf.analysis.results import trials_files
+
+    return [f.parent.parent if f.parent.name == "results" else f for f in trials_files(*dirs)]
+
+
+def _sections(rows: pd.DataFrame, store: TokenStore, cfg: ReportConfig) -> list[Section]:
+    out = []
+    for k, question in enumerate(QUESTIONS, start=1):
+        answer = question(rows, store, cfg)
+        png = plots.png_bytes(answer.figure) if answer.figure is not None else None
+        out.append(Section(answer, f"section{k}.png" if png else None, png))
+    return out
+
+
+def _fronts(df: pd.DataFrame, rows: pd.DataFrame) -> list[Front]:
+    out = []
+    for name, objectives in PARETO_VIEWS:
+        x = list(objectives)[1]
+        usable = rows[rows[x].notna()]
+        front_rows = pareto_front(df, objectives) if not usable.empty else usable  # type: ignore[arg-type]
+        table = front_table(df, objectives) if not usable.empty else usable
+        png = plots.png_bytes(plots.front(usable, front_rows, x)) if not usable.empty else None
+        described = usable.assign(config=[describe_config(r) for _, r in usable.iterrows()])
+        front_described = front_rows.assign(config=[describe_config(r) for _, r in front_rows.iterrows()])
+        out.append(Front(name, x, table, described, front_described, png))
+    return out
+
+
+def _curves(curves: pd.DataFrame | None, df: pd.DataFrame) -> pd.DataFrame | None:
+    """quick_val_bpb rows with each trial's configuration description."""
+    if curves is None:
+        return None
+    quick = curves[(curves["metric"] == "quick_val_bpb") & curves["value"].notna()]
+    configs = dict(zip(df["trial_id"], [describe_config(r) for _, r in df.iterrows()], strict=True))
+    quick = quick[quick["trial_id"].isin(configs)]
+    if quick.empty:
+        return None
+    return quick.assign(config=quick["trial_id"].map(configs)).sort_values(["trial_id", "elapsed_seconds"])
+
+
+def _header(df: pd.DataFrame, rows: pd.DataFrame, cfg: ReportConfig, store_notes: list[str]) -> list[str]:
+    counts = df["status"].value_counts()
+    sweeps = ", ".join(sorted(df["sweep"].dropna().astype(str).unique())) or "(none)"
+    _, notes = group_columns(df)
+    return [
+        f"Sweeps: {sweeps}. Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}.",
+        f"{len(df)} trials: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+        + f"; {len(rows)} feasible and complete, in {rows['config_id'].nunique()} configurations.",
+        "How to read: only feasible, complete trials count, and only within one group of equal data, byte cap, "
+        "train budget and hardware. Every Δ comes with a 95% interval that accounts for seed-to-seed and (with "
+        "per-token files) document-to-document variation: a crossed seeds × documents random-effects t interval on "
+        f"the bytes-weighted ratio. p-values are Holm-corrected within each section at α = {cfg.alpha}. With fewer "
+        f"than {cfg.min_seeds} seeds on a side nothing is tested. 'Best of a side' is picked on data it is not "
+        "tested on.",
+        *[f"Note: {n}." for n in notes + store_notes],
     ]
-    if not conclusive:
-        lines.append("**Too few seeds to conclude anything here**: rerun with more seeds per configuration.")
-    return lines
-
-
-
-# ------------------------------------------------------------------------- the report
-
-
-def _decile_columns(table: pd.DataFrame) -> pd.DataFrame:
-    return table.rename(columns=lambda k: f"d{k}")
-
-
-def _default_out_dir(sweep_dirs: Sequence[str | os.PathLike[str]]) -> Path:
-    first = trials_files(*sweep_dirs)[0]
-    sweep_dir = first.parent.parent if first.parent.name == "results" else first.parent
-    return sweep_dir / "report"
 
 
 def report(
@@ -114,141 +184,79 @@ def report(
     *,
     config: ReportConfig | None = None,
 ) -> Path:
-    """Write `report.md` and its PNG plots for one or many sweeps; returns the report's path.
+    """Write report.md (+ PNGs) and report.html for one or many sweeps; returns report.md's path.
 
     `out_dir` defaults to `<first sweep dir>/report`. Each file is replaced atomically and
     report.md is written last, so it never points at a plot that is not there.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; files only
-
-    dirs = [sweep_dirs] if isinstance(sweep_dirs, (str, os.PathLike)) else list(sweep_dirs)
-    df = load_results(*dirs)
-    out = Path(out_dir) if out_dir is not None else _default_out_dir(dirs)
-    out.mkdir(parents=True, exist_ok=True)
     cfg = config or ReportConfig()
+    dirs = _expand([sweep_dirs] if isinstance(sweep_dirs, (str, os.PathLike)) else list(sweep_dirs))
+    df, where, curves = _load(dirs)
+    out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
     rows = competing(df)
-    md: list[str] = ["# loopgolf report", ""]
+    store = TokenStore(df, where)
+    has_tokens = any(store.has(t) for t in rows["trial_id"])
+    store_notes = [] if has_tokens else ["no per-token evaluation files: intervals cover seeds only"]
+    sections = _sections(rows, store, cfg)
+    fronts = _fronts(df, rows)
+    quick = _curves(curves, df)
+    header = _header(df, rows, cfg, store_notes)
+    atomic_write(out / "report.html", html_report.render(header, sections, fronts, quick, cfg).encode("utf-8"))
+    return _write_markdown(out, header, sections, fronts, quick, cfg)
 
-    counts = df["status"].value_counts()
-    sweeps = ", ".join(sorted(df["sweep"].dropna().unique())) or "(none)"
-    md += [
-        f"Sweeps: {sweeps}. Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC}.",
-        "",
-        f"{len(df)} trials: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
-        + f"; {len(rows)} feasible and complete, in {rows['config_id'].nunique()} configurations.",
-        "",
-        f"How to read: only feasible, complete trials count. Replicates (same `config_id`, different seeds) "
-        f"form one configuration, shown as mean ± half-width of the {cfg.confidence:.0%} t-interval (n seeds). "
-        f"A vs B is Welch's t-test over seeds at α = {cfg.alpha}; with fewer than {cfg.min_seeds} seeds on a side "
-        "the report says so instead of concluding. A side's best configuration is the lowest mean among those "
-        f"with at least {cfg.min_seeds} seeds (among all when none has); it is picked on the same seeds it is "
-        "tested on, so p-values are optimistic when a side has many configurations.",
-        "",
-    ]
 
-    # 1
-    md += ["## 1. Looped/shared blocks vs unique depth, at equal bytes and wall-clock", ""]
-    md += [
-        f"Within each budget group ({', '.join(cfg.budget_keys)}: same byte cap, same training seconds), the best "
-        "looped configuration (n_passes > 1) against the best unique-depth one (n_passes = 1, no refinement), on "
-        f"{METRIC}.",
-        "",
-    ]
-    q1 = looped_vs_unique(df, cfg)
-    if q1:
-        md += [md_table(comparisons_table(q1)), "", *_verdict_lines(q1), ""]
-        plot = plots.plot_comparisons(q1, "Looped vs unique depth", out / "looped_vs_unique.png")
-        md += [f"![looped vs unique]({plot})", ""]
-    else:
-        md += ["No budget group has both a looped and a unique-depth feasible trial: nothing to compare.", ""]
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
-    # 2
-    md += ["## 2. Routed refinement vs uniform extra pass vs random routing, at matched eval compute", ""]
-    md += [
-        f"Within each budget group, refining configurations (refine_passes > 0) are matched by eval FLOPs/token: "
-        "sorted by their mean, a "
-        f"configuration joins the current compute group when it is within {cfg.flops_match_ratio:.2f}x of the "
-        "group's cheapest, else it starts a new group. In each group, the best configuration of each routed signal "
-        f"({', '.join(cfg.routed_signals)}) against the best of each control ({', '.join(cfg.controls)}).",
-        "",
-    ]
-    q2_table = refinement_configs(df, cfg)
-    q2 = refinement_vs_controls(df, cfg)
-    if q2:
-        md += [md_table(comparisons_table(q2)), "", *_verdict_lines(q2), ""]
-    else:
-        md += ["No compute group holds both a routed signal and a control: nothing to compare.", ""]
-    if not q2_table.empty:
-        shown = q2_table[
-            ["flops_group", "signal", "config", "config_id", "n", "mean", "ci_low", "ci_high", "eval_flops_per_token"]
-        ]
-        md += ["Refining configurations:", "", md_table(shown.sort_values(["flops_group", "mean"]), cfg.max_listed), ""]
-        md += [f"![refinement by signal]({plots.plot_refinement(q2_table, out / 'refinement_signals.png')})", ""]
 
-    # 3
-    md += ["## 3. Where refinement helps: CE change by router-score decile", ""]
-    profile = decile_profile(df, cfg.confidence)
-    if profile.ce_delta.empty:
-        md += ["No feasible trial recorded per-decile refinement statistics.", ""]
-    else:
-        md += [
-            "Mean over trials of (final CE − base CE) per router-score decile (decile 0 = lowest score); "
-            "negative means refinement lowered the loss there.",
-            "",
-            md_table(_decile_columns(profile.ce_delta).assign(trials=profile.trials).reset_index(names="signal")),
-            "",
-        ]
-        if profile.refined_frac.notna().any().any():
-            md += [
-                "Mean fraction of each decile's tokens refined:",
-                "",
-                md_table(_decile_columns(profile.refined_frac).reset_index(names="signal")),
-                "",
-            ]
-        md += [
-            f"![CE change by decile]({plots.plot_deciles(profile, out / 'decile_ce_delta.png')})",
-            "",
-        ]
-
-    # 4
-    md += ["## 4. Does the ranking survive quantization?", ""]
-    ranking = quantization_ranking(df)
-    if ranking.n_configs < 3 or math.isnan(ranking.spearman):
-        md += [f"{ranking.n_configs} configuration(s) with both scores: too few to correlate rankings (need 3).", ""]
-    else:
-        md += [
-            f"Configurations ranked by mean val_bpb_prequant and by mean val_bpb from the artifact "
-            f"({ranking.n_configs} configurations): Spearman ρ = {ranking.spearman:.3f} (p={ranking.spearman_p:.2g}), "
-            f"Kendall τ = {ranking.kendall:.3f} (p={ranking.kendall_p:.2g}). "
-            f"{int((ranking.table['change'] != 0).sum())} configuration(s) change rank.",
-            "",
-        ]
-    if ranking.n_configs:
-        moved = ranking.table[["config", "config_id", "n", "pre", "post", "rank_pre", "rank_post", "change"]]
-        md += ["Rank changes (positive = worse after quantization), largest first:", ""]
-        md += [md_table(moved, cfg.max_listed), ""]
-        md += ["Quantization gap (val_bpb − val_bpb_prequant) by bit width:", "", md_table(ranking.gap_by_bits), ""]
-        md += [f"![quantization]({plots.plot_quantization(ranking, out / 'quantization_ranks.png')})", ""]
-
-    # Pareto
+def _write_markdown(
+    out: Path, header: list[str], sections: list[Section], fronts: list[Front], quick: pd.DataFrame | None,
+    cfg: ReportConfig,
+) -> Path:
+    md = ["# loopgolf report", ""]
+    for line in header:
+        md += [line, ""]
+    for section in sections:
+        a = section.answer
+        md += [f"## {a.title}", "", a.method, ""]
+        if a.missing:
+            md += [f"**Not answered:** {a.missing}", ""]
+        if not a.table.empty:
+            md += [md_table(a.table, cfg.max_listed), "", a.verdict, ""]
+        for caption, table in a.extra:
+            md += [f"{caption}:", "", md_table(table, cfg.max_listed), ""]
+        if section.png_name and section.png:
+            atomic_write(out / section.png_name, section.png)
+            md += [f"![{a.title}]({section.png_name})", ""]
     md += ["## Pareto fronts", "", "Non-dominated feasible trials (replicates are separate points; ties all kept).", ""]
-    for name, objectives in PARETO_VIEWS:
-        x = list(objectives)[1]
-        md += [f"### {METRIC} × {x}", ""]
-        usable = rows[rows[x].notna()]
-        if usable.empty:
-            md += [f"No feasible trial has {x}.", ""]
+    for front in fronts:
+        md += [f"### {METRIC} × {front.x}", ""]
+        if front.png is None:
+            md += [f"No feasible trial has {front.x}.", ""]
             continue
-        table = front_table(df, objectives)
-        md += [md_table(table, cfg.max_listed), ""]
-        md += [f"![front]({plots.plot_front(usable, pareto_front(df, objectives), x, out / f'pareto_{name}.png')})", ""]  # type: ignore[arg-type]
-    if not rows.empty:
-        html = plots.plotly_fronts(rows, out / "pareto.html")
-        if html:
-            md += [f"Interactive version: [{html}]({html})", ""]
-
+        atomic_write(out / f"pareto_{front.name}.png", front.png)
+        md += [md_table(front.table, cfg.max_listed), "", f"![front](pareto_{front.name}.png)", ""]
+    md += ["## Learning curves", ""]
+    if quick is None:
+        md += ["No learning curves (results/curves.parquet has no quick_val_bpb).", ""]
+    else:
+        labels = {c: c for c in quick["config"].unique()}
+        atomic_write(out / "learning_curves.png", plots.png_bytes(plots.learning_curves(quick, labels)))
+        md += ["Quick val bpb against elapsed seconds, one colour per configuration.", "",
+               "![learning curves](learning_curves.png)", ""]  # fmt: skip
+    md += ["Interactive version (hover for configuration, seed, arm, bytes, FLOPs): [report.html](report.html)", ""]
     path = out / "report.md"
-    plots.atomic_write(path, "\n".join(md).encode("utf-8"))
+    atomic_write(path, "\n".join(md).encode("utf-8"))
     return path

@@ -83,53 +83,6 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     return float(t), float(2 * stats.t.sf(abs(t), dof))
 
 
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-    """A vs B on one metric (lower is better): summaries, difference, Welch p, a plain verdict."""
-
-    context: str  # which group the two come from (a budget, a matched-compute bin)
-    a_label: str
-    b_label: str
-    a: Summary
-    b: Summary
-    diff: float  # mean(A) - mean(B); negative means A is better
-    p_value: float  # NaN when the test is not possible
-    conclusive: bool  # enough seeds and a test was possible
-    significant: bool  # conclusive and p < alpha
-    verdict: str
-    a_detail: str = ""  # e.g. which configuration stands for side A
-    b_detail: str = ""
-
-
-def compare_groups(
-    a: Sequence[float],
-    b: Sequence[float],
-    *,
-    a_label: str = "A",
-    b_label: str = "B",
-    context: str = "",
-    alpha: float = 0.05,
-    confidence: float = 0.95,
-    min_seeds: int = 2,
-) -> Comparison:
-    """Compare two sets of per-seed values of a lower-is-better metric."""
-    sa, sb = summarize(a, confidence), summarize(b, confidence)
-    diff = sa.mean - sb.mean
-    if sa.n < min_seeds or sb.n < min_seeds:
-        verdict = f"too few seeds to conclude (n={sa.n} vs n={sb.n}; need >= {min_seeds} per side)"
-        return Comparison(context, a_label, b_label, sa, sb, diff, math.nan, False, False, verdict)
-    _, p = welch_t_test([v for v in a if not pd.isna(v)], [v for v in b if not pd.isna(v)])
-    if math.isnan(p):
-        verdict = "identical values" if diff == 0 else "no seed-to-seed variance on either side: cannot test"
-        return Comparison(context, a_label, b_label, sa, sb, diff, p, False, False, verdict)
-    if p < alpha:
-        better = a_label if diff < 0 else b_label
-        verdict = f"{better} is better by {abs(diff):.4f} (p={p:.2g} < {alpha})"
-    else:
-        verdict = f"no significant difference (p={p:.2g} >= {alpha})"
-    return Comparison(context, a_label, b_label, sa, sb, diff, p, True, p < alpha, verdict)
-
-
 # ------------------------------------------------------------------------- crossed seeds x documents
 
 
