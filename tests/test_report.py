@@ -56,7 +56,11 @@ def test_no_planted_gain_is_not_found(tmp_path: Path) -> None:
 
 def test_shared_vs_unique_splits_and_finds_the_looped_gain(tmp_path: Path) -> None:
     rows, store = _load(full_sweep(tmp_path, seeds=4))
-    table = shared_vs_unique(rows, store, CFG).table.set_index("looped subset")
+    answer = shared_vs_unique(rows, store, CFG)
+    overview = answer.extra[0][1]  # every configuration with its eval standard error from documents
+    assert len(overview) == 8 and (overview["seeds"] == 4).all()
+    assert ((overview["eval SE (documents)"] > 0) & (overview["eval SE (documents)"] < 0.05)).all()
+    table = answer.table.set_index("looped subset")
     assert set(table.index) >= {"all looped", "strict sharing (phase none)", "relaxed (per-pass phase)",
                                 "single block", "few blocks"}  # fmt: skip
     strict = table.loc["strict sharing (phase none)"]

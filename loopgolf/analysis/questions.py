@@ -27,7 +27,7 @@ from loopgolf.analysis.evidence import (
     int_column,
     matrix,
 )
-from loopgolf.analysis.stats import crossed_difference, crossed_ratio, rank_correlation
+from loopgolf.analysis.stats import crossed_difference, crossed_ratio, linearize, rank_correlation
 from loopgolf.analysis.tokens import TokenStore
 
 CONTROLS = ("no_refine", "uniform", "stride", "random")
@@ -105,13 +105,37 @@ def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportCo
             })  # fmt: skip
     table, verdict = finish_section(out, cfg.alpha)
     missing = "" if out else "No group holds both a looped (n_passes > 1, no refinement) and a unique-depth trial."
+    overview = configurations(rows, store)
     return Answer(
         "1. Shared vs unique depth (no refinement), at equal bytes and equal wall-clock",
         "Δ = looped − unique in val bpb (negative: looped is better). Each side's best configuration is picked "
         "on data it is not tested on. Fill = artifact bytes / cap; every trial of a group had the same train "
         "seconds.",
         table, verdict, missing, plots.forest(table, "looped − unique (bpb)") if out else None,
+        (("Every configuration (mean over seeds; seed sd; eval standard error from documents)", overview),),
     )
+
+
+def configurations(rows: pd.DataFrame, store: TokenStore | None) -> pd.DataFrame:
+    """Per group and configuration: seeds, mean val bpb, its seed sd, and the eval standard error
+    from documents (how much the score would move on other text of the same kind)."""
+    out = []
+    for group, part in budget_groups(rows):
+        for config_id, trials in part.groupby("config_id", sort=True):
+            per_token = all_per_token(trials, store)
+            m = matrix(trials, store, per_token)
+            per_seed = m.num.sum(axis=1) / m.den.sum(axis=1)
+            doc_se = float("nan")
+            if per_token:
+                _, z = linearize(m.num, m.den)
+                doc_se = float(z.mean(axis=0).std(ddof=1) / np.sqrt(z.shape[1]))
+            out.append({
+                "group": group, "configuration": describe_config(trials.iloc[0]), "config_id": str(config_id)[:10],
+                "arm": trials["arm"].iloc[0] if "arm" in trials else None, "seeds": len(m.seeds),
+                "mean bpb": float(per_seed.mean()), "seed sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1
+                else float("nan"), "eval SE (documents)": doc_se,
+            })  # fmt: skip
+    return pd.DataFrame(out)
 
 
 def _same_docs(a: Matrix, b: Matrix, pa: object, pb: object) -> tuple[Matrix, Matrix]:
