@@ -61,13 +61,14 @@ def test_shared_vs_unique_splits_and_finds_the_looped_gain(tmp_path: Path) -> No
     assert len(overview) == 8 and (overview["seeds"] == 4).all()
     assert ((overview["eval SE (documents)"] > 0) & (overview["eval SE (documents)"] < 0.05)).all()
     table = answer.table.set_index("looped subset")
-    assert set(table.index) >= {"all looped", "strict sharing (phase none)", "relaxed (per-pass phase)",
-                                "single block", "few blocks"}  # fmt: skip
+    assert set(table.index) == {"all looped", "strict sharing (phase none)", "relaxed (per-pass phase)",
+                                "single block", "few blocks", "narrow (d <= 256)", "wide (d > 256)"}  # fmt: skip
     strict = table.loc["strict sharing (phase none)"]
     assert strict["significant"] and strict["_value"] < 0 and "2x3" in strict["looped"]
-    assert "held" not in strict["selection"] and "tested on the rest" in strict["selection"]
+    assert strict["selection"].startswith("looped: best of 2, picked on the even documents and its first 1 seed")
+    assert strict["selection"].endswith("unique: the only configuration")
     relaxed = table.loc["relaxed (per-pass phase)"]
-    assert relaxed["selection"] == "the only configuration" and not relaxed["significant"]
+    assert relaxed["selection"].startswith("looped: the only configuration") and not relaxed["significant"]
     assert table.loc["all looped", "fill A/B"] == "0.900/0.900"
 
 
@@ -115,7 +116,8 @@ def test_sections_say_what_is_missing(tmp_path: Path) -> None:
         answer = question(rows, store, CFG)
         assert answer.table.empty and answer.missing.startswith("No paired arms in this sweep")
     q1 = shared_vs_unique(rows, store, CFG).table.iloc[0]
-    assert q1["docs"] == 1 and "optimistic" not in q1["selection"]  # one looped config: nothing picked
+    assert q1["docs"] == 1 and "optimistic" not in q1["selection"]  # one config a side: nothing picked
+    assert len(shared_vs_unique(rows, store, CFG).table) == 1  # the splits split nothing: not repeated
 
 
 def test_groups_never_pool_different_data(tmp_path: Path) -> None:

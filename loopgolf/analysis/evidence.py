@@ -19,6 +19,7 @@ import pandas as pd
 from loopgolf.analysis.results import feasible_complete
 from loopgolf.analysis.stats import Estimate, holm
 from loopgolf.analysis.tokens import TokenStore
+from loopgolf.errors import LoopgolfError
 
 METRIC = "val_bpb"
 # (column the ledger may carry, what stands in when it does not, what the stand-in means)
@@ -40,8 +41,6 @@ class ReportConfig:
     max_listed: int = 20  # rows of long tables
 
     def __post_init__(self) -> None:
-        from loopgolf.errors import LoopgolfError
-
         if not 0 < self.alpha < 1 or not 0 < self.confidence < 1:
             raise LoopgolfError(f"alpha={self.alpha}, confidence={self.confidence}: expected fractions in (0, 1)")
         if self.min_seeds < 2:

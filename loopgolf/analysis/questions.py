@@ -85,12 +85,13 @@ def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportCo
         per_token = all_per_token(pd.concat([looped, unique]), store)
         unique_pick = held_out_best(_configs(unique, store, per_token), cfg.min_seeds)
         for label, subset in _q1_subsets(looped):
-            if subset.empty:
+            same_as_all = label != "all looped" and set(subset["config_id"]) == set(looped["config_id"])
+            if subset.empty or same_as_all:  # a split that splits nothing would only repeat the first row
                 continue
             pick = held_out_best(_configs(subset, store, per_token), cfg.min_seeds)
             a, b = pick.test, unique_pick.test
             if a.num.shape[1] != b.num.shape[1]:  # held-out documents differ when only one side picked
-                a, b = _same_docs(a, b, pick, unique_pick)
+                a, b = _same_docs(a, b)
             estimate = None
             if min(len(a.seeds), len(b.seeds)) >= cfg.min_seeds:
                 estimate = crossed_difference(a.num, a.den, b.num, b.den, confidence=cfg.confidence)
@@ -101,7 +102,7 @@ def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportCo
                 "looped": describe_config(chosen_a.iloc[0]), "unique": describe_config(chosen_b.iloc[0]),
                 "fill A/B": f"{_fill(chosen_a):.3f}/{_fill(chosen_b):.3f}",
                 "steps A/B": f"{chosen_a['train_steps'].mean():.0f}/{chosen_b['train_steps'].mean():.0f}",
-                **estimate_cells(estimate), "selection": pick.note,
+                **estimate_cells(estimate), "selection": f"looped: {pick.note}; unique: {unique_pick.note}",
             })  # fmt: skip
     table, verdict = finish_section(out, cfg.alpha)
     missing = "" if out else "No group holds both a looped (n_passes > 1, no refinement) and a unique-depth trial."
@@ -138,7 +139,7 @@ def configurations(rows: pd.DataFrame, store: TokenStore | None) -> pd.DataFrame
     return pd.DataFrame(out)
 
 
-def _same_docs(a: Matrix, b: Matrix, pa: object, pb: object) -> tuple[Matrix, Matrix]:
+def _same_docs(a: Matrix, b: Matrix) -> tuple[Matrix, Matrix]:
     """Restrict a side that kept every document to the odd ones the other side was tested on."""
     if a.num.shape[1] > b.num.shape[1]:
         return a.take(docs=np.arange(a.num.shape[1]) % 2 == 1), b

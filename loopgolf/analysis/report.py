@@ -25,7 +25,7 @@ from loopgolf.analysis.questions import (
     routing_overhead,
     shared_vs_unique,
 )
-from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results
+from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results, trials_files
 from loopgolf.analysis.token_questions import robustness, where_refinement_helps
 from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
 
@@ -120,8 +120,7 @@ def _load(dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, dict[st
 
 
 def _expand(dirs: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
-    from loopgolf.analysis.results import trials_files
-
+    """Globs and Parquet paths -> one sweep directory per trials file."""
     return [f.parent.parent if f.parent.name == "results" else f for f in trials_files(*dirs)]
 
 

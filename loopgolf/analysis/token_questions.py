@@ -16,7 +16,7 @@ import pandas as pd
 from loopgolf.analysis import plots
 from loopgolf.analysis.evidence import ReportConfig, all_per_token, describe_config, estimate_cells, finish_section
 from loopgolf.analysis.questions import NO_PAIRS, Answer, _paired, pairs
-from loopgolf.analysis.stats import crossed_ratio, placement_values, t_estimate
+from loopgolf.analysis.stats import Estimate, crossed_ratio, placement_values, t_estimate
 from loopgolf.analysis.tokens import TokenStore, document_index
 
 DECILES = 10
@@ -121,7 +121,7 @@ def where_refinement_helps(rows: pd.DataFrame, store: TokenStore | None, cfg: Re
 # ------------------------------------------------------------------------- 6. robustness
 
 
-def _doc_estimate(num: np.ndarray, den: np.ndarray, confidence: float) -> object:
+def _doc_estimate(num: np.ndarray, den: np.ndarray, confidence: float) -> Estimate:
     """A single seed's delta with a documents-only t interval."""
     total = den.sum()
     value = num.sum() / total
