@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from loopgolf.analysis.questions import (
 from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results, trials_files
 from loopgolf.analysis.token_questions import robustness, where_refinement_helps
 from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
+from loopgolf.atomic import atomic_write_bytes
 
 __all__ = ["PARETO_VIEWS", "ReportConfig", "front_table", "md_table", "report"]
 
@@ -201,23 +201,8 @@ def report(
     fronts = _fronts(df, rows)
     quick = _curves(curves, df)
     header = _header(df, rows, cfg, store_notes)
-    atomic_write(out / "report.html", html_report.render(header, sections, fronts, quick, cfg).encode("utf-8"))
+    atomic_write_bytes(out / "report.html", html_report.render(header, sections, fronts, quick, cfg).encode("utf-8"))
     return _write_markdown(out, header, sections, fronts, quick, cfg)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write beside `path`, fsync, rename over it: a reader sees the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_markdown(
@@ -237,7 +222,7 @@ def _write_markdown(
         for caption, table in a.extra:
             md += [f"{caption}:", "", md_table(table, cfg.max_listed), ""]
         if section.png_name and section.png:
-            atomic_write(out / section.png_name, section.png)
+            atomic_write_bytes(out / section.png_name, section.png)
             md += [f"![{a.title}]({section.png_name})", ""]
     md += ["## Pareto fronts", "", "Non-dominated feasible trials (replicates are separate points; ties all kept).", ""]
     for front in fronts:
@@ -245,17 +230,17 @@ def _write_markdown(
         if front.png is None:
             md += [f"No feasible trial has {front.x}.", ""]
             continue
-        atomic_write(out / f"pareto_{front.name}.png", front.png)
+        atomic_write_bytes(out / f"pareto_{front.name}.png", front.png)
         md += [md_table(front.table, cfg.max_listed), "", f"![front](pareto_{front.name}.png)", ""]
     md += ["## Learning curves", ""]
     if quick is None:
         md += ["No learning curves (results/curves.parquet has no quick_val_bpb).", ""]
     else:
         labels = {c: c for c in quick["config"].unique()}
-        atomic_write(out / "learning_curves.png", plots.png_bytes(plots.learning_curves(quick, labels)))
+        atomic_write_bytes(out / "learning_curves.png", plots.png_bytes(plots.learning_curves(quick, labels)))
         md += ["Quick val bpb against elapsed seconds, one colour per configuration.", "",
                "![learning curves](learning_curves.png)", ""]  # fmt: skip
     md += ["Interactive version (hover for configuration, seed, arm, bytes, FLOPs): [report.html](report.html)", ""]
     path = out / "report.md"
-    atomic_write(path, "\n".join(md).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path
