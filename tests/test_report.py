@@ -174,3 +174,13 @@ def test_a_per_token_file_of_the_wrong_length_is_an_error(tmp_path: Path) -> Non
 def test_report_config_validates() -> None:
     with pytest.raises(LoopgolfError, match="min_seeds"):
         ReportConfig(min_seeds=1)
+
+
+def test_without_per_token_files_pairs_fall_back_to_seeds(tmp_path: Path) -> None:
+    rows, store = _load(full_sweep(tmp_path, per_token=False))
+    table = routed_vs_controls(rows, store, CFG).table
+    assert (table["evidence"] == "seeds only (no per-token files)").all() and (table["docs"] == 1).all()
+    assert table["p"].notna().all()  # paired over 3 seeds: still a test
+    robust = robustness(rows, store, CFG)
+    assert robust.table["p"].isna().all() and "No per-token files" in robust.verdict
+    assert where_refinement_helps(rows, store, CFG).missing.startswith("No pair has per-token files")

@@ -185,8 +185,12 @@ def estimate_cells(e: Estimate | None) -> dict[str, object]:
             "_value": e.value, "_low": e.ci_low, "_high": e.ci_high}  # fmt: skip
 
 
-def finish_section(rows: list[dict[str, object]], alpha: float, better: str = "lower") -> tuple[pd.DataFrame, str]:
-    """Holm-adjust the section's p-values; mark significance; a one-paragraph verdict."""
+def finish_section(
+    rows: list[dict[str, object]], alpha: float, untested: str = "Too few seeds to test anything here: rerun with "
+    "more seeds per configuration."
+) -> tuple[pd.DataFrame, str]:
+    """Holm-adjust the section's p-values; mark significance; a one-paragraph verdict
+    (`untested`: what it says when no comparison could be tested)."""
     table = pd.DataFrame(rows)
     if table.empty:
         return table, ""
@@ -199,5 +203,5 @@ def finish_section(rows: list[dict[str, object]], alpha: float, better: str = "l
         f"α = {alpha} (Holm)."
     )
     if tested == 0:
-        verdict += " Too few seeds to test anything here: rerun with more seeds per configuration."
+        verdict += " " + untested
     return table, verdict

@@ -153,9 +153,10 @@ def robustness(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) 
             value = float(num[k].sum() / den[k].sum())
             out.append({"pair": pair_id[:10], "routed": describe_config(routed.iloc[0]), "seed": seed,
                         **estimate_cells(e), "Δ bpb": value, **concentration})  # fmt: skip
-    table, verdict = finish_section(out, cfg.alpha)
-    if out and not any(store is not None and store.has(t) for t in rows["trial_id"]):
-        verdict += " No per-token files: per-document distributions are not available, only per-seed values."
+    table, verdict = finish_section(
+        out, cfg.alpha, "No per-token files: a seed's gain has no interval over documents, and how the gain "
+        "spreads over documents is not known; only the per-seed values are shown.",
+    )
     return Answer(
         "6. Robustness: across documents and seeds",
         "Per pair and seed, routed − no_refine val bpb with an interval over documents; the share of the total "
