@@ -1,88 +1,142 @@
-"""The widest model that fits a byte budget, by the analytic estimate (trial/estimate.py).
+"""Equal bytes: the configuration that fills a byte budget, by the analytic estimate.
 
-Heads are derived from width by one function (`derive_heads`); `solve_width` picks the
-widest width on the grid whose predicted artifact, with the codec's safety margin, fits.
+The attention design is held constant across widths, so that width and depth are the
+only things a comparison at equal bytes varies: every width has heads of the base
+configuration's `head_dim` and the same ratio of query to KV heads (`derive_heads`).
+Width therefore moves in steps of whole GQA groups (head_dim x kv_ratio), which is too
+coarse to fill a budget; the remainder is filled by the MLP's hidden size, a multiple of
+`MLP_STEP`. `solve_width` picks, among the (width, hidden) pairs whose predicted artifact
+fills the budget to within `FILL`, the one whose MLP ratio is nearest the base's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.artifact import code_bytes
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.estimate import SAFETY_MARGIN, bytes_with_margin
+from loopgolf.trial.estimate import bytes_with_margin
 
-__all__ = ["BudgetError", "derive_heads", "solve_width", "width_grid"]
+__all__ = ["FILL", "MLP_STEP", "BudgetError", "Fill", "attention_design", "derive_heads", "solve_width", "width_grid"]
+
+MLP_STEP = 32  # MLP hidden sizes are multiples of this (whole tensor-core tiles on GPUs)
+FILL = 0.99  # a solved configuration's predicted bytes are in [FILL, 1] x the budget
 
 
 class BudgetError(LoopgolfError):
     """No configuration of the requested family fits the byte budget."""
 
 
-def derive_heads(d_model: int, head_dim: int = 64, kv_ratio: int = 2, min_heads: int = 4) -> tuple[int, int]:
-    """(n_heads, n_kv_heads) for a width: the one rule the search spaces use.
+def attention_design(config: TrialConfig) -> tuple[int, int]:
+    """(head_dim, kv_ratio) of a configuration: what equal-bytes widths hold fixed."""
+    m = config.model
+    return m.head_dim, m.n_heads // m.n_kv_heads
 
-    Heads of `head_dim` when that gives at least `min_heads` heads (d_model must then be a
-    multiple of head_dim); narrower models keep `min_heads` heads of d_model / min_heads
-    (which must be even, for RoPE). KV heads: the divisor of n_heads closest to
-    n_heads / kv_ratio (ties to fewer), so GQA groups stay whole.
-    """
-    if kv_ratio < 1 or min_heads < 1 or head_dim < 2 or head_dim % 2:
-        raise ValueError(f"derive_heads: head_dim={head_dim} (even, >= 2), kv_ratio={kv_ratio}, "
-                         f"min_heads={min_heads} (>= 1)")
-    if d_model >= head_dim * min_heads:
-        if d_model % head_dim:
-            raise ValueError(f"derive_heads: d_model={d_model}: expected a multiple of head_dim={head_dim}")
-        n_heads = d_model // head_dim
+
+def derive_heads(d_model: int, head_dim: int, kv_ratio: int) -> tuple[int, int]:
+    """(n_heads, n_kv_heads) of width `d_model` with heads of `head_dim` and exactly
+    `kv_ratio` query heads per KV head: d_model must be a multiple of head_dim x kv_ratio."""
+    if head_dim < 2 or head_dim % 2 or kv_ratio < 1:
+        raise ValueError(f"derive_heads: head_dim={head_dim}, kv_ratio={kv_ratio}: expected an even head_dim >= 2 "
+                         "and kv_ratio >= 1")
+    group = head_dim * kv_ratio
+    if d_model < group or d_model % group:
+        raise ValueError(f"derive_heads: d_model={d_model}: expected a multiple of head_dim x kv_ratio = {group} "
+                         f"(head_dim={head_dim}, kv_ratio={kv_ratio})")
+    n_heads = d_model // head_dim
+    return n_heads, n_heads // kv_ratio
+
+
+def width_grid(head_dim: int, kv_ratio: int, max_d_model: int = 8192) -> list[int]:
+    """Every width `derive_heads` accepts up to max_d_model, ascending."""
+    group = head_dim * kv_ratio
+    return list(range(group, max_d_model + 1, group))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """One candidate of the solver: a width, its MLP size and predicted bytes."""
+
+    config: TrialConfig
+    predicted: int
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.config.model.mlp_hidden / self.config.model.d_model
+
+
+def _at(config: TrialConfig, d: int, hidden: int, design: tuple[int, int]) -> TrialConfig:
+    n_heads, n_kv = derive_heads(d, *design)
+    return config.replace(d_model=d, n_heads=n_heads, n_kv_heads=n_kv, mlp_dim=hidden)
+
+
+def _widest_mlp(config: TrialConfig, d: int, budget: int, margin: float, code: int,
+                design: tuple[int, int]) -> Fill | None:
+    """The largest MLP (a multiple of MLP_STEP) at width d that fits; None if not even one
+    step fits. Bytes grow almost linearly with the hidden size (the clip of a row grows
+    with its length), so a secant guess is corrected by a step or two."""
+
+    def predicted(steps: int) -> int:
+        return bytes_with_margin(_at(config, d, steps * MLP_STEP, design), margin, code)
+
+    first = predicted(1)
+    if first > budget:
+        return None
+    probe = 1 + max(1, d // MLP_STEP)
+    slope = max(1.0, (predicted(probe) - first) / (probe - 1))
+    guess = 1 + int((budget - first) // slope)
+    if predicted(guess) <= budget:  # gallop up from the guess, then bisect
+        lo, hi, delta = guess, None, 1
+        while hi is None:
+            lo, hi = (lo + delta, None) if predicted(lo + delta) <= budget else (lo, lo + delta)
+            delta *= 2
     else:
-        if d_model % (2 * min_heads):
-            raise ValueError(f"derive_heads: d_model={d_model}: expected a multiple of {2 * min_heads} "
-                             f"(min_heads={min_heads} heads of even size)")
-        n_heads = min_heads
-    divisors = [k for k in range(1, n_heads + 1) if n_heads % k == 0]
-    n_kv = min(divisors, key=lambda k: (abs(k - n_heads / kv_ratio), k))
-    return n_heads, n_kv
+        lo, hi, delta = None, guess, 1
+        while lo is None:
+            below = max(1, hi - delta)
+            lo, hi = (below, hi) if predicted(below) <= budget else (None, below)
+            delta *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if predicted(mid) <= budget else (lo, mid)
+    steps = lo
+    return Fill(_at(config, d, steps * MLP_STEP, design), predicted(steps))
 
 
-def width_grid(head_dim: int = 64, min_heads: int = 4, max_d_model: int = 8192) -> list[int]:
-    """Every width `derive_heads` accepts, ascending: multiples of 2 * min_heads below
-    head_dim * min_heads, multiples of head_dim from there."""
-    narrow = range(2 * min_heads, head_dim * min_heads, 2 * min_heads)
-    return [*narrow, *range(head_dim * min_heads, max_d_model + 1, head_dim)]
+def candidates(config: TrialConfig, budget: int, *, margin: float = 1.0, max_d_model: int = 8192) -> list[Fill]:
+    """For each width of the grid at which anything fits, the widest MLP that fits."""
+    design, code = attention_design(config), code_bytes()
+    fills = []
+    for d in width_grid(*design, max_d_model):
+        fill = _widest_mlp(config, d, budget, margin, code, design)
+        if fill is None:  # bytes grow with width: no wider one fits either
+            break
+        fills.append(fill)
+    return fills
 
 
-def solve_width(
-    config: TrialConfig,
-    byte_budget: int | None = None,
-    *,
-    head_dim: int = 64,
-    min_heads: int = 4,
-    margin: float | None = None,
-    max_d_model: int = 8192,
-) -> TrialConfig:
-    """The widest `config` (d_model, heads derived by `derive_heads`) whose predicted
-    artifact fits `byte_budget` (default: config's max_artifact_bytes) with the margin.
+def solve_width(config: TrialConfig, byte_budget: int | None = None, *, margin: float = 1.0,
+                max_d_model: int = 8192) -> TrialConfig:
+    """`config` at the width and MLP size that fill `byte_budget` (default: its
+    max_artifact_bytes) to within FILL, with the MLP ratio nearest the base's.
 
-    Predicted model bytes are multiplied by `margin` (default SAFETY_MARGIN[codec]); code
-    bytes are exact. The KV ratio is config's n_heads / n_kv_heads. Raises BudgetError if
-    even the narrowest does not fit.
+    Predicted model bytes are multiplied by `margin` (1: the point estimate, which the
+    sweep also holds against the cap before training); code bytes are exact. If no pair
+    reaches FILL, the fullest is returned. Raises BudgetError if nothing fits.
     """
     budget = config.compress.max_artifact_bytes if byte_budget is None else byte_budget
-    kv_ratio = max(1, config.model.n_heads // config.model.n_kv_heads)
-    code = code_bytes()
-
-    def fitted(d: int) -> tuple[TrialConfig, int]:
-        n_heads, n_kv = derive_heads(d, head_dim, kv_ratio, min_heads)
-        candidate = config.replace(d_model=d, n_heads=n_heads, n_kv_heads=n_kv)
-        return candidate, bytes_with_margin(candidate, margin, code)
-
-    grid = width_grid(head_dim, min_heads, max_d_model)
-    for d in reversed(grid):
-        candidate, predicted = fitted(d)
-        if predicted <= budget:
-            return candidate
-    _, smallest = fitted(grid[0])
-    raise BudgetError(
-        f"no width fits {budget:,} bytes: the narrowest, d_model={grid[0]}, is predicted at {smallest:,} bytes "
-        f"(model bytes x {SAFETY_MARGIN[config.compress.codec] if margin is None else margin} margin "
-        f"+ {code:,} code bytes)"
-    )
+    fills = candidates(config, budget, margin=margin, max_d_model=max_d_model)
+    if not fills:
+        head_dim, kv_ratio = attention_design(config)
+        narrowest = _at(config, head_dim * kv_ratio, MLP_STEP, (head_dim, kv_ratio))
+        raise BudgetError(
+            f"no width fits {budget:,} bytes: the narrowest, d_model={narrowest.model.d_model} with a "
+            f"{MLP_STEP}-wide MLP, is predicted at {bytes_with_margin(narrowest, margin):,} bytes"
+        )
+    full = [f for f in fills if f.predicted >= FILL * budget]
+    if not full:
+        return max(fills, key=lambda f: f.predicted).config
+    ratio = config.model.mlp_hidden / config.model.d_model
+    return min(full, key=lambda f: (abs(math.log(f.mlp_ratio / ratio)), -f.config.model.d_model)).config

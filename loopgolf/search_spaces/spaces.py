@@ -73,7 +73,7 @@ SHARED_VS_UNIQUE: Space = {
     "n_passes": Choice((1, 2, 3, 4)),
     "n_prelude": Choice((0, 1)),
     "n_coda": Choice((0, 1)),
-    "d_model": Choice((64, 96, 128, 192, 256)),
+    "d_model": Choice((64, 128, 192, 256, 320)),
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),
@@ -136,23 +136,28 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> dict[str, Dim
 
 
 def derive(values: Mapping[str, Any], base: TrialConfig, equal_bytes: bool, byte_budget: int) -> TrialConfig:
-    """The whole configuration from sampled values: heads from width; width solved for equal bytes.
+    """The whole configuration from sampled values: heads from width, with the base's head
+    size and query-to-KV ratio; with equal bytes, width and MLP size solved to fill the budget.
 
     With equal bytes, a configuration that fits at no width gets the narrowest width:
     its prediction is then over the budget, and the trial is rejected before training.
     """
-    from loopgolf.search_spaces.budget import BudgetError, derive_heads, solve_width, width_grid
+    from loopgolf.search_spaces.budget import BudgetError, attention_design, derive_heads, solve_width
 
     flat = {k: coerce_field(k, v) for k, v in values.items() if k != _PROTECT_FIELD}
     if _PROTECT_FIELD in values:
         flat[_PROTECT_FIELD] = tuple(p for p in str(values[_PROTECT_FIELD]).split(",") if p)
+    head_dim, kv_ratio = attention_design(base)
     config = TrialConfig.from_flat(flat, base=base)
     if equal_bytes:
         try:
             return solve_width(config, byte_budget)
         except BudgetError:
-            config = config.replace(d_model=width_grid()[0])
-    n_heads, n_kv_heads = derive_heads(config.model.d_model)
+            config = config.replace(d_model=head_dim * kv_ratio)
+    try:
+        n_heads, n_kv_heads = derive_heads(config.model.d_model, head_dim, kv_ratio)
+    except ValueError as exc:
+        raise SpaceError(f"d_model={config.model.d_model}: {exc} (the base's attention design)") from None
     return config.replace(n_heads=n_heads, n_kv_heads=n_kv_heads)
 
 
@@ -163,19 +168,22 @@ def smallest_predicted_bytes(space: Space, base: TrialConfig, equal_bytes: bool)
     setting each dimension in turn to the value that minimizes the prediction, twice
     over, finds the minimum without enumerating the product of all dimensions.
     """
-    from loopgolf.search_spaces.budget import width_grid
+    from loopgolf.search_spaces.budget import MLP_STEP, attention_design
     from loopgolf.trial.estimate import predict_artifact_bytes
+
+    head_dim, kv_ratio = attention_design(base)
+    narrowest = head_dim * kv_ratio
 
     def candidates(name: str, dim: Dimension) -> list[Scalar]:
         if equal_bytes and name == "d_model":
-            return [width_grid()[0]]
+            return [narrowest]
         if isinstance(dim, Choice):
             return list(dim.values)
         return [dim.low, dim.high]
 
     point = {name: candidates(name, dim)[0] for name, dim in space.items()}
-    if equal_bytes:
-        point["d_model"] = width_grid()[0]
+    if equal_bytes:  # the solver's smallest: the narrowest width with one step of MLP
+        point.update(d_model=narrowest, mlp_dim=MLP_STEP)
 
     def predicted(values: Mapping[str, Any]) -> int:
         return predict_artifact_bytes(derive(values, base, equal_bytes=False, byte_budget=0))

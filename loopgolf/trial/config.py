@@ -14,6 +14,7 @@ field, its value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import types
@@ -42,10 +43,15 @@ def _fail(owner: str, name: str, value: object, expected: str) -> typing.NoRetur
     raise ConfigError(f"{owner}.{name}={value!r}: expected {expected}")
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolving the annotations is most of a config's construction time
+
+
 def _check_literals(obj: object) -> None:
     """Reject values outside a Literal[...] field's choices, and wrong scalar types."""
     owner = type(obj).__name__
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for field in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, field.name)
         hint = hints[field.name]
@@ -73,6 +79,7 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 2
     mlp_mult: float = 2.0
+    mlp_dim: int = 0  # MLP hidden size; 0 means int(mlp_mult * d_model). Equal-bytes sweeps set it
     activation: Activation = "relu2"
     n_prelude: int = 0
     n_blocks: int = 2
@@ -100,7 +107,7 @@ class ModelConfig:
                 _fail(own, name, getattr(self, name), "an integer >= 1")
         if self.vocab_size > 65_536:
             _fail(own, "vocab_size", self.vocab_size, "<= 65536 (shards store uint16 tokens)")
-        for name in ("n_prelude", "n_coda", "refine_passes"):
+        for name in ("n_prelude", "n_coda", "refine_passes", "mlp_dim"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), "an integer >= 0")
         if self.d_model % self.n_heads:
@@ -132,7 +139,8 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.mlp_mult * self.d_model)
+        """The MLP's hidden size: `mlp_dim` when set, else mlp_mult x d_model."""
+        return self.mlp_dim or int(self.mlp_mult * self.d_model)
 
     @property
     def effective_depth(self) -> int:
