@@ -74,19 +74,23 @@ def _at(config: TrialConfig, d: int, hidden: int, design: tuple[int, int]) -> Tr
 
 def _widest_mlp(config: TrialConfig, d: int, budget: int, margin: float, code: int,
                 design: tuple[int, int]) -> Fill | None:
-    """The largest MLP (a multiple of MLP_STEP) at width d that fits; None if not even one
-    step fits. Bytes grow almost linearly with the hidden size (the clip of a row grows
-    with its length), so a secant guess is corrected by a step or two."""
+    """The largest MLP (a multiple of MLP_STEP) at width d that fits; None if none does.
+
+    Bytes grow with the hidden size once the MLP matrices are quantized (below
+    small_tensor_numel they are fp16, and larger per value), almost linearly (the clip
+    of a row grows with its length): a secant guess, a gallop and a bisection find it.
+    """
 
     def predicted(steps: int) -> int:
         return bytes_with_margin(_at(config, d, steps * MLP_STEP, design), margin, code)
 
-    first = predicted(1)
-    if first > budget:
-        return None
-    probe = 1 + max(1, d // MLP_STEP)
-    slope = max(1.0, (predicted(probe) - first) / (probe - 1))
-    guess = 1 + int((budget - first) // slope)
+    first = 1 + config.compress.small_tensor_numel // (d * MLP_STEP)  # the first quantized MLP
+    if predicted(first) > budget:
+        fits = [s for s in range(1, first) if predicted(s) <= budget]
+        return Fill(_at(config, d, fits[-1] * MLP_STEP, design), predicted(fits[-1])) if fits else None
+    probe = first + max(1, d // MLP_STEP)
+    slope = max(1.0, (predicted(probe) - predicted(first)) / (probe - first))
+    guess = first + int((budget - predicted(first)) // slope)
     if predicted(guess) <= budget:  # gallop up from the guess, then bisect
         lo, hi, delta = guess, None, 1
         while hi is None:
@@ -95,14 +99,13 @@ def _widest_mlp(config: TrialConfig, d: int, budget: int, margin: float, code: i
     else:
         lo, hi, delta = None, guess, 1
         while lo is None:
-            below = max(1, hi - delta)
+            below = max(first, hi - delta)
             lo, hi = (below, hi) if predicted(below) <= budget else (None, below)
             delta *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if predicted(mid) <= budget else (lo, mid)
-    steps = lo
-    return Fill(_at(config, d, steps * MLP_STEP, design), predicted(steps))
+    return Fill(_at(config, d, lo * MLP_STEP, design), predicted(lo))
 
 
 def candidates(config: TrialConfig, budget: int, *, margin: float = 1.0, max_d_model: int = 8192) -> list[Fill]:

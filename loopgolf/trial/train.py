@@ -367,6 +367,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
         "code_bytes": info.code_bytes,
         "compress_seconds": compress_seconds,
         "byte_violation": info.artifact_bytes - config.compress.max_artifact_bytes,
+        "byte_fill": info.artifact_bytes / config.compress.max_artifact_bytes,  # equal bytes: 0.98-1.0
         "eval_violation": final.seconds - eval_cap if eval_cap else 0.0,
         "decile_ce_delta": final.decile_ce_delta,
         "decile_refined_frac": final.decile_refined_frac,
