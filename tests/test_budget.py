@@ -42,10 +42,21 @@ def test_prime_head_counts_keep_their_kv_heads() -> None:
     # 13 and 29 heads: before, the nearest divisor made them one KV head (MQA).
     assert derive_heads(13 * 64, 64, 1) == (13, 13)
     assert derive_heads(29 * 2 * 32, 32, 2) == (58, 29)
-    with pytest.raises(ValueError, match="multiple of head_dim x kv_ratio = 128"):
-        derive_heads(13 * 64, 64, 2)  # 13 heads cannot keep 2 query heads per KV head
     with pytest.raises(ValueError, match="expected an even head_dim"):
         derive_heads(96, 3, 1)
+    with pytest.raises(ValueError, match="expected a multiple of 2 x kv_ratio = 4"):
+        derive_heads(90, 32, 2)
+
+
+@pytest.mark.parametrize("kv_ratio", [1, 2, 4])
+def test_widths_off_the_grid_keep_the_ratio_with_smaller_heads(kv_ratio: int) -> None:
+    for d in range(2 * kv_ratio, 1025, 2 * kv_ratio):
+        n_heads, n_kv = derive_heads(d, 64, kv_ratio)
+        config = ModelConfig(d_model=d, n_heads=n_heads, n_kv_heads=n_kv)  # validates
+        assert n_heads == kv_ratio * n_kv and config.head_dim <= 64
+        assert (config.head_dim == 64) == (d % (64 * kv_ratio) == 0)
+        # the largest even head size that keeps the ratio
+        assert not any(d % (h * kv_ratio) == 0 for h in range(config.head_dim + 2, 65, 2))
 
 
 # ------------------------------------------------------------------------ solver

@@ -36,17 +36,19 @@ def attention_design(config: TrialConfig) -> tuple[int, int]:
 
 
 def derive_heads(d_model: int, head_dim: int, kv_ratio: int) -> tuple[int, int]:
-    """(n_heads, n_kv_heads) of width `d_model` with heads of `head_dim` and exactly
-    `kv_ratio` query heads per KV head: d_model must be a multiple of head_dim x kv_ratio."""
+    """(n_heads, n_kv_heads) of width `d_model` with exactly `kv_ratio` query heads per KV
+    head, and heads of `head_dim` when d_model is a multiple of head_dim x kv_ratio (every
+    width of `width_grid`). A hand-picked width off that grid gets the largest even head
+    size below head_dim that divides it, so the query-to-KV ratio is never given up."""
     if head_dim < 2 or head_dim % 2 or kv_ratio < 1:
         raise ValueError(f"derive_heads: head_dim={head_dim}, kv_ratio={kv_ratio}: expected an even head_dim >= 2 "
                          "and kv_ratio >= 1")
-    group = head_dim * kv_ratio
-    if d_model < group or d_model % group:
-        raise ValueError(f"derive_heads: d_model={d_model}: expected a multiple of head_dim x kv_ratio = {group} "
-                         f"(head_dim={head_dim}, kv_ratio={kv_ratio})")
-    n_heads = d_model // head_dim
-    return n_heads, n_heads // kv_ratio
+    for size in range(head_dim, 1, -2):
+        if d_model % (size * kv_ratio) == 0:
+            n_heads = d_model // size
+            return n_heads, n_heads // kv_ratio
+    raise ValueError(f"derive_heads: d_model={d_model}: expected a multiple of 2 x kv_ratio = {2 * kv_ratio} "
+                     f"(even heads, {kv_ratio} query heads per KV head)")
 
 
 def width_grid(head_dim: int, kv_ratio: int, max_d_model: int = 8192) -> list[int]:

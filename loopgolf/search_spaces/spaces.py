@@ -73,7 +73,7 @@ SHARED_VS_UNIQUE: Space = {
     "n_passes": Choice((1, 2, 3, 4)),
     "n_prelude": Choice((0, 1)),
     "n_coda": Choice((0, 1)),
-    "d_model": Choice((64, 128, 192, 256, 320)),
+    "d_model": Choice((64, 96, 128, 192, 256)),
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),
