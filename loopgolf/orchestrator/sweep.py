@@ -164,6 +164,15 @@ def _finish(sweep_dir: Path, results: Any) -> SweepOutcome:
     return SweepOutcome(sweep_dir, trials=len(results), errors=len(results.errors))
 
 
+def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
+    """results/eval_stream.parquet, once: which document and position every scored token is
+    (every trial scores the same tokens in the same windows; trial/eval_tokens.py)."""
+    from loopgolf.trial.eval_tokens import write_stream
+
+    base = spec.base_config()
+    write_stream(sweep_dir / "results", spec.data, base.train.eval_tokens, base.model.seq_len)
+
+
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
     """Start a new sweep; fails if the sweep directory already holds one."""
     from ray import tune
@@ -175,6 +184,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
         raise SweepError(f"sweep {str(sweep_dir)!r} already exists: continue it with `loopgolf resume {sweep_dir}`")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
+    _write_eval_stream(spec, sweep_dir)
     _init_ray(address, spec)
     pieces = _build(spec, sweep_dir)
     tuner = tune.Tuner(pieces["trainable"], tune_config=pieces["tune_config"], run_config=pieces["run_config"])
@@ -196,6 +206,7 @@ def resume_sweep(sweep_dir: str | os.PathLike[str], address: str | None = None) 
     spec = read_sweep_spec(sweep_dir)
     if not (sweep_dir / "tuner.pkl").is_file():
         raise SweepError(f"{str(sweep_dir)!r} has no Tune state (tuner.pkl) yet: start it again with `loopgolf sweep`")
+    _write_eval_stream(spec, sweep_dir)  # kept if there: a sweep killed before writing it gets it now
     _init_ray(address, spec)
     pieces = _build(spec, sweep_dir)
     tuner = tune.Tuner.restore(

@@ -208,7 +208,7 @@ class TrainConfig:
     warmdown_frac: float = 0.5  # last fraction of train_seconds with linearly decaying LR
     grad_clip: float = 1.0  # 0 disables
     seed: int = 0
-    eval_tokens: int = 65_536  # val tokens scored at the end (0 = the whole val split)
+    eval_tokens: int = 0  # val tokens scored at the end; 0: the whole val split, at most its first 1,048,576
     quick_eval_tokens: int = 8_192  # val tokens scored at each progress report
     report_every_seconds: float = 5.0
     checkpoint_every_seconds: float = 10.0

@@ -23,6 +23,7 @@ import torch
 from loopgolf.trial.artifact import load_artifact_with_config
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import ByteTable, DataError, byte_table, load_tokenizer, token_bytes, val_tokens, val_windows
+from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, TokenScores
 from loopgolf.trial.prepare import read_manifest, tokenizer_path
 
 N_SCORE_BINS = 10
@@ -41,6 +42,7 @@ class EvalResult:
     refine_fraction: float
     decile_ce_delta: tuple[float, ...] | None  # mean (final CE - base CE) per router-score decile
     decile_refined_frac: tuple[float, ...] | None
+    token_scores: TokenScores | None = None  # per scored position, with keep_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +50,7 @@ class ValData:
     """The val split of a prepared data directory, as the scorer reads it."""
 
     table: ByteTable
-    val: np.ndarray  # the first eval_tokens of the val split
+    val: np.ndarray  # the first eval_tokens of the val split (eval_tokens=0: eval_size's default)
     quick_val: np.ndarray  # the head of it that progress reports score (at least one window)
 
 
@@ -60,7 +62,7 @@ def read_val_data(data_dir: Path, config: TrialConfig) -> ValData:
             f"data dir {str(data_dir)!r} uses a {vocab}-piece tokenizer but vocab_size={config.model.vocab_size}"
         )
     table = byte_table(load_tokenizer(tokenizer_path(data_dir)), config.model.vocab_size)
-    val = val_tokens(data_dir, config.train.eval_tokens)
+    val = val_tokens(data_dir, config.train.eval_tokens or AUTO_EVAL_LIMIT)
     quick_val = val[: config.train.quick_eval_tokens + 1]
     if len(quick_val) <= config.model.seq_len:
         quick_val = val[: config.model.seq_len + 1]
@@ -101,8 +103,11 @@ def evaluate(
     *,
     batch_size: int,
     device: torch.device,
+    keep_tokens: bool = False,
 ) -> EvalResult:
-    """Score `tokens` in windows of the model's seq_len; the model is put in eval mode."""
+    """Score `tokens` in windows of the model's seq_len; the model is put in eval mode.
+    With `keep_tokens`, the result carries every scored position's CE, base CE, routing
+    and bytes (eval_tokens.py writes them)."""
     was_training = model.training
     model.eval()
     seq_len = model.config.seq_len  # type: ignore[attr-defined]
@@ -112,6 +117,7 @@ def evaluate(
     passes = flops = refined_tokens = 0.0
     stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     stat_tokens = 0
+    kept: list[tuple[np.ndarray, ...]] = []
     for x_np, y_np in val_windows(tokens, seq_len, batch_size):
         x = torch.from_numpy(x_np).to(device)
         y = torch.from_numpy(y_np).to(device)
@@ -119,7 +125,10 @@ def evaluate(
             out = model(x, y, return_token_ce=True)
         count = y.numel()
         nats += float(out.token_ce.double().sum())
-        n_bytes += int(token_bytes(y_np, x_np, table).sum())
+        window_bytes = token_bytes(y_np, x_np, table)
+        n_bytes += int(window_bytes.sum())
+        if keep_tokens:
+            kept.append(_token_rows(out, window_bytes))
         n_tokens += count
         passes += out.stats.block_applications_per_token * count
         flops += out.stats.flops_per_token * count
@@ -147,6 +156,26 @@ def evaluate(
         refine_fraction=refined_tokens / n_tokens,
         decile_ce_delta=deciles[0],
         decile_refined_frac=deciles[1],
+        token_scores=_token_scores(kept) if keep_tokens else None,
+    )
+
+
+def _token_rows(out: Any, window_bytes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One batch of windows' per-token columns, flattened in scoring order."""
+    ce = out.token_ce.float().flatten().cpu().numpy()
+    base = out.base_token_ce.float().flatten().cpu().numpy()
+    refined = out.refined.flatten().cpu().numpy() if out.refined is not None else np.zeros(ce.shape, bool)
+    score = out.router_score.float().flatten().cpu().numpy() if out.router_score is not None else None
+    return ce, base, refined, score, window_bytes.reshape(-1)
+
+
+def _token_scores(kept: list[tuple[np.ndarray, ...]]) -> TokenScores:
+    ce, base, refined, score, nbytes = zip(*kept, strict=True)
+    return TokenScores(
+        ce=np.concatenate(ce).astype(np.float32), base_ce=np.concatenate(base).astype(np.float32),
+        refined=np.concatenate(refined).astype(bool),
+        router_score=None if score[0] is None else np.concatenate(score).astype(np.float32),
+        bytes=np.concatenate(nbytes).astype(np.int32),
     )
 
 

@@ -51,6 +51,7 @@ from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import TrainBatches
 from loopgolf.trial.distributed import DataParallel, check_divisible
 from loopgolf.trial.estimate import predict_artifact_bytes
+from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
 from loopgolf.trial.evaluate import ValData, autocast_for, eval_metrics, evaluate, read_val_data, resolve_device
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.qat import install_qat, remove_qat
@@ -354,7 +355,10 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     tick = time.perf_counter()
     info = save_artifact(run.model, config, path)
     compress_seconds = time.perf_counter() - tick
-    final = evaluate(load_artifact(path).to(device), val.val, val.table, batch_size=batch_size, device=device)
+    final = evaluate(load_artifact(path).to(device), val.val, val.table, batch_size=batch_size, device=device,
+                     keep_tokens=True)
+    assert final.token_scores is not None
+    tokens_path = write_token_scores(final.token_scores, run.out / EVAL_TOKENS_NAME)
     eval_cap = config.train.max_eval_seconds
     metrics = metrics | eval_metrics(final) | {
         "val_bpb_prequant": prequant.val_bpb,
@@ -362,6 +366,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
         "eval_tokens": final.tokens,
         "eval_bytes": final.bytes,
         "artifact_path": str(path),
+        "eval_tokens_path": str(tokens_path),
         "artifact_bytes": info.artifact_bytes,
         "model_bytes": info.model_bytes,
         "code_bytes": info.code_bytes,
