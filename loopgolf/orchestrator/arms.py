@@ -1,0 +1,91 @@
+"""Paired control arms: every routed configuration is run beside its controls.
+
+A routed configuration refines the tokens a router picks (signal in ROUTED_SIGNALS, at
+least one refinement pass). Whether routing helps is only answered against the same
+configuration with the routing changed and nothing else: the same seeds, the same
+tokens, the same byte cap. Each control arm changes the routing alone:
+
+- `no_refine`: refine_passes = 0 (the base model, no extra compute);
+- `uniform`: every token refined (uniform extra depth);
+- `stride`: a fixed causal pattern at refine_target;
+- `random`: i.i.d. tokens at refine_target, seeded by the trial seed.
+
+Arms of one routed configuration share its `pair_id` (the routed configuration's id);
+trials the sampler proposes that are not routed have no pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, get_args
+
+from loopgolf.errors import LoopgolfError
+from loopgolf.search_spaces.spaces import Choice, Dimension
+from loopgolf.trial.config import RouterSignal
+
+ROUTED_SIGNALS = ("entropy", "margin", "resid_norm", "kl")
+CONTROLS = ("no_refine", "uniform", "stride", "random")
+ARMS = ("routed", *CONTROLS)
+
+
+class ArmsError(LoopgolfError):
+    """A list of control arms is not valid."""
+
+
+def supported_controls() -> tuple[str, ...]:
+    """The control arms the model implements (each signal control is a RouterSignal)."""
+    signals = set(get_args(RouterSignal))
+    return tuple(arm for arm in CONTROLS if arm == "no_refine" or arm in signals)
+
+
+def parse_controls(value: Iterable[str] | None) -> tuple[str, ...]:
+    """The `controls:` spec key: None means every supported arm; duplicates are an error."""
+    if value is None:
+        return supported_controls()
+    if isinstance(value, str):
+        raise ArmsError(f"controls={value!r}: expected a list, a subset of {list(CONTROLS)}")
+    arms = tuple(value)
+    supported = supported_controls()
+    for arm in arms:
+        if arm not in supported:
+            raise ArmsError(f"controls: unknown arm {arm!r}; expected a subset of {list(supported)}")
+    if len(set(arms)) != len(arms):
+        raise ArmsError(f"controls={list(arms)}: an arm is listed twice")
+    return tuple(arm for arm in CONTROLS if arm in arms)  # a fixed order: resumes queue the same way
+
+
+def is_routed(flat: Mapping[str, Any]) -> bool:
+    """Does this flat trial configuration route refinement by a learned signal?"""
+    return int(flat.get("refine_passes", 0)) > 0 and flat.get("signal") in ROUTED_SIGNALS
+
+
+def arm_of(flat: Mapping[str, Any]) -> str:
+    """The arm a flat configuration is: routed, a signal control, or no_refine."""
+    if int(flat.get("refine_passes", 0)) == 0:
+        return "no_refine"
+    return "routed" if flat.get("signal") in ROUTED_SIGNALS else str(flat["signal"])
+
+
+def control_config(flat: Mapping[str, Any], arm: str) -> dict[str, Any]:
+    """The routed configuration `flat` with only its routing changed to `arm`."""
+    if not is_routed(flat):
+        raise ArmsError(f"control arm {arm!r} of a configuration that is not routed "
+                        f"(signal={flat.get('signal')!r}, refine_passes={flat.get('refine_passes')!r})")
+    if arm == "no_refine":
+        return {**flat, "refine_passes": 0}
+    if arm not in CONTROLS:
+        raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROLS)}")
+    return {**flat, "signal": arm}
+
+
+def _reachable(dim: Dimension | None, default: Any) -> list[Any]:
+    if dim is None:
+        return [default]
+    return list(dim.values) if isinstance(dim, Choice) else [dim.high]  # a range reaches its top
+
+
+def space_can_route(space: Mapping[str, Dimension], base: Mapping[str, Any]) -> bool:
+    """Can the sampler propose a routed configuration (so arms default on)?"""
+    passes = _reachable(space.get("refine_passes"), base.get("refine_passes", 0))
+    signals = _reachable(space.get("signal"), base.get("signal"))
+    return any(int(p) > 0 for p in passes) and any(s in ROUTED_SIGNALS for s in signals)
