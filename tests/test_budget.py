@@ -173,4 +173,6 @@ def test_trained_equal_bytes_models_fill_within_2_percent(
     assert metrics["status"] == "complete", metrics.get("error")
     assert FILL <= predicted <= 1.0
     assert metrics["byte_fill"] == metrics["artifact_bytes"] / cap
+    print(f"{shape} cap {cap:,}: d={config.model.d_model} mlp={config.model.mlp_hidden} "
+          f"predicted fill {predicted:.4f}, measured {metrics['byte_fill']:.4f}")
     assert abs(metrics["byte_fill"] - predicted) <= 0.02, (predicted, metrics["byte_fill"])
