@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from loopgolf.analysis.tokens import eval_stream_schema, eval_tokens_schema
 from loopgolf.trial.config import preset
 from loopgolf.trial.data import byte_table, list_shards, load_tokenizer, read_shard, val_tokens
-from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, eval_size, write_stream
+from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, eval_size, write_stream, write_token_scores
 from loopgolf.trial.evaluate import evaluate
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.prepare import read_manifest, tokenizer_path
@@ -42,7 +44,7 @@ def test_stream_positions_documents_and_buckets(corpus_data: Path, tmp_path: Pat
     for t in tokens[: n + 1]:
         document, position = (document + 1, 0) if t == bos else (document, position + 1)
         expected.append((document, position))
-    assert list(zip(stream["document"], stream["doc_position"], strict=True)) == expected[1:]
+    assert list(zip(stream["document"], stream["position"], strict=True)) == expected[1:]
     counts = sum(np.bincount(read_shard(p), minlength=vocab) for p in list_shards(corpus_data, "train"))
     pairs = stream.drop_duplicates("token")
     c, b = counts[pairs["token"].to_numpy()], pairs["freq_bucket"].to_numpy()
@@ -51,9 +53,10 @@ def test_stream_positions_documents_and_buckets(corpus_data: Path, tmp_path: Pat
     before = path.stat().st_mtime_ns
     write_stream(tmp_path, corpus_data, 4_096, seq_len)  # written once: kept as it is
     assert path.stat().st_mtime_ns == before and len(pd.read_parquet(path)) == n
+    assert pq.read_schema(path).remove_metadata() == eval_stream_schema().remove_metadata()  # the report's
 
 
-def test_kept_tokens_add_up_to_the_evaluation(corpus_data: Path) -> None:
+def test_kept_tokens_add_up_to_the_evaluation(corpus_data: Path, tmp_path: Path) -> None:
     config = preset("tiny").replace(refine_passes=1, signal="entropy", refine_target=0.3, seq_len=128)
     torch.manual_seed(0)
     model = RecurrentLM(config.model)
@@ -67,6 +70,9 @@ def test_kept_tokens_add_up_to_the_evaluation(corpus_data: Path) -> None:
     assert math.isclose(float(scores.refined.mean()), result.refine_fraction, abs_tol=1e-9)
     assert (scores.ce[~scores.refined] == scores.base_ce[~scores.refined]).all()
     assert scores.router_score is not None and np.isfinite(scores.router_score).all()
+    path = write_token_scores(scores, tmp_path / "t.parquet")  # the schema the report reads
+    assert pq.read_schema(path).remove_metadata() == eval_tokens_schema().remove_metadata()
+    assert (pd.read_parquet(path)["ce"].to_numpy() == scores.ce).all()
 
 
 @pytest.mark.slow

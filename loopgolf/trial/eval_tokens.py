@@ -9,7 +9,7 @@ document, position in document and frequency bucket each scored token is.
   nats, final logits), `base_ce` (the base pass's CE: equal to ce when nothing is
   refined), `refined` (bool), `router_score` (float32; null without a router), `bytes`.
 - `<sweep>/results/eval_stream.parquet`: per scored position: `token` (id), `document`
-  (index of its document in the val split), `doc_position` (its position there; the
+  (index of its document in the val split), `position` (its position there; the
   document's BOS is position 0), `freq_bucket` (decile of the token's frequency in the
   training split, 0 = rarest; tokens absent from it are bucket 0).
 """
@@ -60,12 +60,12 @@ def write_token_scores(scores: TokenScores, path: str | os.PathLike[str]) -> Pat
     import pyarrow as pa
 
     n = len(scores.ce)
-    router = scores.router_score if scores.router_score is not None else np.zeros(n, np.float32)
+    router = scores.router_score if scores.router_score is not None else np.full(n, np.nan, np.float32)
     table = pa.table({
         "ce": pa.array(scores.ce.astype(np.float32)),
         "base_ce": pa.array(scores.base_ce.astype(np.float32)),
         "refined": pa.array(scores.refined.astype(bool)),
-        "router_score": pa.array(router.astype(np.float32), mask=np.full(n, scores.router_score is None)),
+        "router_score": pa.array(router.astype(np.float32)),
         "bytes": pa.array(scores.bytes.astype(np.int32)),
     })
     return _write_parquet(table, Path(path))
@@ -79,7 +79,7 @@ def frequency_buckets(data_dir: str | os.PathLike[str], vocab_size: int) -> np.n
     ranks = np.argsort(np.argsort(counts, kind="stable"), kind="stable")  # 0 = rarest
     buckets = ranks * N_FREQ_BUCKETS // vocab_size
     buckets[counts == 0] = 0
-    return buckets.astype(np.int8)
+    return buckets.astype(np.int16)
 
 
 def stream_table(data_dir: str | os.PathLike[str], eval_tokens: int, seq_len: int, bos_id: int,
@@ -98,9 +98,9 @@ def stream_table(data_dir: str | os.PathLike[str], eval_tokens: int, seq_len: in
     buckets = frequency_buckets(data_dir, vocab_size)
     return pa.table({
         "token": pa.array(tokens[targets].astype(np.int32)),
-        "document": pa.array(document[targets].astype(np.int32)),
-        "doc_position": pa.array(position[targets].astype(np.int32)),
-        "freq_bucket": pa.array(buckets[tokens[targets]]),
+        "document": pa.array(document[targets].astype(np.int64)),
+        "position": pa.array(position[targets].astype(np.int32)),
+        "freq_bucket": pa.array(buckets[tokens[targets]].astype(np.int16)),
     })
 
 
