@@ -26,7 +26,8 @@ import torch
 from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, causal_cap, flops_per_token
+from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, flops_per_token
+from loopgolf.trial.routing import causal_cap
 
 
 def randomize(model: RecurrentLM, seed: int = 0) -> None:

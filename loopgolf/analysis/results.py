@@ -72,7 +72,8 @@ METRIC_FIELDS: tuple[pa.Field, ...] = (
     pa.field("eval_seconds", pa.float64()),
     pa.field("eval_passes_per_token", pa.float64()),
     pa.field("eval_flops_per_token", pa.float64()),
-    pa.field("refine_fraction", pa.float64()),
+    pa.field("refine_fraction", pa.float64()),  # measured in eval from the artifact
+    pa.field("refine_fraction_prequant", pa.float64()),  # null when the trial did not refine
     pa.field("feasible", pa.bool_()),
 )
 

@@ -77,9 +77,9 @@ SHARED_VS_UNIQUE: Space = {
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),
-    "signal": Choice(("entropy", "margin", "resid_norm", "kl", "uniform", "random")),
+    "signal": Choice(("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")),
     "refine_target": FloatRange(0.1, 0.5),
-    "refine_cap": FloatRange(0.25, 1.0),
+    "refine_cap": FloatRange(0.5, 1.0),  # >= every refine_target the space proposes
     "aux_loss": Choice((0.0, 0.1, 0.3)),
 }
 PHASE: Space = {"phase": Choice(("none", "scale", "lora", "embed")), "lora_rank": Choice((2, 4, 8))}

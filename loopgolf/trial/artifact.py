@@ -510,7 +510,7 @@ def read_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
     try:
         header, state = decode_artifact(raw)
         config = TrialConfig(**{s: cls(**header["config"][s]) for s, cls in _CONFIG_SECTIONS.items()})
-        model = RecurrentLM(config.model)
+        model = RecurrentLM(config.model, router_seed=config.train.seed)
         model.load_state_dict(dequantize(state), strict=True)
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, UnicodeDecodeError) as exc:
         # LoopgolfError (bad config values) is a ValueError; RuntimeError is load_state_dict's
@@ -547,6 +547,7 @@ CODE_FILES: tuple[str, ...] = (
     "loopgolf/trial/__init__.py",
     "loopgolf/trial/config.py",
     "loopgolf/trial/model.py",
+    "loopgolf/trial/routing.py",
     "loopgolf/trial/quantize.py",
     "loopgolf/trial/artifact.py",
 )

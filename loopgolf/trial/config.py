@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 from loopgolf.errors import LoopgolfError
 
 PhaseMode = Literal["none", "scale", "lora", "embed"]
-RouterSignal = Literal["entropy", "margin", "resid_norm", "kl", "uniform", "random"]
+RouterSignal = Literal["entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random"]
 Activation = Literal["relu2", "gelu", "silu"]
 QatMode = Literal["none", "noise", "ste"]
 Codec = Literal["zlib", "lzma", "zstd", "brotli"]
@@ -94,9 +94,12 @@ class ModelConfig:
     phase: PhaseMode = "none"
     lora_rank: int = 4
     refine_passes: int = 0  # extra core applications on selected tokens
+    # Routed (entropy, margin, resid_norm, kl) or a control matched in compute: stride (a
+    # fixed causal pattern at refine_target), random (i.i.d. at refine_target), uniform
+    # (every token: uniform extra depth, ignoring target and cap).
     signal: RouterSignal = "entropy"
-    refine_target: float = 0.25  # fraction of tokens the threshold is calibrated to select
-    refine_cap: float = 0.5  # hard causal cap on the fraction refined at any prefix
+    refine_target: float = 0.25  # fraction of tokens refined (routed signals: after calibration)
+    refine_cap: float = 0.5  # hard causal cap on the fraction refined at any prefix, >= refine_target
     aux_loss: float = 0.0  # weight of the CE loss on the base-pass logits
 
     def __post_init__(self) -> None:
@@ -128,8 +131,8 @@ class ModelConfig:
             _fail(own, "lora_rank", self.lora_rank, "an integer >= 1")
         if not 0.0 < self.refine_target <= 1.0:
             _fail(own, "refine_target", self.refine_target, "a fraction in (0, 1]")
-        if not 0.0 < self.refine_cap <= 1.0:
-            _fail(own, "refine_cap", self.refine_cap, "a fraction in (0, 1]")
+        if not self.refine_target <= self.refine_cap <= 1.0:
+            _fail(own, "refine_cap", self.refine_cap, f"a fraction in [refine_target={self.refine_target}, 1]")
         if self.aux_loss < 0:
             _fail(own, "aux_loss", self.aux_loss, ">= 0")
 
@@ -210,6 +213,9 @@ class TrainConfig:
     seed: int = 0
     eval_tokens: int = 0  # val tokens scored at the end; 0: the whole val split, at most its first 1,048,576
     quick_eval_tokens: int = 8_192  # val tokens scored at each progress report
+    # Training tokens held out of every trial's training (the tail of the last train shard,
+    # at most half of it) to calibrate a routed threshold after training; never val tokens.
+    calibration_tokens: int = 32_768
     report_every_seconds: float = 5.0
     checkpoint_every_seconds: float = 10.0
     max_eval_seconds: float = 0.0  # eval-cap: a trial whose eval takes longer is infeasible (0 = no cap)
@@ -230,7 +236,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "max_eval_seconds"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), ">= 0")
-        for name in ("max_steps", "warmup_steps", "eval_tokens", "quick_eval_tokens", "seed"):
+        for name in ("max_steps", "warmup_steps", "eval_tokens", "quick_eval_tokens", "calibration_tokens", "seed"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), "an integer >= 0")
         if not 0.0 <= self.warmdown_frac <= 1.0:

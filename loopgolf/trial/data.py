@@ -172,9 +172,17 @@ class TrainBatches:
     continue with exactly the batches it would have seen.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], batch_size: int, seq_len: int, seed: int) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], batch_size: int, seq_len: int, seed: int, holdout: int = 0
+    ) -> None:
         self.shards = [read_shard(p) for p in list_shards(data_dir, "train")]
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        # Held out: the last `holdout` tokens of the last shard (at most half of it), never
+        # in a training window; the router's threshold is calibrated on them after training.
+        take = min(holdout, len(self.shards[-1]) // 2)
+        self.heldout = np.asarray(self.shards[-1][len(self.shards[-1]) - take :]).astype(np.int64)
+        if take:
+            self.shards[-1] = self.shards[-1][: len(self.shards[-1]) - take]
         windows = np.array([max(0, len(s) - seq_len - 1) for s in self.shards], dtype=np.int64)
         if windows.sum() == 0:
             raise DataError(f"data dir {str(data_dir)!r}: train shards are shorter than seq_len+1={seq_len + 1}")

@@ -24,6 +24,7 @@ from loopgolf.trial.artifact import load_artifact_with_config
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import ByteTable, DataError, byte_table, load_tokenizer, token_bytes, val_tokens, val_windows
 from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, TokenScores
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.prepare import read_manifest, tokenizer_path
 
 N_SCORE_BINS = 10
@@ -97,7 +98,7 @@ def score_deciles(
 
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module,
+    model: RecurrentLM,
     tokens: np.ndarray,
     table: ByteTable,
     *,
@@ -110,7 +111,8 @@ def evaluate(
     and bytes (eval_tokens.py writes them)."""
     was_training = model.training
     model.eval()
-    seq_len = model.config.seq_len  # type: ignore[attr-defined]
+    model.restart_draws()  # the `random` control draws the same masks in every evaluation of a model
+    seq_len = model.config.seq_len
     start = time.perf_counter()
     nats = 0.0
     n_bytes = n_tokens = 0

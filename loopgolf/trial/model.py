@@ -16,9 +16,9 @@ The file reads top to bottom:
   1. building blocks: QATLinear, RoPE, the attention strategies (causal over the whole
      sequence; selected tokens only, reusing the base pass's K/V), Block
   2. phase conditioning: what lets pass p of the shared core differ from pass q
-  3. the causal running cap
-  4. RecurrentLM: the base forward, the router's score and threshold, refinement
-  5. analytic cost: flops_per_token
+  3. RecurrentLM: the base forward, the router's score and threshold, refinement
+  4. analytic cost: flops_per_token
+(routing.py holds the causal cap, the control arms' selections and the calibration.)
 
 Causality is absolute. Whether token t is refined, and its logits, depend only on tokens
 <= t: scores at t come from the (causal) base pass at t, the threshold is fixed during a
@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopgolf.trial.config import ModelConfig
+from loopgolf.trial.routing import causal_cap, random_scores, stride_mask
 
 EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
 Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
 THRESHOLD_MOMENTUM = 0.9  # EMA of the per-batch score quantile that calibrates the router
-RANDOM_ROUTER_SEED = 0x5EED  # the `random` signal's scores in eval (training varies it per forward)
+FIXED_SIGNALS = ("uniform", "stride", "random")  # controls: no score, no threshold to calibrate
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -323,26 +324,7 @@ class Phase(nn.Module):
         return x + self.embed[p].to(x.dtype) if self.mode == "embed" else x
 
 
-# ------------------------------------------------------------- 3. the causal running cap
-
-
-def causal_cap(want: Tensor, cap: float) -> Tensor:
-    """Admit wanted tokens greedily, left to right, while the running fraction allows it.
-
-    Token t (0-based) is admitted iff want[t] and (admitted before t) + 1 <= cap * (t + 1).
-    With budget m_t = floor(cap * (t + 1)) (non-decreasing), the running count follows
-    c_t = min(c_{t-1} + want_t, m_t), whose closed form with W = cumsum(want) is
-    c_t = W_t + min(0, min_{s<=t} (m_s - W_s)): a prefix cummin, so no loop over T and
-    every decision depends only on the prefix.
-    """
-    t1 = torch.arange(1, want.size(-1) + 1, device=want.device, dtype=torch.float64)
-    budget = torch.floor(cap * t1 + 1e-9).long()  # epsilon: 0.3 * 10 must give 3, not 2
-    wanted = want.long().cumsum(-1)
-    count = wanted + torch.cummin(budget - wanted, dim=-1).values.clamp(max=0)
-    return torch.diff(count, dim=-1, prepend=torch.zeros_like(count[..., :1])).bool()
-
-
-# -------------------------------------------------------------------------- 4. the model
+# -------------------------------------------------------------------------- 3. the model
 
 
 @dataclasses.dataclass
@@ -404,7 +386,8 @@ class RecurrentLM(nn.Module):
 
     router_threshold: Tensor
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, router_seed: int = 0) -> None:
+        """`router_seed`: the `random` signal's stream (the trial seed), so its draws replay."""
         super().__init__()
         c = self.config = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
@@ -424,7 +407,9 @@ class RecurrentLM(nn.Module):
             self.register_buffer("router_threshold", torch.tensor(float("nan")))
         self.looping = True
         self.threshold_frozen = False  # True: training forwards leave router_threshold alone
-        self._random_calls = 0  # varies the `random` signal's scores between training forwards
+        self.router_seed = router_seed
+        self.train_draws = 0  # `random` draws made by training forwards (a resumed trial restores it)
+        self.eval_draws = 0  # draws made by evaluation forwards since restart_draws()
         self._rope_cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     # ---- bookkeeping
@@ -505,23 +490,46 @@ class RecurrentLM(nn.Module):
             return (logp.exp() * (logp - logq)).sum(-1)
         shape, device = base.logits.shape[:2], base.logits.device
         if signal == "uniform":
-            return torch.zeros(shape, device=device)
-        seed = RANDOM_ROUTER_SEED
-        if self.training:  # a fresh draw every training forward; eval stays reproducible
-            self._random_calls += 1
-            seed += self._random_calls
-        gen = torch.Generator(device=device).manual_seed(seed)
-        return torch.rand(shape, generator=gen, device=device)  # i.i.d. per position
+            return torch.ones(shape, device=device)
+        if signal == "stride":
+            return stride_mask(shape, self.config.refine_target, device).to(base.logits.dtype)
+        stream = 0 if self.training else 1  # a fresh draw every forward, train and eval apart
+        draw = self.train_draws if self.training else self.eval_draws
+        if self.training:
+            self.train_draws += 1
+        else:
+            self.eval_draws += 1
+        return random_scores(shape, self.router_seed, stream, draw, device)
+
+    def restart_draws(self) -> None:
+        """Evaluation's `random` draws start over: every evaluation of a model sees the same masks."""
+        self.eval_draws = 0
 
     def threshold(self) -> Tensor:
         """The threshold this forward selects with (a tensor, so no host sync)."""
         signal, device = self.config.signal, self.tok_emb.weight.device
         if signal == "uniform":
             return torch.tensor(-math.inf, device=device)
+        if signal == "stride":
+            return torch.tensor(0.5, device=device)  # the score is the pattern, 0 or 1
         if signal == "random":
             return torch.tensor(1.0 - self.config.refine_target, device=device)
         thr = self.router_threshold
         return torch.where(torch.isnan(thr), torch.full_like(thr, -math.inf), thr)
+
+    def select(self, score: Tensor) -> Tensor:
+        """The refined tokens: score > threshold under the causal cap; `uniform` refines every token."""
+        want = score > self.threshold()
+        return want if self.config.signal == "uniform" else causal_cap(want, self.config.refine_cap)
+
+    @torch.no_grad()
+    def router_scores(self, idx: Tensor) -> Tensor:
+        """(B, T) router scores of the base pass alone: what calibration reads."""
+        if not self.config.refine_passes:
+            raise ValueError("router_scores: the model has no refinement (refine_passes = 0)")
+        x0 = rms_norm(self.tok_emb(idx))
+        cos, sin = self._rope(idx.size(1), x0)
+        return self._router_score(self._base_pass(x0, cos, sin, record_kv=False))
 
     @torch.no_grad()
     def _calibrate(self, score: Tensor) -> None:
@@ -543,7 +551,7 @@ class RecurrentLM(nn.Module):
 
         Each block reuses the K/V it computed for the other tokens in the last base pass.
         U-Net skips: the refined core passes get none; each coda block gets the skip it got
-        in the base pass. With every token selected (uniform, cap 1) and no skips, this is
+        in the base pass. With every token selected (uniform) and no skips, this is
         exactly a base forward with n_passes + refine_passes core passes.
         """
         c = self.config
@@ -587,8 +595,8 @@ class RecurrentLM(nn.Module):
                     raise ValueError(f"RecurrentLM: refine_mask must be bool of shape {tuple(idx.shape)}")
                 refined = refine_mask
             else:
-                refined = causal_cap(score > self.threshold(), c.refine_cap)
-                if self.training and not self.threshold_frozen and c.signal not in ("uniform", "random"):
+                refined = self.select(score)
+                if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
             sel = Selection.from_mask(refined)
             if sel.n:
@@ -618,7 +626,7 @@ def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-# ---------------------------------------------------------------------- 5. analytic cost
+# ---------------------------------------------------------------------- 4. analytic cost
 
 
 def block_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:

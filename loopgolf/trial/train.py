@@ -48,13 +48,13 @@ import torch
 from loopgolf.atomic import atomic_write_json
 from loopgolf.trial.artifact import load_artifact, save_artifact
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.data import TrainBatches
+from loopgolf.trial.data import DataError, TrainBatches
 from loopgolf.trial.distributed import DataParallel, check_divisible
 from loopgolf.trial.estimate import predict_artifact_bytes
 from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
 from loopgolf.trial.evaluate import ValData, autocast_for, eval_metrics, evaluate, read_val_data, resolve_device
 from loopgolf.trial.model import RecurrentLM
-from loopgolf.trial.qat import install_qat, remove_qat
+from loopgolf.trial.qat import install_qat, quantized_model, remove_qat
 
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 ARTIFACT_NAME = "model.lgart"
@@ -199,6 +199,7 @@ class _Run:
             "elapsed": self.elapsed,
             "train_tokens": self.train_tokens,
             "torch_rng": torch.get_rng_state(),
+            "router_draws": self.model.train_draws,
         }
 
     def resume(self, state: dict[str, Any]) -> None:
@@ -207,6 +208,7 @@ class _Run:
             opt.load_state_dict(opt_state)
         self.step, self.elapsed, self.train_tokens = state["step"], state["elapsed"], state["train_tokens"]
         torch.set_rng_state(state["torch_rng"])
+        self.model.train_draws = state["router_draws"]
 
 
 def _reject_over_cap(config: TrialConfig, base: dict[str, Any]) -> dict[str, Any] | None:
@@ -228,13 +230,16 @@ def _set_up(
 ) -> _Run:
     """Data, device, model (with QAT), optimizers, resumed state; compiled and primed; ranks in step."""
     val = read_val_data(data_dir, config)
-    batches = TrainBatches(data_dir, config.train.batch_size, config.model.seq_len, config.train.seed)
+    batches = TrainBatches(
+        data_dir, config.train.batch_size, config.model.seq_len, config.train.seed,
+        holdout=config.train.calibration_tokens,
+    )
     device = parallel.device if parallel is not None and parallel.device is not None else None
     device = device or resolve_device(config.train.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     torch.manual_seed(config.train.seed)
-    model = RecurrentLM(config.model).to(device)
+    model = RecurrentLM(config.model, router_seed=config.train.seed).to(device)
     if config.compress.qat != "none":
         install_qat(model, config.compress)
     run = _Run(config, out, parallel, val, batches, device, model, build_optimizers(model, config), wall_start)
@@ -345,13 +350,42 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
     }
 
 
+def _calibrate(run: _Run, model: RecurrentLM) -> dict[str, Any]:
+    """Calibrate a routed threshold on the held-out training tokens; {} for the control arms.
+
+    Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
+    """
+    from loopgolf.trial.calibrate import calibrate_router, needs_calibration
+
+    config, heldout = run.config, run.batches.heldout
+    if not needs_calibration(model):
+        return {}
+    if len(heldout) <= config.model.seq_len:
+        raise DataError(
+            f"calibration_tokens={config.train.calibration_tokens}: held out {len(heldout)} training tokens, "
+            f"fewer than seq_len+1={config.model.seq_len + 1} to calibrate signal={config.model.signal!r}"
+        )
+    threshold = calibrate_router(model, heldout, batch_size=config.train.batch_size, device=run.device)
+    return {"refine_threshold": threshold, "calibration_tokens": len(heldout)}
+
+
 def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0: evaluate in memory, write the artifact, reload it from disk, evaluate that."""
+    """Rank 0: evaluate in memory, write the artifact, reload it from disk, evaluate that.
+
+    A routed threshold is calibrated for each model as it is evaluated: the trained one,
+    then the dequantized one, whose threshold the artifact carries.
+    """
     config, val, device = run.config, run.val, run.device
     batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
     if config.compress.qat != "none":
         remove_qat(run.model)
+    calibration = _calibrate(run, run.model)
     prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
+    if calibration:
+        prequant_threshold = calibration["refine_threshold"]
+        calibration = _calibrate(run, quantized_model(run.model, config.compress))
+        calibration["refine_threshold_prequant"] = prequant_threshold
+        run.model.router_threshold.fill_(calibration["refine_threshold"])
     tick = time.perf_counter()
     info = save_artifact(run.model, config, path)
     compress_seconds = time.perf_counter() - tick
@@ -360,9 +394,11 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     assert final.token_scores is not None
     tokens_path = write_token_scores(final.token_scores, run.out / EVAL_TOKENS_NAME)
     eval_cap = config.train.max_eval_seconds
-    metrics = metrics | eval_metrics(final) | {
+    metrics = metrics | eval_metrics(final) | calibration | {
         "val_bpb_prequant": prequant.val_bpb,
         "val_loss_prequant": prequant.val_loss,
+        "refine_fraction_prequant": prequant.refine_fraction,
+        "eval_flops_per_token_prequant": prequant.flops_per_token,
         "eval_tokens": final.tokens,
         "eval_bytes": final.bytes,
         "artifact_path": str(path),

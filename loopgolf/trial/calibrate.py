@@ -1,0 +1,46 @@
+"""After training: calibrate a routed signal's threshold so evaluation refines refine_target.
+
+The EMA threshold of training tracks batch quantiles of a moving model; evaluation needs
+the threshold of the model as it will be evaluated (for the artifact: its dequantized
+weights), at the fraction the arm promises, after the causal cap. Calibration reads
+router scores on held-out *training* tokens (never val: the threshold must not see the
+text it is scored on) and sets the threshold whose refined fraction there is nearest
+refine_target (routing.calibrate_threshold). Control arms (uniform, stride, random) need
+no calibration: their fraction is fixed by construction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from loopgolf.trial.data import val_windows
+from loopgolf.trial.evaluate import autocast_for
+from loopgolf.trial.model import FIXED_SIGNALS, RecurrentLM
+from loopgolf.trial.routing import calibrate_threshold
+
+
+def needs_calibration(model: RecurrentLM) -> bool:
+    return model.config.refine_passes > 0 and model.config.signal not in FIXED_SIGNALS
+
+
+@torch.inference_mode()
+def calibrate_router(model: RecurrentLM, tokens: np.ndarray, *, batch_size: int, device: torch.device) -> float:
+    """Set `model.router_threshold` from scores on `tokens` (held-out training text); return it.
+
+    Scores are read in eval mode, under the autocast evaluation uses, in the same
+    non-overlapping seq_len windows evaluation scores.
+    """
+    if not needs_calibration(model):
+        raise ValueError(f"calibrate_router: signal={model.config.signal!r} has no threshold to calibrate")
+    was_training = model.training
+    model.eval()
+    scores = []
+    for x_np, _ in val_windows(tokens, model.config.seq_len, batch_size):
+        with autocast_for(device):
+            scores.append(model.router_scores(torch.from_numpy(x_np).to(device)).float())
+    model.train(was_training)
+    c = model.config
+    threshold = calibrate_threshold(torch.cat(scores).cpu(), c.refine_target, c.refine_cap)
+    model.router_threshold.fill_(threshold)
+    return threshold
