@@ -59,4 +59,29 @@ def test_noise_qat_is_off_under_no_grad() -> None:
     x = torch.randn(2, RICH.model.d_model)
     with torch.no_grad():
         assert torch.equal(layer(x), x @ layer.weight.T)
-    assert not torch.equal(layer(x).detach(), layer(x).detach())  # fresh noise each training forward
+    assert not torch.equal(layer(x).detach(), x @ layer.weight.T)
+
+
+def test_noise_is_drawn_once_per_model_forward_not_per_pass() -> None:
+    """The shared core runs n_passes (+ refinement) times per forward; its noise must not change between."""
+    model = trained_like(RICH).train()
+    cfg = dataclasses.replace(RICH.compress, qat="noise")
+    QAT.install_qat(model, cfg)
+    layer = model.core[0].mlp.fc
+    transform = layer.weight_transform
+    assert transform is not None
+    seen: list[torch.Tensor] = []  # the weight each call used (the transform is a pure function of the noise)
+    hook = layer.register_forward_hook(lambda m, args, out: seen.append(transform(m.weight).detach()))
+    idx = torch.randint(0, RICH.model.vocab_size, (2, RICH.model.seq_len))
+    model(idx)
+    per_forward = RICH.model.n_passes + RICH.model.refine_passes
+    assert len(seen) == per_forward and all(torch.equal(w, seen[0]) for w in seen)
+    step = Q.row_scales(layer.weight, cfg.bits, cfg.clip_sigma).float()[:, None]
+    assert ((seen[0] - layer.weight).abs() <= step / 2 + 1e-7).all() and not torch.equal(seen[0], layer.weight)
+    model(idx)
+    assert len(seen) == 2 * per_forward and not torch.equal(seen[per_forward], seen[0])  # a fresh draw next forward
+    hook.remove()
+    QAT.remove_qat(model)
+    noise = transform.noise.clone()
+    model(idx)  # the redraw hook left with the transforms
+    assert torch.equal(transform.noise, noise)

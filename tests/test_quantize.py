@@ -67,12 +67,20 @@ def test_sdclip_is_an_entropy_knob() -> None:
         ("tok_emb.weight", 10_000, True, "protected", "int", 8),
         ("core.1.mlp.fc.weight", 10_000, True, "protected", "int", 8),
         ("core.0.mlp.fc.weight", 10_000, True, "quantized", "int", 6),
+        ("phase.lora_fc_b", 10_000, True, "protected", "half", 16),  # per-pass: fp16 by default
+        ("phase.embed", 500, True, "small", "half", 16),
     ],
 )
 def test_plan_rule_table(name: str, numel: int, is_float_param: bool, group: str, enc: str, bits: int) -> None:
     cfg = CompressConfig(bits=6, small_tensor_numel=1000, protect=("tok_emb.weight", "core.1.*"), protect_bits=8)
     plan = Q.plan_tensor(name, numel, is_float_param, cfg)
     assert (plan.group, plan.enc, plan.bits) == (group, enc, bits)
+
+
+def test_per_pass_parameters_follow_bits_when_per_pass_fp16_is_off() -> None:
+    cfg = CompressConfig(bits=4, small_tensor_numel=0, per_pass_fp16=False)
+    assert Q.plan_tensor("phase.scale", 10_000, True, cfg) == Q.Plan("int", "quantized", 4, 0.0)
+    assert Q.plan_tensor("phase.scale", 10_000, True, CompressConfig(bits=4, small_tensor_numel=0)).enc == "half"
 
 
 def test_protect_at_16_bits_keeps_fp16_and_a_tied_alias_is_protected_too() -> None:

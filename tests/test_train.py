@@ -146,3 +146,35 @@ def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_dat
     metrics = json.loads(ok.stdout.strip().splitlines()[-1])
     assert metrics["status"] == "complete" and Path(metrics["artifact_path"]).is_file()
     assert "val_bpb" in ok.stdout.splitlines()[1]
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
+    """Every parameter in exactly one group; control tensors and per-pass vectors in Adam, never Muon."""
+    from loopgolf.trial.model import RecurrentLM
+    from loopgolf.trial.train import build_optimizers
+
+    config = preset("small").replace(
+        n_prelude=1, n_coda=1, unet_skips=True, tie_embeddings=False, phase="embed", refine_passes=1,
+        optimizer=optimizer,
+    )
+    model = RecurrentLM(config.model)
+    optimizers = build_optimizers(model, config)
+    group_of: dict[int, list[tuple[str, str]]] = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                group_of.setdefault(id(p), []).append((type(opt).__name__, group["role"]))
+    named = dict(model.named_parameters())
+    assert all(len(group_of.get(id(p), [])) == 1 for p in named.values())
+    assert sum(len(g["params"]) for opt in optimizers for g in opt.param_groups) == len(named)
+    where = {name: group_of[id(p)][0] for name, p in named.items()}
+    matrix_opt = "Muon" if optimizer == "muon" else "AdamW"
+    for name in ("core.0.attn_scale", "core.0.mlp_scale", "core.0.resid_mix", "core.0.attn.q_gain",
+                 "prelude.0.resid_mix", "coda.0.mlp_scale", "skip_weights"):
+        assert where[name] == ("AdamW", "control"), name
+    assert where["phase.embed"] == ("AdamW", "per_pass")  # 2-D, but a per-pass vector
+    assert where["tok_emb.weight"] == where["lm_head.weight"] == ("AdamW", "embedding")
+    for name in ("core.1.attn.q.weight", "core.0.attn.k.weight", "prelude.0.mlp.fc.weight", "coda.0.attn.proj.weight"):
+        assert where[name] == (matrix_opt, "matrix"), name
+    assert {role for _, role in where.values()} == {"control", "per_pass", "embedding", "matrix"}

@@ -160,6 +160,9 @@ class CompressConfig:
     clip_sigma: float = 0.0  # per-row clip at k * row std; 0 clips at the row's max |w|
     protect: tuple[str, ...] = ()  # parameter-name globs kept at protect_bits
     protect_bits: int = 16  # 16 means fp16; 8 means int8
+    # Per-pass parameters (phase gains, LoRA factors, pass embeddings) at fp16 rather than
+    # `bits`: at int4 their rounding error exceeds the deviations between passes they learn.
+    per_pass_fp16: bool = True
     # Tensors this small are stored as fp16. The challenge's rule is 65,536; at its scale
     # every block matrix is larger either way, while at CPU scale 65,536 would keep every
     # d x d matrix of a d <= 256 model in fp16 and make `bits` meaningless.

@@ -3,12 +3,18 @@
 A QATLinear (model.py) passes its weight through `weight_transform` in forward;
 `install_qat` sets that transform on exactly the layers the export quantizes at
 `bits` (quantize.py's plan), and `remove_qat` clears it.
+
+Noise QAT draws the noise of a weight once per model forward, not per call: a shared
+core block runs n_passes times in one forward, and the export's rounding error is the
+same on every pass, so the noise that stands for it must be too (a forward pre-hook on
+the model redraws it).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import torch
 from torch import Tensor
@@ -52,16 +58,38 @@ class QatTransform:
 
     Noise is a training regularizer, so under torch.no_grad (evaluation) a noise transform
     passes the weight unchanged; an STE transform always shows the exported weight.
+    `noise` (mode "noise"): U(-1/2, 1/2) per element in units of the row's export step,
+    redrawn in place once per model forward (`redraw_noise`).
     """
 
     bits: int
     mode: str
     clip_sigma: float
+    noise: Tensor | None = None
 
     def __call__(self, weight: Tensor) -> Tensor:
-        if self.mode == "noise" and not torch.is_grad_enabled():
+        if self.mode != "noise":
+            return fake_quantize(weight, self.bits, self.mode, self.clip_sigma)
+        if not torch.is_grad_enabled() or self.noise is None:
             return weight
-        return fake_quantize(weight, self.bits, self.mode, self.clip_sigma)
+        step = row_scales(weight, self.bits, self.clip_sigma).to(weight.dtype)
+        return weight + (self.noise.to(weight.dtype) * step[:, None]).reshape(weight.shape)
+
+
+_REDRAW_HOOKS: weakref.WeakKeyDictionary[torch.nn.Module, object] = weakref.WeakKeyDictionary()
+
+
+def redraw_noise(model: torch.nn.Module) -> None:
+    """A fresh noise draw for every noise-QAT weight of `model` (once per forward)."""
+    for _, module in _qat_modules(model):
+        t = module.weight_transform
+        if isinstance(t, QatTransform) and t.noise is not None:
+            t.noise.uniform_(-0.5, 0.5)
+
+
+def _redraw_before_training_forward(model: torch.nn.Module, args: object) -> None:
+    if model.training and torch.is_grad_enabled():
+        redraw_noise(model)
 
 
 def _qat_modules(model: torch.nn.Module) -> list[tuple[str, QATLinear]]:
@@ -82,14 +110,23 @@ def install_qat(model: torch.nn.Module, cfg: CompressConfig) -> int:
     for _, module in _qat_modules(model):
         e = first[id(module.weight)]
         if plan_entry(e, cfg).group == "quantized":
-            module.weight_transform = QatTransform(cfg.bits, cfg.qat, cfg.clip_sigma)
+            noise = None
+            if cfg.qat == "noise":
+                w = module.weight.detach()
+                noise = torch.empty(as_rows(w).shape, device=w.device, dtype=torch.float32).uniform_(-0.5, 0.5)
+            module.weight_transform = QatTransform(cfg.bits, cfg.qat, cfg.clip_sigma, noise)
             installed += 1
+    if cfg.qat == "noise" and installed:
+        _REDRAW_HOOKS[model] = model.register_forward_pre_hook(_redraw_before_training_forward)
     return installed
 
 
 def remove_qat(model: torch.nn.Module) -> None:
     for _, module in _qat_modules(model):
         module.weight_transform = None
+    hook = _REDRAW_HOOKS.pop(model, None)
+    if hook is not None:
+        hook.remove()  # type: ignore[attr-defined]
 
 
 def quantized_model(model: RecurrentLM, cfg: CompressConfig) -> RecurrentLM:

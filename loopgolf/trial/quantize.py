@@ -7,9 +7,12 @@ Quantization (per tensor, first rule that applies):
                                                     -> stored exactly (fp32)
 3. numel <= small_tensor_numel (norm gains, scales, control vectors)
                                                     -> fp16
-4. name matches a `protect` glob                   -> fp16 (protect_bits 16), or int8 per row
+4. per-pass parameters (phase.*), when per_pass_fp16 -> fp16 ("protected"): their learned
+                                                       deviations between passes are smaller
+                                                       than a low-bit row step
+5. name matches a `protect` glob                   -> fp16 (protect_bits 16), or int8 per row
                                                        clipped at the row max (protect_bits 8)
-5. everything else                                 -> int at `bits`, per row, clipped per
+6. everything else                                 -> int at `bits`, per row, clipped per
                                                        `clip_sigma`
 
 Integer encoding at b bits: each row (each vector along the last dim of a >= 2-D tensor,
@@ -39,6 +42,7 @@ from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import CompressConfig
 
 Encoding = Literal["int", "half", "exact"]
+PER_PASS_PREFIX = "phase."  # RecurrentLM's per-pass parameters (phase conditioning)
 
 
 class QuantizeError(LoopgolfError):
@@ -127,6 +131,8 @@ def plan_tensor(
         return Plan("exact", "exact")
     if numel <= cfg.small_tensor_numel:
         return Plan("half", "small")
+    if cfg.per_pass_fp16 and name.startswith(PER_PASS_PREFIX):
+        return Plan("half", "protected")
     if any(fnmatch.fnmatchcase(n, glob) for n in (name, *aliases) for glob in cfg.protect):
         # Protection keeps information, so a protected int8 tensor is never clipped.
         return Plan("half", "protected") if cfg.protect_bits == 16 else Plan("int", "protected", 8, 0.0)

@@ -85,26 +85,55 @@ def lr_scale(step: int, elapsed: float, config: TrialConfig) -> float:
     return warm * down
 
 
-def build_optimizers(model: torch.nn.Module, config: TrialConfig) -> list[torch.optim.Optimizer]:
-    """Muon for 2-D block matrices (as the challenge does); AdamW for embeddings and the rest."""
-    train = config.train
-    matrices, embeddings, others = [], [], []
+def parameter_role(model: torch.nn.Module) -> dict[str, str]:
+    """Each parameter's role, which picks its optimizer (by role, not by shape).
+
+    embedding: the token embedding and an untied head. matrix: the weight of a block's
+    linear layer. per_pass: phase conditioning (gains, LoRA factors, pass embeddings).
+    control: every other tensor (attn_scale, mlp_scale, resid_mix, q_gain, skip_weights).
+    """
+    from loopgolf.trial.model import QATLinear
+
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, QATLinear)}
+    roles = {}
     for name, param in model.named_parameters():
         if name.startswith(("tok_emb.", "lm_head.")):
-            embeddings.append(param)
-        elif param.ndim == 2 and min(param.shape) > 1:
-            matrices.append(param)
+            roles[name] = "embedding"
+        elif id(param) in linear:
+            roles[name] = "matrix"
+        elif name.startswith("phase."):
+            roles[name] = "per_pass"
         else:
-            others.append(param)
+            roles[name] = "control"
+    return roles
+
+
+def build_optimizers(model: torch.nn.Module, config: TrialConfig) -> list[torch.optim.Optimizer]:
+    """Muon for the block matrices (as the challenge does); AdamW for embeddings, control
+    tensors and per-pass parameters. Every param group names its role."""
+    train = config.train
+    roles = parameter_role(model)
+    by_role: dict[str, list[torch.nn.Parameter]] = {"embedding": [], "matrix": [], "control": [], "per_pass": []}
+    for name, param in model.named_parameters():
+        by_role[roles[name]].append(param)
     adam = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
-    groups = [{"params": embeddings, "lr": train.lr_embed}, {"params": others, "lr": train.lr_scalar}]
+    groups = [
+        {"params": by_role["embedding"], "lr": train.lr_embed, "role": "embedding"},
+        {"params": by_role["control"], "lr": train.lr_scalar, "role": "control"},
+        {"params": by_role["per_pass"], "lr": train.lr_scalar, "role": "per_pass"},
+    ]
+    groups = [g for g in groups if g["params"]]
     if train.optimizer == "muon":
         muon = torch.optim.Muon(
-            matrices, lr=train.lr_matrix, weight_decay=train.weight_decay, momentum=0.95, adjust_lr_fn="original"
+            by_role["matrix"], lr=train.lr_matrix, weight_decay=train.weight_decay, momentum=0.95,
+            adjust_lr_fn="original",
         )
+        muon.param_groups[0]["role"] = "matrix"
         optimizers: list[torch.optim.Optimizer] = [muon, torch.optim.AdamW(groups, **adam)]
     else:
-        groups.append({"params": matrices, "lr": train.lr_matrix, "weight_decay": train.weight_decay})
+        groups.append(
+            {"params": by_role["matrix"], "lr": train.lr_matrix, "weight_decay": train.weight_decay, "role": "matrix"}
+        )
         optimizers = [torch.optim.AdamW(groups, **adam)]
     for opt in optimizers:
         for group in opt.param_groups:
