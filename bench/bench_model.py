@@ -1,17 +1,21 @@
-"""Two cost figures of RecurrentLM on this machine (not a test; prints, asserts nothing).
+"""Cost figures of RecurrentLM on this machine (not a test; prints, asserts nothing).
 
-1. Refinement cost: one refinement pass over a fraction f of the tokens (the causal cap,
-   building the selection, gathering its rows, the core blocks on them with KV reuse)
-   divided by one full core pass over all tokens, on the same base state, T=1024. The
-   design promises cost that grows with f, not with T; goal at f=0.25: <= 0.325.
-2. Training throughput: analytic model FLOP/s of a training step (3 x forward FLOPs x
+1. Refinement vs depth, T=1024, B=8, d=256, as ratios in one run: the extra time of a
+   model that refines a fraction f of the tokens once (`stride` at f: exactly f of every
+   prefix) over the same model without refinement, divided by the extra time of one more
+   dense core pass (n_passes + 1). The ideal ratio is f. For the eval forward and for a
+   training step (forward + backward). Goals at f = 0.25: <= 1.3 x 0.25 (eval) and
+   <= 1.5 x 0.25 (training).
+2. Routing overhead per forward (entropy score, threshold and causal cap, building the
+   selection, gathering rows and scattering logits) as a fraction of one core pass.
+3. Training throughput: analytic model FLOP/s of a training step (3 x forward FLOPs x
    tokens / step time; forward, backward and optimizer) divided by the FLOP/s torch.matmul
    reaches on the model's own matmul shapes in the same run. Goal: >= 0.5 for d >= 256.
 
     python bench/bench_model.py [--threads N] [--reps N]
 
-On a shared machine, run with --threads 1: with other jobs on the cores, torch's
-multi-threaded CPU kernels slow down far more than one thread does.
+Runs with one thread by default: on a shared machine, torch's multi-threaded CPU kernels
+slow down far more than one thread does when other jobs hold the cores.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the
 
 from loopgolf.trial.config import ModelConfig
 from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, flops_per_token
-from loopgolf.trial.routing import causal_cap
 
 
 def randomize(model: RecurrentLM, seed: int = 0) -> None:
@@ -53,42 +56,103 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, warmup:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_refinement(d: int, seq_len: int, batch: int, reps: int) -> None:
-    config = ModelConfig(
-        d_model=d, n_heads=d // 64, n_kv_heads=max(1, d // 128), n_blocks=3, n_passes=2,
-        seq_len=seq_len, refine_passes=1, signal="uniform",
+def _shape(d: int, seq_len: int, **changes: object) -> ModelConfig:
+    base: dict[str, object] = dict(
+        d_model=d, n_heads=d // 64, n_kv_heads=max(1, d // 128), n_blocks=3, n_passes=2, seq_len=seq_len
     )
+    return ModelConfig(**{**base, **changes})  # type: ignore[arg-type]
+
+
+def _models(d: int, seq_len: int, fractions: tuple[float, ...]) -> dict[str, RecurrentLM]:
+    """Dense at n_passes and n_passes + 1, and refined at each f: the same weights throughout."""
+    dense = RecurrentLM(_shape(d, seq_len))
+    randomize(dense)
+    state = dense.state_dict()
+    models = {"dense": dense}
+    extra = RecurrentLM(_shape(d, seq_len, n_passes=3))
+    extra.load_state_dict(state)
+    models["dense+1"] = extra
+    for f in fractions:
+        refined = RecurrentLM(_shape(d, seq_len, refine_passes=1, signal="stride", refine_target=f, refine_cap=f))
+        refined.load_state_dict(state, strict=False)  # phase "none": the same tensors, plus the threshold
+        models[str(f)] = refined
+    return models
+
+
+def bench_refinement(d: int, seq_len: int, batch: int, reps: int) -> None:
+    fractions = (0.1, 0.25, 0.5, 1.0)
+    models = _models(d, seq_len, fractions)
+    idx = torch.randint(0, 1024, (batch, seq_len))
+    tgt = torch.randint(0, 1024, (batch, seq_len))
+    print(f"refinement vs one more core pass  d={d} T={seq_len} B={batch} blocks=3x2 heads={d // 64}/{max(1, d // 128)}"
+          f"  (median of {reps})")
+
+    def forward(model: RecurrentLM) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode():
+                return model.eval()(idx)
+
+        return run
+
+    def train_step(model: RecurrentLM) -> Callable[[], object]:
+        def run() -> object:
+            out = model.train()(idx, tgt)
+            assert out.loss is not None
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+            return None
+
+        return run
+
+    for label, make, goal in (("eval forward", forward, 1.3), ("training step", train_step, 1.5)):
+        t = interleaved_medians({name: make(m) for name, m in models.items()}, reps)
+        pass_cost = t["dense+1"] - t["dense"]
+        print(f"  {label}: base {t['dense'] * 1e3:.1f} ms, one more core pass +{pass_cost * 1e3:.1f} ms")
+        for f in fractions:
+            ratio = (t[str(f)] - t["dense"]) / pass_cost
+            note = f"  (goal <= {goal * f:.3f})" if f == 0.25 else ""
+            print(f"    refine f={f:<4}  +{(t[str(f)] - t['dense']) * 1e3:7.1f} ms   ratio {ratio:.3f}   "
+                  f"ratio/f {ratio / f:.2f}{note}")
+
+
+def bench_routing_overhead(d: int, seq_len: int, batch: int, reps: int, fraction: float = 0.25) -> None:
+    """Score, threshold + cap, selection, gather and scatter, against one core pass."""
+    config = _shape(d, seq_len, refine_passes=1, signal="entropy", refine_target=fraction, refine_cap=0.5)
     model = RecurrentLM(config).eval()
     randomize(model)
     idx = torch.randint(0, config.vocab_size, (batch, seq_len))
-    print(f"refinement cost  d={d} T={seq_len} batch={batch} blocks={config.n_blocks} "
-          f"heads={config.n_heads}/{config.n_kv_heads}  (median of {reps})")
     with torch.inference_mode():
         x0 = torch.nn.functional.rms_norm(model.tok_emb(idx), (d,))
         cos, sin = model._rope(seq_len, x0)
         base = model._base_pass(x0, cos, sin, record_kv=True)
+        score = model._router_score(base)
+        model.router_threshold.fill_(torch.quantile(score.flatten().float(), 1 - fraction).item())
         recorders = [RecordKV() for _ in model.core]
 
-        def full_pass() -> torch.Tensor:
+        def core_pass() -> object:
             x = base.h_prev
             for block, rec in zip(model.core, recorders, strict=True):
                 x = block(x, x0, cos, sin, rec)
             return x
 
-        def refine_pass(fraction: float) -> torch.Tensor:
-            sel = Selection.from_mask(causal_cap(torch.ones(batch, seq_len, dtype=torch.bool), fraction))
-            return model._refine(base, x0, cos, sin, sel)
+        sel = Selection.from_mask(model.select(score))
+        refined_logits = model._logits(base.h_last[sel.rows, sel.pos])  # the refinement's own work, not timed
 
-        fractions = (0.1, 0.25, 0.5, 1.0)
-        fns: dict[str, Callable[[], object]] = {"full": full_pass}
-        fns.update({str(f): (lambda f=f: refine_pass(f)) for f in fractions})
-        t = interleaved_medians(fns, reps)
-    t_full = t["full"]
-    print(f"  full core pass  {t_full * 1e3:8.2f} ms")
-    for f in fractions:
-        ratio = t[str(f)] / t_full
-        goal = "  (goal <= 0.325)" if f == 0.25 else ""
-        print(f"  refine f={f:<4}  {t[str(f)] * 1e3:8.2f} ms   ratio {ratio:.3f}   ratio/f {ratio / f:.2f}{goal}")
+        def gather_scatter() -> object:
+            h = base.h_last[sel.rows, sel.pos]
+            return h, base.logits.index_put((sel.rows, sel.pos), refined_logits)
+
+        parts = {
+            "score": lambda: model._router_score(base),
+            "threshold + cap + selection": lambda: Selection.from_mask(model.select(score)),
+            "gather + scatter": gather_scatter,
+        }
+        t = interleaved_medians({"core": core_pass, **parts}, reps)
+    total = sum(t[name] for name in parts)
+    print(f"routing overhead  entropy at f={fraction} (refined {sel.n / idx.numel():.3f}): "
+          f"{total * 1e3:.2f} ms per forward = {total / t['core']:.3f} of a core pass ({t['core'] * 1e3:.1f} ms)")
+    for name in parts:
+        print(f"    {name:<28} {t[name] * 1e3:7.2f} ms   {t[name] / t['core']:.3f}")
 
 
 def bench_training(d: int, seq_len: int, batch: int, reps: int) -> None:
@@ -123,7 +187,7 @@ def bench_training(d: int, seq_len: int, batch: int, reps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
     if args.threads:
@@ -133,7 +197,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load {load:.1f}")
     if load > 0.5:  # other jobs on the cores: multi-threaded CPU timings degrade badly, --threads 1 much less
         print("  note: the machine is busy; figures are pessimistic")
-    bench_refinement(d=256, seq_len=1024, batch=4, reps=args.reps)
+    bench_refinement(d=256, seq_len=1024, batch=8, reps=args.reps)
+    bench_routing_overhead(d=256, seq_len=1024, batch=8, reps=args.reps)
     for d in (256, 512):
         bench_training(d=d, seq_len=256, batch=16, reps=args.reps)
 

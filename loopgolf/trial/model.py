@@ -434,7 +434,9 @@ class RecurrentLM(nn.Module):
 
     def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
         key = (seq_len, like.device, like.dtype)
-        if key not in self._rope_cache:
+        cached = self._rope_cache.get(key)
+        # Tables made under inference_mode (an evaluation) cannot enter autograd: remake them.
+        if cached is None or (cached[0].is_inference() and not torch.is_inference_mode_enabled()):
             self._rope_cache[key] = rope_tables(seq_len, self.config.head_dim, self.config.rope_base, like)
         return self._rope_cache[key]
 
