@@ -2,7 +2,8 @@
 
 A trial whose code raises is a bug, not a data point, and a sweep reports failed trials
 but goes on, so a spec that crashes some configurations still "works". Each sweep spec
-runs through the real `loopgolf sweep` on the built-in corpus at a reduced budget (a
+runs through the real `loopgolf sweep` on the built-in corpus (`corpus_data`: what
+`loopgolf data prepare --vocab-size 1024` makes) at a reduced budget (a
 couple of seconds per trial, a few trials, one seed); everything else is the spec as
 shipped. The trial example runs through `loopgolf trial`.
 
@@ -34,14 +35,6 @@ REDUCED = {  # dotted spec fields: the budget, never the configurations
 }
 
 
-@pytest.fixture(scope="module")
-def builtin_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`loopgolf data prepare --vocab-size 1024`: the corpus every Python installation has."""
-    out = tmp_path_factory.mktemp("examples") / "data"
-    run("data", "prepare", "--vocab-size", "1024", "--out", str(out))
-    return out
-
-
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "loopgolf.orchestrator.cli", *args], capture_output=True, text=True, timeout=900
@@ -56,16 +49,16 @@ def test_every_example_is_covered() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
-def test_example_runs_with_zero_failed_trials(example: Path, builtin_data: Path, tmp_path: Path) -> None:
+def test_example_runs_with_zero_failed_trials(example: Path, corpus_data: Path, tmp_path: Path) -> None:
     spec = yaml.safe_load(example.read_text(encoding="utf-8"))
     if "search" not in spec:  # a trial config
-        proc = run("trial", str(example), "--data", str(builtin_data), "--out", str(tmp_path / "trial"),
+        proc = run("trial", str(example), "--data", str(corpus_data), "--out", str(tmp_path / "trial"),
                    "--set", "train_seconds=2", "--set", "eval_tokens=4096", "--set", "calibration_tokens=4096")
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
         assert metrics["status"] == "complete", metrics.get("error")
         return
     overrides = [f"{key}={value}" for key, value in REDUCED.items()]
-    run("sweep", str(example), "--data", str(builtin_data), "--storage", str(tmp_path), "--name", "ex",
+    run("sweep", str(example), "--data", str(corpus_data), "--storage", str(tmp_path), "--name", "ex",
         *(arg for o in overrides for arg in ("--set", o)))
     trials = pd.read_parquet(tmp_path / "ex" / "results" / "trials.parquet")
     assert len(trials) >= REDUCED["search.num_samples"]
