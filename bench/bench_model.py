@@ -12,7 +12,7 @@
    tokens / step time; forward, backward and optimizer) divided by the FLOP/s torch.matmul
    reaches on the model's own matmul shapes in the same run. Goal: >= 0.5 for d >= 256.
 
-    python bench/bench_model.py [--threads N] [--reps N]
+    python bench/bench_model.py [--threads N] [--reps N] [--no-throughput]
 
 Runs with one thread by default: on a shared machine, torch's multi-threaded CPU kernels
 slow down far more than one thread does when other jobs hold the cores.
@@ -189,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--no-throughput", action="store_true", help="only the refinement and routing figures")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,8 +200,9 @@ def main() -> None:
         print("  note: the machine is busy; figures are pessimistic")
     bench_refinement(d=256, seq_len=1024, batch=8, reps=args.reps)
     bench_routing_overhead(d=256, seq_len=1024, batch=8, reps=args.reps)
-    for d in (256, 512):
-        bench_training(d=d, seq_len=256, batch=16, reps=args.reps)
+    if not args.no_throughput:
+        for d in (256, 512):
+            bench_training(d=d, seq_len=256, batch=16, reps=args.reps)
 
 
 if __name__ == "__main__":
