@@ -70,7 +70,7 @@ def run_on_cluster(nodes: int, spec_raw: dict[str, Any]) -> tuple[float, pd.Data
         sweep_dir = Path(spec.sweep_dir)
         trials = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
         # Did each trial's artifact reach the sweep directory (or only Ray's session temp dir)?
-        trials["in_sweep_dir"] = [any(sweep_dir.glob(f"*_{t}_*/trial/model.lgart")) for t in trials["trial_id"]]
+        trials["in_sweep_dir"] = [(sweep_dir / "trials" / t / "model.lgart").is_file() for t in trials["trial_id"]]
         return wall, trials, names
     finally:
         ray.shutdown()

@@ -233,3 +233,63 @@ def test_rejects_a_frame_that_does_not_decompress(tmp_path: Path) -> None:
 def test_rejects_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(A.ArtifactError, match="cannot read"):
         A.load_artifact(tmp_path / "nope.lga")
+
+
+def test_rejects_a_config_edited_in_the_file(good_file: bytes, tmp_path: Path) -> None:
+    """n_passes changes no tensor shape: without the digest the weights would load into another model."""
+    codec, parts = A.unpack_parts(good_file)
+    header = json.loads(parts["header"])
+    header["config"]["model"]["n_passes"] += 1
+    edited = parts | {"header": json.dumps(header).encode()}
+    _rejected(tmp_path, A.pack_parts(edited, codec), "digest: the file was edited")
+    header["config"]["model"]["n_passes"] -= 1
+    header["config"]["model"]["refine_cap"] = 0.75  # no shape depends on it: only the digest can tell
+    _rejected(tmp_path, A.pack_parts(parts | {"header": json.dumps(header).encode()}, codec), "digest")
+    header["digest"] = A.header_digest(header)  # an edit that keeps the digest consistent loads as what it says
+    (tmp_path / "resigned.lga").write_bytes(A.pack_parts(parts | {"header": json.dumps(header).encode()}, codec))
+    assert A.load_artifact(tmp_path / "resigned.lga").config.refine_cap == 0.75
+
+
+_BOMB = """
+import json, lzma, resource, sys, zlib
+import brotli, zstandard
+from loopgolf.trial import artifact as A
+
+def frame(codec, size):  # `size` zero bytes, compressed without ever holding them
+    chunk, n = bytes(1 << 20), size >> 20
+    if codec == "zlib":
+        c = zlib.compressobj(9); return b"".join(c.compress(chunk) for _ in range(n)) + c.flush()
+    if codec == "lzma":
+        c = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])
+        return b"".join(c.compress(chunk) for _ in range(n)) + c.flush()
+    if codec == "zstd":
+        c = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+        return b"".join(c.compress(chunk) for _ in range(n)) + c.flush()
+    c = brotli.Compressor(quality=1); return b"".join(c.process(chunk) for _ in range(n)) + c.finish()
+
+codec = sys.argv[1]
+parts = dict.fromkeys(A.PARTS, b"")
+header = {"format": A.FORMAT, "version": A.VERSION, "config": {}, "tensors": [],
+          "sections": [[s, 1024 if s == "q" else 0] for s in A.SECTIONS]}
+parts["header"] = json.dumps(header).encode()
+frames = [A.compress_bytes(parts["header"], codec), frame(codec, 1 << 29)] + [b""] * (len(A.PARTS) - 2)
+payload = b"".join(len(f).to_bytes(4, "little") + f for f in frames)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    A.unpack_parts(A._outer_header(codec, payload) + payload)
+    print(json.dumps({"error": None}))
+except ValueError as exc:
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(json.dumps({"error": str(exc), "grown_kib": grown, "frame_bytes": len(frames[1])}))
+"""
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzma", "zstd", "brotli"])
+def test_a_decompression_bomb_is_refused_within_the_declared_size(codec: str) -> None:
+    """A frame of 512 MiB of zeros where the header declares 1 KiB: refused, memory barely moves."""
+    proc = subprocess.run([sys.executable, "-c", _BOMB, codec], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["error"] == "the 'q' frame decompresses to more than the 1024 bytes the header declares"
+    assert result["grown_kib"] < 150 * 1024, result  # lzma's 64 MiB dictionary; was the whole frame
+    assert result["frame_bytes"] < 8 << 20

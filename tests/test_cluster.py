@@ -221,7 +221,8 @@ def test_sweep_on_a_token_auth_cluster_runs_trials_on_both_nodes(
 
 
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
-    path = trial_dir / "result.json"
+    """The trial's progress reports (its own progress.jsonl, in its directory in the sweep)."""
+    path = trial_dir / "progress.jsonl"
     if not path.is_file():
         return []
     lines = []
@@ -249,18 +250,18 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
         )
         try:
             # Kill the worker node once its trial is a few seconds into its budget, with a
-            # checkpoint the driver has registered (the result line that names it).
+            # complete checkpoint in its directory (the progress line written after it).
             victim = None
             deadline = time.monotonic() + 120
             while victim is None:
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 assert driver.poll() is None, log.read_text()[-3000:]
                 on_worker = {p.pid for p in process_tree(node_pids(worker))}
-                for trial_dir in sweep_dir.glob("*/"):
-                    last = (_results(trial_dir) or [{}])[-1]
+                for trial_dir in sweep_dir.glob("trials/*/"):
+                    last = (_results(trial_dir) or [{}])[-1] | {"trial_id": trial_dir.name}
                     if (
                         last.get("pid") in on_worker
-                        and last.get("checkpoint_dir_name")
+                        and last.get("checkpoint_step")
                         and last["step"] > 0
                         and KILL_AFTER <= last["elapsed_seconds"] < BUDGET - 2
                     ):
@@ -284,12 +285,13 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
     other = trials.drop(index=victim["trial_id"]).iloc[0]
     # The lost trial went on, on the head, from the last checkpoint it made on the worker
     # (at or after the one seen before the kill), and still trained for its budget.
-    (trial_dir,) = sweep_dir.glob(f"*_{victim['trial_id']}_*/")
+    trial_dir = sweep_dir / "trials" / victim["trial_id"]
     results = _results(trial_dir)
     before = [r for r in results if r["pid"] == victim["pid"]]
     after = [r for r in results if r["pid"] != victim["pid"]]
     assert after and results[: len(before)] == before  # then it ran in another process
-    assert lost["resumed_from_step"] == max(r["step"] for r in before if r.get("checkpoint_dir_name"))
+    # the newest checkpoint in its directory: at or after the last one its progress lines name
+    assert lost["resumed_from_step"] >= max(r["checkpoint_step"] for r in before if r.get("checkpoint_step"))
     assert lost["resumed_from_step"] >= victim["step"] > 0
     assert lost["node_id"] == head.node_id
     assert abs(lost["train_seconds"] - BUDGET) < REPORT_EVERY

@@ -1,34 +1,36 @@
-"""SweepSearch without Ray: seeds as enqueued replicates, constraints, outcomes, crash recovery."""
+"""SweepSearch without Ray: seeds as enqueued replicates, constraints, outcomes, resume, searcher errors."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from loopgolf.orchestrator.search import ORPHANED, REJECTED_SENTINEL, SweepSearch, make_sampler
+from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
 from loopgolf.trial.config import preset
 
 OBJECTIVES = {"val_bpb": "min", "artifact_bytes": "min"}
 
 
-def searcher(tmp_path: Path, seeds: int = 2, total: int = 6) -> SweepSearch:
+SPACE = {"n_blocks": Choice((1, 2, 3)), "n_passes": Choice((1, 2)), "d_model": Choice((32, 64))}
+
+
+def searcher(tmp_path: Path, seeds: int = 2, total: int = 6, sampler: Any = None, space: Any = None) -> SweepSearch:
     base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000)
-    space = {"n_blocks": Choice((1, 2, 3)), "n_passes": Choice((1, 2)), "d_model": Choice((32, 64))}
-    search = SweepSearch(
-        ConfigSampler(space, base, equal_bytes=False, byte_budget=2_000_000),
+    return SweepSearch(
+        ConfigSampler(space or SPACE, base, equal_bytes=False, byte_budget=2_000_000),
         OBJECTIVES,
         seeds=seeds,
         total_trials=total,
         storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
         study_name="s",
-        sampler=make_sampler("random", seed=0),
+        sampler=sampler or make_sampler("random", seed=0),
     )
-    return search
 
 
 def complete(config: dict[str, Any], bpb: float = 2.0, **extra: Any) -> dict[str, Any]:
@@ -46,8 +48,10 @@ def test_each_configuration_runs_once_per_seed(tmp_path: Path) -> None:
     assert {k: v for k, v in first[0]["trial_config"].items() if k != "seed"} == {
         k: v for k, v in first[2]["trial_config"].items() if k != "seed"
     }
-    study = search._ot_study
+    study = search.study
     assert len(study.trials) == 6 and all(t.state == TrialState.RUNNING for t in study.trials)
+    assert [c[KEY] for c in configs] == [t.user_attrs[KEY] for t in study.trials]  # one directory per trial
+    assert len({c[KEY] for c in configs}) == 6
 
 
 def test_outcomes_reach_the_study_with_constraints(tmp_path: Path) -> None:
@@ -58,7 +62,7 @@ def test_outcomes_reach_the_study_with_constraints(tmp_path: Path) -> None:
     search.on_trial_complete("t1", {"status": "rejected", "byte_violation": 999.0})
     search.on_trial_complete("t2", {"status": "failed", "error": "non-finite"})
     search.on_trial_complete("t3", {"step": 5, "quick_val_bpb": 3.0})  # stopped early: no final metrics
-    t0, t1, t2, t3 = search._ot_study.trials
+    t0, t1, t2, t3 = search.study.trials
     assert t0.state == TrialState.COMPLETE and t0.values == [2.0, 1000.0]
     assert t0.system_attrs["constraints:byte_violation"] == 123.0
     assert t0.system_attrs["constraints:eval_violation"] == 0.0
@@ -68,26 +72,69 @@ def test_outcomes_reach_the_study_with_constraints(tmp_path: Path) -> None:
     assert (t2.state, t3.state) == (TrialState.FAIL, TrialState.PRUNED)
 
 
-def test_a_stale_searcher_never_tells_a_trial_twice_nor_loses_a_configuration(tmp_path: Path) -> None:
+def test_trials_a_dead_driver_left_running_run_again_with_their_key_and_seed(tmp_path: Path) -> None:
     search = searcher(tmp_path, seeds=2, total=4)
-    search.suggest("t0")  # a new config; its second seed waits in the study
-    saved = tmp_path / "searcher.pkl"
-    search.save(str(saved))  # the last experiment checkpoint before the crash
+    first = search.suggest("t0")  # a new config; its second seed waits in the study
     search.on_trial_complete("t0", complete({}))
-    lost = search.suggest("t1")  # popped the waiting replicate; Tune never saved this trial
-    # The driver dies here. Tune restores the searcher from the older pickle:
-    restored = searcher(tmp_path, seeds=2, total=4)
-    restored.restore(str(saved))
-    restored.on_trial_complete("t0", complete({}, bpb=9.9))  # t0 finishes again after the restore
-    states = [(t.number, t.state, t.user_attrs.get(ORPHANED, False)) for t in restored._ot_study.trials]
-    assert states[0] == (0, TrialState.COMPLETE, False) and restored._ot_study.trials[0].values[0] == 2.0
-    assert states[1] == (1, TrialState.FAIL, True)  # the lost trial's Optuna twin, failed and marked
-    again = restored.suggest("t2")  # ... and its configuration and seed come back
-    assert again["trial_config"] == lost["trial_config"]
-    restored.on_trial_complete("t2", complete({}))
-    for i in (3, 4):
-        restored.suggest(f"t{i}")
-    assert restored.suggest("t5") == Searcher.FINISHED  # 4 counted trials; the orphan does not count
+    lost = search.suggest("t1")  # the waiting replicate starts; then the driver dies
+    search.on_trial_complete("t0", complete({}, bpb=9.9))  # told once: a second tell is ignored
+    assert search.study.trials[0].values[0] == 2.0
+    # A fresh searcher on the same study (what `resume` builds): the lost trial is re-queued.
+    resumed = searcher(tmp_path, seeds=2, total=4)
+    assert resumed.requeued == 1
+    assert search.study.trials[1].state == TrialState.FAIL
+    again = resumed.suggest("u0")
+    assert again["trial_config"] == lost["trial_config"] and again[KEY] == lost[KEY] != first[KEY]
+    resumed.on_trial_complete("u0", complete({}))
+    for i in (1, 2):
+        resumed.suggest(f"u{i}")
+    assert resumed.suggest("u3") == Searcher.FINISHED  # 4 trials: the lost run and its re-run are one
+    assert len(counted_keys(resumed.study)) == 4
+    final = final_trials(resumed.study)
+    assert final[lost[KEY]].state == TrialState.COMPLETE and len(final) == 2  # two told so far, once each
+
+
+def test_a_resumed_searcher_with_nothing_left_running_changes_nothing(tmp_path: Path) -> None:
+    search = searcher(tmp_path, seeds=1, total=2)
+    for i in range(2):
+        search.suggest(f"t{i}")
+        search.on_trial_complete(f"t{i}", complete({}))
+    resumed = searcher(tmp_path, seeds=1, total=2)
+    assert resumed.requeued == 0 and resumed.suggest("u0") == Searcher.FINISHED
+    assert len(resumed.study.trials) == 2
+
+
+def test_a_grid_that_runs_out_ends_the_sweep_instead_of_raising(tmp_path: Path) -> None:
+    # Optuna's GridSampler calls study.stop() in `tell` once every grid point ran; outside
+    # study.optimize that raised RuntimeError and killed the driver (issue 13, case 5).
+    space = {"n_blocks": Choice((1, 2))}
+    grid = make_sampler("grid", seed=0, grid={"n_blocks": [1, 2]})
+    search = searcher(tmp_path, seeds=1, total=4, sampler=grid, space=space)
+    search.suggest("t0")
+    search.suggest("t1")
+    search.on_trial_complete("t0", complete({}))
+    search.on_trial_complete("t1", {"status": "failed", "error": "non-finite loss"})  # the last one fails
+    assert search.error is None
+    assert search.suggest("t2") == Searcher.FINISHED
+    assert [t.state for t in search.study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_an_exception_inside_optuna_stops_suggestions_and_is_reported(tmp_path: Path) -> None:
+    class Broken(optuna.samplers.RandomSampler):
+        def sample_independent(self, *args: Any, **kwargs: Any) -> Any:
+            raise ValueError("sampler broke")
+
+    search = searcher(tmp_path, seeds=1, total=4, sampler=Broken(seed=0))
+    assert search.suggest("t0") == Searcher.FINISHED
+    assert search.error == "ValueError: sampler broke"
+
+
+def test_the_searcher_writes_no_checkpoint_and_refuses_one(tmp_path: Path) -> None:
+    search = searcher(tmp_path)
+    search.save(str(tmp_path / "searcher.pkl"))
+    assert not (tmp_path / "searcher.pkl").exists()
+    with pytest.raises(NotImplementedError):
+        search.restore(str(tmp_path / "searcher.pkl"))
 
 
 @pytest.mark.parametrize("algorithm", ["tpe", "nsga2", "random", "grid"])
@@ -97,12 +144,7 @@ def test_every_algorithm_has_a_sampler(algorithm: str) -> None:
 
 
 def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> None:
-    base = preset("tiny").replace(bits=8, codec="zlib")
-    search = SweepSearch(
-        ConfigSampler({"n_blocks": Choice((1,))}, base, equal_bytes=False, byte_budget=2_000_000),
-        OBJECTIVES, seeds=2, total_trials=6, storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
-        study_name="s", sampler=make_sampler("random", seed=0),
-    )  # fmt: skip
+    search = searcher(tmp_path, seeds=2, total=6, space={"n_blocks": Choice((1,))})
     configs = [search.suggest(f"t{i}") for i in range(6)]
     assert len({c["config_id"] for c in configs}) == 1  # the space holds one configuration
     assert sorted(c["trial_config"]["seed"] for c in configs) == [0, 1, 2, 3, 4, 5]

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import ipaddress
+import json
 import os
+import pickle
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +23,7 @@ import pytest
 import yaml
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.search import final_trials
 from loopgolf.orchestrator.spec import load_spec
 
 DESIGN_COLUMNS = [
@@ -100,25 +108,124 @@ def _check_ledger_and_study(sweep_dir: Path, expected: int, seeds: int) -> pd.Da
     # No configuration ran twice with one seed (one proposed again continues its seeds).
     assert (trials.groupby("config_id")["seed"].nunique() == trials.groupby("config_id").size()).all()
     assert trials.groupby("config_id").size().max() >= min(seeds, expected)
-    study = _study(sweep_dir)
-    finished = [t for t in study.trials if t.state.is_finished() and not t.user_attrs.get("orphaned")]
-    assert len(finished) == expected
+    finals = final_trials(_study(sweep_dir))
+    assert sorted(finals) == sorted(trials["trial_id"])  # the study's trials are the ledger's, once each
+    for trial_id in trials["trial_id"]:  # every row is its trial directory's final metrics
+        assert json.loads((sweep_dir / "trials" / trial_id / "metrics.json").read_text())["status"] == "complete"
     return trials
 
 
+def _wait_for(condition: Any, driver: subprocess.Popen, what: str, timeout: float = 300) -> Any:
+    """Poll a condition while the driver runs (no fixed sleeps: a loaded machine only takes longer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert driver.poll() is None, f"driver exited while waiting for {what}: {_log(driver)[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A driver in its own process group; its output goes to a file (a pipe could fill and block it)."""
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "loopgolf.orchestrator.cli", *args],
+            stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
+        )  # fmt: skip
+    driver.log = log  # type: ignore[attr-defined]
+    return driver
+
+
+def _log(driver: subprocess.Popen) -> str:
+    return driver.log.read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+def _process_tree(pid: int) -> list[int]:
+    seen, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return seen
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+def _listening_addresses(pids: list[int]) -> set[str]:
+    """Local addresses of the TCP sockets these processes listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:["):
+                        inodes.add(link[len("socket:[") : -1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(_ip(fields[1].split(":")[0]))
+    return found
+
+
+def _ip(hex_address: str) -> str:
+    raw = bytes.fromhex(hex_address)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))  # /proc prints 32-bit words host-order
+    return str(ipaddress.ip_address(words))
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 @pytest.mark.slow
-def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(corpus_data: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads listening sockets from Linux /proc")
+def test_real_sweep_one_row_and_run_per_trial_on_loopback_only(corpus_data: Path, tmp_path: Path) -> None:
     storage = tmp_path / "sweeps"
     spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage)
-    proc = cli("sweep", str(spec))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Pareto front" in proc.stdout
     sweep_dir = storage / "t"
+    home = tmp_path / "home"  # Ray writes its token to ~/.ray/auth_token when none exists: a fresh one here
+    env = os.environ | {"HOME": str(home)}
+    env.pop("RAY_AUTH_MODE", None)
+    driver = _start(tmp_path / "driver.log", "sweep", str(spec), env=env)
+    try:
+        _wait_for(lambda: list(sweep_dir.glob("trials/*/progress.jsonl")), driver, "a trial's first report")
+        # Every socket the sweep listens on (driver, GCS, raylet, workers) is on loopback.
+        addresses = _listening_addresses(_process_tree(driver.pid))
+        assert addresses and all(_loopback(a) for a in addresses), addresses
+        token = home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600  # a credential: its owner's only
+        assert json.loads((sweep_dir / "driver.lock").read_text())["pid"] == driver.pid
+        driver.wait(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    output = _log(driver)
+    assert driver.returncode == 0, output[-3000:]
+    assert "Pareto front" in output
+    assert output.strip().splitlines()[-1] == "6/6 trials finished, 0 raised an error"
+    assert not (sweep_dir / "driver.lock").exists()
     trials = _check_ledger_and_study(sweep_dir, expected=6, seeds=2)
-    assert (trials["status"] == "complete").all() and trials["feasible"].all()
+    assert (trials["status"] == "complete").all() and trials["feasible"].all() and not trials["raised"].any()
     assert (trials["model_bytes"] + trials["code_bytes"] == trials["artifact_bytes"]).all()
     for path, size in zip(trials["artifact_path"], trials["model_bytes"], strict=True):  # every artifact in the sweep
-        assert Path(path).is_relative_to(sweep_dir.resolve()) and Path(path).stat().st_size == size
+        assert not Path(path).is_absolute() and (sweep_dir / path).stat().st_size == size
     curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
     assert set(curves["trial_id"]) == set(trials["trial_id"])
     import mlflow
@@ -131,39 +238,94 @@ def test_real_sweep_writes_one_row_and_one_mlflow_run_per_trial(corpus_data: Pat
     assert status.returncode == 0 and "6/6 trials finished (6 complete)" in status.stdout
 
 
+class _Payload:
+    """Unpickling this runs `touch <marker>`: planted in every file Tune wrote."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }  # fmt: skip
+
+
 @pytest.mark.slow
-def test_driver_sigkill_then_resume_runs_every_trial_exactly_once(corpus_data: Path, tmp_path: Path) -> None:
+def test_killed_sweep_copied_elsewhere_resumes_there_exactly_once_without_loading_tune_state(
+    corpus_data: Path, tmp_path: Path
+) -> None:
     storage = tmp_path / "sweeps"
     spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, budget={"artifact_bytes": 2_000_000,
                       "train_seconds": 6})  # fmt: skip
     sweep_dir = storage / "t"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(spec)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+
+    def finished() -> dict[str, dict[str, Any]]:
+        found = {}
+        for path in sweep_dir.glob("trials/*/metrics.json"):
+            with contextlib.suppress(ValueError):  # being replaced right now
+                found[path.parent.name] = json.loads(path.read_text())
+        return found
+
+    def finished_and_checkpointed() -> bool:
+        # a trial finished, and an unfinished one has a complete checkpoint in its own directory,
+        # early enough in its budget (training seconds, not wall) that it is still running at the kill
+        in_flight = {p.parents[2].name for p in sweep_dir.glob("trials/*/checkpoints/step_*/training_state.pt")}
+        for name in in_flight - set(done := finished()):
+            records, progress = [], sweep_dir / "trials" / name / "progress.jsonl"
+            for line in progress.read_text().splitlines() if progress.is_file() else []:
+                with contextlib.suppress(ValueError):  # a line being written
+                    records.append(json.loads(line))
+            checkpointed = any(r.get("checkpoint_step") for r in records)
+            if done and checkpointed and records and records[-1]["elapsed_seconds"] < 4.0:  # 2+ s of 6 s to go
+                return True
+        return False
+
+    driver = _start(tmp_path / "driver.log", "sweep", str(spec))
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:  # kill once a trial finished and an unfinished one has checkpointed
-            ledger = sweep_dir / "results" / "trials.parquet"
-            done = set(pd.read_parquet(ledger)["trial_id"]) if ledger.is_file() else set()
-            in_flight = {p.parent.name for p in sweep_dir.glob("*/checkpoint_*")}
-            if done and any(not any(t in name for t in done) for name in in_flight):
-                break
-            assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
-            time.sleep(0.25)
-        time.sleep(2.5)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state has registered that checkpoint
-        os.killpg(driver.pid, signal.SIGKILL)
+        _wait_for(finished_and_checkpointed, driver, "a finished trial and a checkpointed unfinished one")
+        processes = _process_tree(driver.pid)  # the driver, Ray's GCS and raylet, the trials' workers
     finally:
+        os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    before = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
+    for pid in processes:  # kill -9 of the driver: wait until every process of its tree has died with it
+        deadline = time.monotonic() + 120
+        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+            assert time.monotonic() < deadline, f"process {pid} outlived the killed driver"
+            time.sleep(0.1)
+    before = pd.DataFrame.from_dict(finished(), orient="index")
     assert 1 <= len(before) < 6
-    proc = cli("resume", str(sweep_dir))
+    moved = tmp_path / "elsewhere" / "t-copy"
+    shutil.copytree(sweep_dir, moved, symlinks=True)
+    original = _digest(sweep_dir)
+    marker = tmp_path / "payload-ran"
+    planted = [p for p in (moved / "tune").rglob("*") if p.is_file()]
+    assert {"tuner.pkl", "experiment_state"} <= {p.name.split("-")[0] for p in planted}
+    for path in planted:  # Tune's pickles and state files: resume must not load any of them
+        path.write_bytes(pickle.dumps(_Payload(marker)))
+
+    proc = cli("resume", str(moved))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    trials = _check_ledger_and_study(sweep_dir, expected=6, seeds=2)
-    assert set(before["trial_id"]) <= set(trials["trial_id"])
+    assert proc.stdout.strip().splitlines()[-1] == "6/6 trials finished, 0 raised an error"
+    assert "taking over the lock of a driver that is gone" in proc.stderr  # the copied lock of the killed driver
+    assert not marker.exists()
+    assert _digest(sweep_dir) == original  # the original was neither read for state nor written
+    trials = _check_ledger_and_study(moved, expected=6, seeds=2).set_index("trial_id")
     assert (trials["status"] == "complete").all()
+    # Finished trials were not trained again: their rows are the same measurements.
+    assert (trials.loc[before.index, "val_bpb"] == before["val_bpb"]).all()
+    assert (trials.loc[before.index, "ended_at"] == pd.to_datetime(before["ended_at"])).all()
     assert ((trials["train_seconds"] - 6.0).abs() < 1.0).all()  # within a report interval of the budget
     assert (trials["resumed_from_step"] > 0).any()  # an in-flight trial went on from its checkpoint
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(trials.index)  # one run per trial, resumed ones too
 
 
 @pytest.mark.slow
@@ -189,6 +351,7 @@ def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
     assert len(rejected) >= 1 and rejected["train_steps"].isna().all()
     assert (rejected["predicted_artifact_bytes"] > cap).all()
     study = _study(storage / "t")
+    assert proc.stdout.strip().splitlines()[-1].startswith("4/4 trials finished, 0 raised")  # the grid ran out cleanly
     for t in study.trials:
         violation = t.system_attrs.get("constraints:predicted_byte_violation")
         assert violation is not None

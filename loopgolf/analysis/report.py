@@ -28,6 +28,7 @@ from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_r
 from loopgolf.analysis.token_questions import robustness, where_refinement_helps
 from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
 from loopgolf.atomic import atomic_write_bytes
+from loopgolf.errors import LoopgolfError
 
 __all__ = ["PARETO_VIEWS", "ReportConfig", "front_table", "md_table", "report"]
 
@@ -192,6 +193,8 @@ def report(
     dirs = _expand([sweep_dirs] if isinstance(sweep_dirs, (str, os.PathLike)) else list(sweep_dirs))
     df, where, curves = _load(dirs)
     out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
+    if out.exists() and not out.is_dir():
+        raise LoopgolfError(f"report directory {str(out)!r}: is a file; expected a directory (or a new path)")
     out.mkdir(parents=True, exist_ok=True)
     rows = competing(df)
     store = TokenStore(df, where)

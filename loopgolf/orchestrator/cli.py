@@ -94,23 +94,29 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep {spec.name}: {spec.num_samples} configurations x {spec.seeds} seed(s), space {spec.space!r}, "
           f"{spec.train_seconds:g} s per trial -> {spec.sweep_dir}", file=sys.stderr)
     outcome = run_sweep(spec, address=args.address)
-    return _summarize(outcome.sweep_dir, spec.objectives)
+    return _summarize(outcome, spec.objectives)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from loopgolf.orchestrator.sweep import read_sweep_spec, resume_sweep
 
     outcome = resume_sweep(args.sweep_dir, address=args.address)
-    return _summarize(outcome.sweep_dir, read_sweep_spec(args.sweep_dir).objectives)
+    return _summarize(outcome, read_sweep_spec(args.sweep_dir).objectives)
 
 
-def _summarize(sweep_dir: Path, objectives: dict) -> int:
-    """The end of a sweep: status, the Pareto front, and the report with its plots."""
+def _summarize(outcome: Any, objectives: dict) -> int:
+    """The end of a sweep: status, the Pareto front, the report; the last line counts errors.
+
+    Exit status (sweep.SweepOutcome): 0 every trial ran and none raised (a diverged trial is
+    an outcome, not an error); 1 some trial raised; 3 the searcher failed (finished trials
+    are recorded; `resume` continues). Bad input, or a sweep held by another driver: 2.
+    """
     from loopgolf.analysis.pareto import pareto_front
     from loopgolf.analysis.report import report
     from loopgolf.analysis.results import load_results
     from loopgolf.orchestrator.sweep import print_status, sweep_status
 
+    sweep_dir = outcome.sweep_dir
     print_status(sweep_status(sweep_dir))
     front_objectives = dict(objectives) if len(objectives) > 1 else {**objectives, "artifact_bytes": "min"}
     front = pareto_front(load_results(sweep_dir), front_objectives)
@@ -121,7 +127,8 @@ def _summarize(sweep_dir: Path, objectives: dict) -> int:
     print(f"\nresults: {sweep_dir}/results/trials.parquet\nreport:  {path}")
     if (path.parent / "pareto_bytes.png").is_file():
         print(f"plot:    {path.parent / 'pareto_bytes.png'}")
-    return 0
+    print(outcome.last_line())
+    return int(outcome.exit_status)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -1,39 +1,46 @@
-"""SweepSearch: Ray Tune's OptunaSearch, taught seeds, constraints and crash-safe resume.
+"""SweepSearch: an Optuna study behind Ray Tune's public `Searcher` interface.
 
-What OptunaSearch does not do by itself, and this subclass adds:
+The study in `<sweep>/optuna.db` is the sweep's search state; the searcher holds
+nothing that is not in it, so a resumed sweep builds a fresh searcher on the same
+study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
 
-- Seeds. Each new configuration enqueues its other replicates in the Optuna study
-  (`enqueue_trial` with the same params and a `seed_index` user attribute), so every
-  seed is its own Tune trial and its own Optuna trial, the queue lives in the sqlite
-  study, and a resumed sweep still runs every replicate exactly once.
-- Constraints. The measured byte and eval-cap violations of a finished trial are set
-  on the Optuna trial (`set_constraint`) before `tell`, so TPE / NSGA-II see them;
-  `ConfigSampler` already set the predicted violation (`predicted_byte_violation`,
-  its own key: Optuna keeps the first value set for a key).
+- Seeds. A sampled configuration enqueues its other replicates (`enqueue_trial` with
+  the same params and a `seed_index` user attribute), so every seed is its own Tune
+  trial and its own Optuna trial. A configuration the sampler proposes again
+  continues its seeds rather than repeating one.
+- Trial keys. Each trial gets a `trial_key` user attribute when it first runs; it
+  names the trial's directory (`<sweep>/trials/<key>/`: checkpoints, artifact,
+  metrics.json) and its ledger row, and stays the same when the trial is re-run.
+- Constraints. `ConfigSampler` sets the predicted byte violation at ask time; the
+  measured byte and eval-cap violations are set (`Trial.set_constraint`, which
+  TPE / NSGA-II read) before `tell`.
 - Outcomes. "rejected" trials enter the study as COMPLETE with a sentinel value and a
   positive constraint (the sampler learns the boundary without compute); "failed"
-  trials (diverged, crashed) as FAIL; trials stopped early by ASHA (no final metrics)
-  as PRUNED, never as COMPLETE with truncated values.
-- Resume. The searcher pickle can be older than the sqlite study when the driver is
-  killed. A trial already told is never told again; an Optuna trial left RUNNING by a
-  lost Tune trial is failed and its configuration re-enqueued; and the total is
-  counted from the study, so the sweep ends with exactly num_samples x seeds trials.
+  trials (diverged) and trials that raised as FAIL; trials stopped early by ASHA (no
+  final metrics) as PRUNED. A trial is told once.
+- Resume. Trials left RUNNING by a dead driver (the sweep lock guarantees it is dead)
+  are failed and re-enqueued with their params, seed and key, so the re-run finds its
+  directory and checkpoints. The total is counted from the study: distinct keys.
+- Errors. An exception inside Optuna (e.g. GridSampler calling `study.stop()` when the
+  grid is exhausted, which raises outside `optimize`) stops new suggestions; the
+  running trials finish and are recorded, and the sweep reports the error.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 CONSTRAINTS = ("byte_violation", "eval_violation")
-ORPHANED = "orphaned"  # user attr of an Optuna trial whose Tune trial was lost in a crash
+KEY = "trial_key"  # user attr: the trial's directory and ledger id, kept across re-runs
+REPLAY_OF = "replay_of"  # user attr of a re-enqueued trial: the number of the orphan it repeats
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
+_KEPT_ATTRS = ("seed_index", "replicate_of", KEY)
 
 
 def make_sampler(algorithm: str, seed: int, grid: Mapping[str, list] | None = None) -> optuna.samplers.BaseSampler:
@@ -48,10 +55,30 @@ def make_sampler(algorithm: str, seed: int, grid: Mapping[str, list] | None = No
     raise ValueError(f"algorithm={algorithm!r}: expected tpe, nsga2, random or grid")
 
 
-class SweepSearch(OptunaSearch):
+def trial_key(number: int) -> str:
+    return f"trial_{number:05d}"
+
+
+def counted_keys(study: optuna.Study) -> set[str]:
+    """Keys of the trials that count toward the total: every trial that ran, once per key."""
+    trials = study.get_trials(deepcopy=False)
+    return {t.user_attrs[KEY] for t in trials if t.state != TrialState.WAITING and KEY in t.user_attrs}
+
+
+def final_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """The last finished Optuna trial of every key (an orphan's re-run supersedes it)."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state.is_finished() and KEY in t.user_attrs:
+            latest[t.user_attrs[KEY]] = t
+    replayed = {t.user_attrs.get(REPLAY_OF) for t in study.get_trials(deepcopy=False)}
+    return {k: t for k, t in latest.items() if t.number not in replayed}
+
+
+class SweepSearch(Searcher):
     def __init__(
         self,
-        space: Any,
+        sample: Callable[[optuna.Trial], dict[str, Any]],
         objectives: Mapping[str, str],
         *,
         seeds: int,
@@ -60,53 +87,65 @@ class SweepSearch(OptunaSearch):
         study_name: str,
         sampler: optuna.samplers.BaseSampler,
     ) -> None:
-        metrics, modes = list(objectives), list(objectives.values())
-        super().__init__(
-            space=space,
-            metric=metrics if len(metrics) > 1 else metrics[0],
-            mode=modes if len(modes) > 1 else modes[0],
-            sampler=sampler,
+        super().__init__()  # Tune's metric/mode stay unset: the study holds the directions
+        self.sample = sample
+        self.objectives = dict(objectives)
+        self.seeds = seeds
+        self.total_trials = total_trials
+        self.study = optuna.create_study(
             storage=optuna.storages.RDBStorage(storage_url),
             study_name=study_name,
+            sampler=sampler,
+            directions=["minimize" if mode == "min" else "maximize" for mode in self.objectives.values()],
+            load_if_exists=True,
         )
-        self._objectives = dict(objectives)
-        self._seeds = seeds
-        self._total_trials = total_trials
+        self.live: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial (asked, not yet told)
+        self.error: str | None = None  # the first exception raised inside Optuna; no suggestions after it
+        self.requeued = self.requeue_orphans()
 
     # ------------------------------------------------------------------ suggest
 
-    def _counted_trials(self) -> int:
-        """Trials that count toward the total: every study trial but queued and orphaned ones."""
-        return sum(
-            1
-            for t in self._ot_study.get_trials(deepcopy=False)
-            if t.state != TrialState.WAITING and not t.user_attrs.get(ORPHANED)
-        )
-
     def suggest(self, trial_id: str) -> dict | None:
-        if trial_id not in self._ot_trials and self._counted_trials() >= self._total_trials:
+        if self.error is not None:
             return Searcher.FINISHED
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
-        if "seed_index" not in ot_trial.user_attrs:  # sampled, not a queued replicate
-            # A sampler may propose a configuration again: it then continues that
-            # configuration's seeds rather than repeating one.
-            first = self._trials_with_params(ot_trial.params, exclude=ot_trial.number)
-            ot_trial.set_user_attr("seed_index", first)
-            config["trial_config"]["seed"] += first  # ConfigSampler assumed seed_index 0
-            for index in range(first + 1, first + self._seeds):
-                self._ot_study.enqueue_trial(
-                    ot_trial.params, user_attrs={"seed_index": index, "replicate_of": ot_trial.number}
-                )
+        try:
+            return self._suggest(trial_id)
+        except Exception as exc:  # recorded and reported by the sweep; running trials still finish
+            self.error = f"{type(exc).__name__}: {exc}"
+            return Searcher.FINISHED
+
+    def _suggest(self, trial_id: str) -> dict | None:
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        replays = any(KEY in t.user_attrs for t in waiting)
+        if not replays and len(counted_keys(self.study)) >= self.total_trials:
+            return Searcher.FINISHED
+        if not waiting and self.grid_exhausted():  # every grid point ran; queued seeds above still do
+            return Searcher.FINISHED
+        trial = self.study.ask()
+        config = self.sample(trial)
+        if "seed_index" not in trial.user_attrs:  # sampled, not a queued replicate
+            first = self._earlier_runs_of(trial.params, exclude=trial.number)
+            trial.set_user_attr("seed_index", first)
+            config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
+            for index in range(first + 1, first + self.seeds):
+                self.study.enqueue_trial(trial.params, user_attrs={"seed_index": index, "replicate_of": trial.number})
+        if KEY not in trial.user_attrs:
+            trial.set_user_attr(KEY, trial_key(trial.number))
+        config[KEY] = trial.user_attrs[KEY]
+        self.live[trial_id] = trial
         return config
 
-    def _trials_with_params(self, params: dict, exclude: int) -> int:
-        """Earlier trials (queued included, orphaned not) of the same configuration."""
-        return sum(
-            1
-            for t in self._ot_study.get_trials(deepcopy=False)
-            if t.number != exclude and t.params == params and not t.user_attrs.get(ORPHANED)
-        )
+    def _earlier_runs_of(self, params: dict, exclude: int) -> int:
+        """Earlier trials of the same configuration, queued included; a key's re-runs count once."""
+        keys, unkeyed = set(), 0
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number == exclude or t.params != params:
+                continue
+            if KEY in t.user_attrs:
+                keys.add(t.user_attrs[KEY])
+            else:
+                unkeyed += 1
+        return len(keys) + unkeyed
 
     # ------------------------------------------------------------------ results
 
@@ -114,51 +153,57 @@ class SweepSearch(OptunaSearch):
         """Intermediate values do not go to Optuna: its pruner is unused (ASHA stops trials)."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        trial = self.live.pop(trial_id, None)
+        if trial is None:  # not ours, or told already
             return
-        ot_trial = self._ot_trials[trial_id]
-        stored = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        if stored.state.is_finished():  # told before a crash; the searcher pickle is older than the study
-            self._completed_trials.add(trial_id)
-            return
-        state, values = self._outcome(result, error)
-        if state == TrialState.COMPLETE:  # every complete trial carries every constraint
-            assert result is not None
-            for key in CONSTRAINTS:
-                ot_trial.set_constraint(key, float(result.get(key) or 0.0))
-        self._ot_study.tell(ot_trial, values, state=state)
-        self._completed_trials.add(trial_id)
+        state, values = self.outcome(result, error)
+        try:
+            if state == TrialState.COMPLETE:  # every complete trial carries every constraint
+                assert result is not None
+                for key in CONSTRAINTS:
+                    trial.set_constraint(key, float(result.get(key) or 0.0))
+            self.study.tell(trial, values, state=state)
+        except Exception as exc:  # Optuna stores the state before the sampler's hook raises
+            # GridSampler calls study.stop() once its grid is exhausted, which raises outside
+            # study.optimize: that is the end of the grid, not an error.
+            if not (isinstance(exc, RuntimeError) and self.grid_exhausted()):
+                self.error = self.error or f"{type(exc).__name__}: {exc}"
 
-    def _outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None]:
+    def grid_exhausted(self) -> bool:
+        sampler = self.study.sampler
+        return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study)
+
+    def outcome(self, result: dict | None, error: bool) -> tuple[TrialState, list[float] | None]:
         if error or not result:
             return TrialState.FAIL, None
         status = result.get("status")
         if status == "rejected":
             return TrialState.COMPLETE, [
-                REJECTED_SENTINEL if mode == "min" else -REJECTED_SENTINEL for mode in self._objectives.values()
+                REJECTED_SENTINEL if mode == "min" else -REJECTED_SENTINEL for mode in self.objectives.values()
             ]
         if status == "failed":
             return TrialState.FAIL, None
         if status != "complete":  # stopped by the scheduler before its final metrics
             return TrialState.PRUNED, None
-        values = [result.get(metric) for metric in self._objectives]
+        values = [result.get(metric) for metric in self.objectives]
         if any(v is None or not math.isfinite(float(v)) for v in values):
             return TrialState.FAIL, None
         return TrialState.COMPLETE, [float(v) for v in values]  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ resume
 
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.reconcile()
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the study is the state, and resume never reads Tune's searcher files."""
 
-    def reconcile(self) -> None:
-        """Fail and re-enqueue Optuna trials left RUNNING by Tune trials this searcher never saved."""
-        known = {t.number for t in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number in known:
-                continue
-            self._ot_study._storage.set_trial_user_attr(trial._trial_id, ORPHANED, True)
-            self._ot_study.tell(trial.number, state=TrialState.FAIL)
-            attrs = {k: v for k, v in trial.user_attrs.items() if k in ("seed_index", "replicate_of")}
-            self._ot_study.enqueue_trial(trial.params, user_attrs=attrs or None)
+    def restore(self, checkpoint_path: str) -> None:
+        raise NotImplementedError("a sweep resumes from its Optuna study, not from a searcher checkpoint")
+
+    def requeue_orphans(self) -> int:
+        """Fail the trials a dead driver left RUNNING and enqueue them again, key and seed kept."""
+        orphans = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in orphans:
+            attrs = {k: v for k, v in trial.user_attrs.items() if k in _KEPT_ATTRS}
+            attrs.setdefault(KEY, trial_key(trial.number))
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs=attrs | {REPLAY_OF: trial.number})
+        return len(orphans)

@@ -26,21 +26,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.ledger import METRICS as LEDGER_METRICS
 from loopgolf.trial.config import (
     ConfigError,
     TrialConfig,
     coerce_field,
+    number_from_text,
     parse_override,
     preset,
     read_yaml_mapping,
 )
 
 Algorithm = Literal["tpe", "nsga2", "random", "grid"]
-METRICS = (
-    "val_bpb", "val_bpb_prequant", "val_loss", "artifact_bytes", "model_bytes", "code_bytes", "params",
-    "train_seconds", "train_tokens", "train_steps", "eval_seconds", "eval_passes_per_token",
-    "eval_flops_per_token", "refine_fraction",
-)  # fmt: skip
+METRICS = tuple(m for m in LEDGER_METRICS if m != "feasible")  # what an objective may name: the numeric metrics
+# Numeric spec fields and their type: YAML 1.1 reads `1e6` as a string, so text is converted.
+_NUMERIC = {"artifact_bytes": int, "train_seconds": float, "eval_seconds": float, "num_samples": int,
+            "search_seed": int, "seeds": int, "max_concurrent": int, "cpu": float, "gpu": float, "workers": int}
 
 
 class SpecError(LoopgolfError):
@@ -72,8 +73,10 @@ class SweepSpec:
     early_stopping: Literal["asha"] | None = None
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise SpecError(f"name={self.name!r}: expected letters, digits, '-', '_' or '.'")
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or set(self.name) == {"."}:
+            raise SpecError(f"name={self.name!r}: expected letters, digits, '-', '_' or '.' (not only dots)")
+        if self.is_local and Path(self.storage).exists() and not Path(self.storage).is_dir():
+            raise SpecError(f"storage={self.storage!r}: is a file; expected a directory for sweeps")
         if not Path(self.data).is_dir():
             raise SpecError(f"data={str(self.data)!r}: no such directory (run `loopgolf data prepare --out ...`)")
         if not (Path(self.data) / "manifest.json").is_file():
@@ -199,6 +202,9 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
             raise SpecError(f"unknown spec field {key!r}; expected one of {sorted(_TOP | set(_NESTED))}")
     if "name" not in values or "data" not in values:
         raise SpecError("spec: expected at least `name` and `data`")
+    for key, kind in _NUMERIC.items():
+        if key in values:
+            values[key] = _numeric(key, values[key], kind)
     values["data"] = Path(str(values["data"])).expanduser().resolve()
     if isinstance(values.get("objectives"), (list, str)):  # "val_bpb" or [val_bpb, artifact_bytes] -> all min
         names = [values["objectives"]] if isinstance(values["objectives"], str) else values["objectives"]
@@ -214,6 +220,15 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
     return spec
 
 
+def _numeric(key: str, value: Any, kind: type) -> Any:
+    number = number_from_text(value) if isinstance(value, str) else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise SpecError(f"{key}={value!r}: expected a number")
+    if kind is int and isinstance(number, float) and number.is_integer():
+        return int(number)
+    return float(number) if kind is float else number
+
+
 def _check_space(spec: SweepSpec) -> None:
     """Unknown space or field, empty range, or a space where nothing fits the byte cap."""
     from loopgolf.search_spaces.spaces import apply_overrides, grid_values, named_space, smallest_predicted_bytes
@@ -222,6 +237,9 @@ def _check_space(spec: SweepSpec) -> None:
         base = spec.base_config()
     except ConfigError as exc:
         raise SpecError(f"base: {exc}") from None
+    from loopgolf.trial.prepare import check_data
+
+    check_data(spec.data, base.model.vocab_size)  # manifest, shards, tokenizer: before any compute
     if base.train.batch_size % spec.workers:
         raise SpecError(
             f"base.batch_size={base.train.batch_size} with resources.workers={spec.workers}: expected a multiple "

@@ -1,18 +1,29 @@
-"""Run, resume and inspect a sweep: Ray Tune's Tuner with SweepSearch (Optuna).
+"""Run, resume and inspect a sweep: Ray Tune's Tuner with SweepSearch (an Optuna study).
 
-The sweep directory `<storage>/<name>/` holds everything about one sweep:
+The sweep directory `<storage>/<name>/` is the whole state of one sweep:
 
     spec.yaml             the resolved spec (what `resume` rebuilds the Tuner from)
+    driver.lock           the driver that holds the sweep (lock.py); absent when none does
     optuna.db             the Optuna study (sqlite; `optuna-dashboard sqlite:///...optuna.db`)
     mlflow.db             MLflow's tracking store, unless the spec names a server
+    trials/<trial_id>/    each trial: trial.json, progress.jsonl, checkpoints/, artifact, metrics.json
     results/              trials.parquet, curves.parquet (the ledger), report.md and plots
-    tuner.pkl, experiment_state-*.json, searcher-state-*.pkl, <trial dirs>   (Ray Tune's)
+    tune/<session>/       Ray Tune's own files of each driver session; never read again
+
+Resume builds a fresh Tuner whose searcher continues the study (trials a dead driver
+left running are re-queued with their config, seed and directory, and continue from
+their newest checkpoint); it never loads Tune's pickles, and it finds everything
+relative to where the directory is now, so a sweep directory can be copied or moved
+and resumed there. Nothing resume reads can execute code: YAML (safe loader), sqlite,
+JSON, Parquet and tensors-only checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +34,15 @@ import yaml
 import loopgolf
 from loopgolf.atomic import atomic_write_text
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.lock import sweep_lock
 from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
 
 SPEC_FILE = "spec.yaml"
-# Save Tune's experiment state (and the searcher) at most this often, in seconds: the
-# default (>= 10 s) makes in-flight trials restart from scratch after a driver crash.
-EXPERIMENT_CHECKPOINT_SECONDS = "2"
+TUNE_DIR = "tune"
 # What the Tune trial of a data-parallel trial (workers > 1) reserves for itself: it only drives Ray Train.
 DRIVER_MEMORY_BYTES = 64 * 2**20
+# Exit statuses of `sweep` / `resume` (docs: README and the CLI's help).
+EXIT_OK, EXIT_TRIALS_RAISED, EXIT_SEARCHER_FAILED = 0, 1, 3
 
 
 class SweepError(LoopgolfError):
@@ -39,9 +51,28 @@ class SweepError(LoopgolfError):
 
 @dataclasses.dataclass(frozen=True)
 class SweepOutcome:
+    """How a sweep (or a resume of one) ended, counted from the trial directories and the study."""
+
     sweep_dir: Path
-    trials: int
-    errors: int
+    total: int  # trials the spec asks for
+    finished: int  # trials with final metrics
+    raised: int  # trials that raised an exception (errors; a diverged trial is an outcome, not one)
+    unfinished: int  # trials the study still holds running or queued
+    searcher_error: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        if self.searcher_error is not None:
+            return EXIT_SEARCHER_FAILED
+        return EXIT_TRIALS_RAISED if self.raised else EXIT_OK
+
+    def last_line(self) -> str:
+        line = f"{self.finished}/{self.total} trials finished, {self.raised} raised an error"
+        if self.searcher_error is not None:
+            return f"{line}; the searcher failed ({self.searcher_error}): `loopgolf resume {self.sweep_dir}` continues"
+        if self.unfinished:
+            line += f"; {self.unfinished} not run"
+        return line + (f" (exit {self.exit_status})" if self.exit_status else "")
 
 
 def code_version() -> str:
@@ -60,108 +91,170 @@ def _tracking_uri(spec: SweepSpec, sweep_dir: Path) -> str:
     return spec.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
 
 
-def _build(spec: SweepSpec, sweep_dir: Path) -> dict[str, Any]:
-    """The pieces of the Tuner, rebuilt the same way for a new sweep and for a resume."""
-    from ray import tune
-
-    from loopgolf.orchestrator.callbacks import MlflowTrials, ProgressPrinter, ResultsLedger
+def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
     from loopgolf.orchestrator.search import SweepSearch, make_sampler
-    from loopgolf.orchestrator.trainable import train_trial
     from loopgolf.search_spaces.spaces import ConfigSampler, apply_overrides, grid_values, named_space
 
     space = apply_overrides(named_space(spec.space), spec.overrides)
-    total = spec.num_samples * spec.seeds
-    search = SweepSearch(
+    return SweepSearch(
         ConfigSampler(space, spec.base_config(), spec.equal_bytes, spec.artifact_bytes),
         spec.objectives,
         seeds=spec.seeds,
-        total_trials=total,
+        total_trials=spec.num_samples * spec.seeds,
         storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
         study_name=spec.name,
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
     )
+
+
+def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
+    from ray import tune
+
+    from loopgolf.orchestrator.trainable import train_trial
+
+    if spec.workers == 1:
+        return tune.with_resources(
+            tune.with_parameters(train_trial, data_dir=str(spec.data), cpus=spec.cpu, sweep_dir=str(sweep_dir)),
+            {"cpu": spec.cpu, "gpu": spec.gpu},
+        )
+    # The Tune trial only drives a TorchTrainer, whose workers hold the CPUs and GPUs (trainable.py).
+    # Tune needs a trial to ask for something; a little memory (a logical resource) rather than a
+    # CPU, so that a node's CPUs all go to the workers (cpu: 8 x 2 workers on 16 cores).
+    return tune.with_resources(
+        tune.with_parameters(
+            train_trial, data_dir=str(spec.data), cpus=spec.cpu, gpus=spec.gpu, workers=spec.workers,
+            sweep_dir=str(sweep_dir),
+        ),
+        {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY_BYTES},
+    )  # fmt: skip
+
+
+def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
+    """A fresh Tuner, the same for a new sweep and a resume; its files go to tune/<session>/."""
+    from ray import tune
+
+    from loopgolf.orchestrator.ledger import ledger_callback
+    from loopgolf.orchestrator.search import counted_keys
+    from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
+
+    total = spec.num_samples * spec.seeds
     scheduler = None
     if spec.early_stopping == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
             max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
         )  # fmt: skip
-    if spec.workers == 1:
-        trainable = tune.with_resources(
-            tune.with_parameters(train_trial, data_dir=str(spec.data), cpus=spec.cpu, sweep_dir=str(sweep_dir)),
-            {"cpu": spec.cpu, "gpu": spec.gpu},
-        )
-    else:  # the Tune trial only drives a TorchTrainer, whose workers hold the CPUs and GPUs (trainable.py)
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                train_trial, data_dir=str(spec.data), cpus=spec.cpu, gpus=spec.gpu, workers=spec.workers,
-                sweep_dir=str(sweep_dir),
-            ),
-            # Tune needs a trial to ask for something; a little memory (a logical resource) rather
-            # than a CPU, so that a node's CPUs all go to the workers (cpu: 8 x 2 workers on 16 cores).
-            {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY_BYTES},
-        )
+    done_before = len(counted_keys(search.study)) - search.requeued
+    (metric, mode), = list(spec.objectives.items())[:1]
     callbacks = [
-        ResultsLedger(str(sweep_dir), spec.name, code_version()),
-        MlflowTrials(tracking_uri=_tracking_uri(spec, sweep_dir), experiment_name=spec.name, tags={"sweep": spec.name}),
-        ProgressPrinter(total, next(iter(spec.objectives)), next(iter(spec.objectives.values()))),
-    ]
-    return {
-        "trainable": trainable,
-        "tune_config": tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=total,
-            max_concurrent_trials=spec.max_concurrent,
+        ledger_callback(ledger),
+        MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
+                       upload=spec.tracking_uri is not None),
+        ProgressPrinter(total, done_before, metric, mode),
+    ]  # fmt: skip
+    session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    return tune.Tuner(
+        _trainable(spec, sweep_dir),
+        tune_config=tune.TuneConfig(
+            search_alg=search, scheduler=scheduler, num_samples=total, max_concurrent_trials=spec.max_concurrent,
             # A data-parallel trial's actor owns its Ray Train run (controller, workers): never hand
             # it to the next trial, so a stopped trial (ASHA) takes its run down with it.
             reuse_actors=spec.workers == 1,
         ),
-        "run_config": tune.RunConfig(
-            name=spec.name,
-            storage_path=str(sweep_dir.parent),
-            failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        run_config=tune.RunConfig(
+            name=session,
+            storage_path=str(sweep_dir / TUNE_DIR),
+            failure_config=tune.FailureConfig(max_failures=2),  # a retry continues from the trial's checkpoints
             callbacks=callbacks,
             verbose=0,
         ),
-    }
+    )  # fmt: skip
 
 
-def _init_ray(address: str | None, spec: SweepSpec) -> None:
-    import ray
-
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_CHECKPOINT_SECONDS)
+def _ray_environment(address: str | None) -> None:
+    """Environment Ray reads when it is imported: set before the first `import ray`."""
     # Objectives (val_bpb from the artifact, ...) exist only in a trial's final report;
     # progress reports carry quick_val_bpb. Tune's check would reject those reports.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Frequent experiment snapshots are what we want (fresh resume state); don't warn.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray on this machine only: every Ray process binds its servers to the node
+        # IP, and with this (Ray's switch for single-machine use) the node IP is 127.0.0.1.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    elif "RAY_AUTH_MODE" not in os.environ and _token_file() is not None:
+        # A cluster started with `ray start` uses token auth when ~/.ray/auth_token exists (the
+        # Ray 2.60 default), but ray.init(address=<explicit address>) does not turn it on as it
+        # does for a local start or "auto": the connect hangs ~20 s, then fails with
+        # InvalidAuthToken. So do what Ray does for "auto". A driver for a cluster started
+        # without auth then needs RAY_AUTH_MODE=disabled.
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _token_file() -> Path | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return path if path.is_file() else None
+
+
+def _tighten_token_file() -> None:
+    """Ray's auth token is a credential: readable by its owner only."""
+    path = _token_file()
+    if path is not None and path.stat().st_uid == os.getuid() and stat.S_IMODE(path.stat().st_mode) != 0o600:
+        os.chmod(path, 0o600)
+
+
+def _init_ray(address: str | None) -> None:
+    _ray_environment(address)
+    import ray
+
     if ray.is_initialized():
         return
     if address:
-        # A cluster started with `ray start` uses token auth when ~/.ray/auth_token exists (the
-        # Ray 2.60 default), but ray.init(address=<explicit address>) does not turn it on, as
-        # it does for a local start or "auto": the connect hangs ~20 s, then fails with
-        # InvalidAuthToken. So do what Ray does for "auto": with RAY_AUTH_MODE unset and a
-        # token available (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]), set RAY_AUTH_MODE=token
-        # and reload Ray's cached config (setting the variable alone is too late once ray is
-        # imported). As with "auto", a driver for a cluster started without auth then needs
-        # RAY_AUTH_MODE=disabled: its trials' workers could not call back a token-mode driver.
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-        except ImportError:  # a Ray without token auth
-            pass
-        else:
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
         ray.init(address=address, log_to_driver=False)
     else:  # a local Ray; its dashboard (if installed) listens on 127.0.0.1 only
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+    _tighten_token_file()
 
 
-def _finish(sweep_dir: Path, results: Any) -> SweepOutcome:
-    return SweepOutcome(sweep_dir, trials=len(results), errors=len(results.errors))
+def _drive(spec: SweepSpec, sweep_dir: Path, address: str | None) -> SweepOutcome:
+    """Run the Tuner until the study is done; then the ledger is rebuilt from the trial directories."""
+    from loopgolf.orchestrator.ledger import Ledger
+
+    _init_ray(address)
+    search = make_search(spec, sweep_dir)
+    if search.requeued:
+        print(f"loopgolf: {search.requeued} trial(s) left running by the last driver will run again, "
+              "from their newest checkpoint", file=sys.stderr)  # fmt: skip
+    ledger = Ledger(sweep_dir, spec.name, code_version())
+    _tuner(spec, sweep_dir, search, ledger).fit()
+    return outcome(spec, sweep_dir, ledger, search.error)
+
+
+def outcome(spec: SweepSpec, sweep_dir: Path, ledger: Any, searcher_error: str | None) -> SweepOutcome:
+    import optuna
+
+    from loopgolf.orchestrator.search import KEY
+
+    ledger.rebuild()  # the ledger from the truth, whatever happened to it meanwhile
+    finished = ledger.finished_dirs()
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    open_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+    unfinished = {t.user_attrs.get(KEY, t.number) for t in study.get_trials(deepcopy=False, states=open_states)}
+    return SweepOutcome(
+        sweep_dir=sweep_dir,
+        total=spec.num_samples * spec.seeds,
+        finished=len(finished),
+        raised=sum(bool(metrics.get("raised")) for _, metrics in finished),
+        unfinished=len(unfinished),
+        searcher_error=searcher_error,
+    )
+
+
+def check_storage(storage: str) -> None:
+    path = Path(storage)
+    if path.exists() and not path.is_dir():
+        raise SweepError(f"storage={storage!r}: is a file; expected a directory for sweeps")
 
 
 def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
@@ -174,45 +267,45 @@ def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
-    """Start a new sweep; fails if the sweep directory already holds one."""
-    from ray import tune
-
+    """Start a new sweep; fails if the sweep directory already holds one, or another driver holds it."""
     if not spec.is_local:
         raise SweepError(f"storage={spec.storage!r}: only local paths are supported by this version")
+    check_storage(spec.storage)
     sweep_dir = Path(spec.sweep_dir).resolve()
-    if (sweep_dir / SPEC_FILE).exists():
-        raise SweepError(f"sweep {str(sweep_dir)!r} already exists: continue it with `loopgolf resume {sweep_dir}`")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
-    _write_eval_stream(spec, sweep_dir)
-    _init_ray(address, spec)
-    pieces = _build(spec, sweep_dir)
-    tuner = tune.Tuner(pieces["trainable"], tune_config=pieces["tune_config"], run_config=pieces["run_config"])
-    return _finish(sweep_dir, tuner.fit())
+    with sweep_lock(sweep_dir):
+        if (sweep_dir / SPEC_FILE).exists():
+            raise SweepError(f"sweep {str(sweep_dir)!r} already exists: continue it with `loopgolf resume {sweep_dir}`")
+        atomic_write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
+        _write_eval_stream(spec, sweep_dir)
+        return _drive(spec, sweep_dir, address)
 
 
 def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
     path = Path(sweep_dir) / SPEC_FILE
     if not path.is_file():
         raise SweepError(f"{str(sweep_dir)!r} is not a sweep directory (no {SPEC_FILE})")
-    return spec_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+    try:  # the safe loader: a tag that would construct an object is an error, never run
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SweepError(f"{path}: not a readable sweep spec ({first})") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping of spec fields")
+    return spec_from_dict(raw)
 
 
 def resume_sweep(sweep_dir: str | os.PathLike[str], address: str | None = None) -> SweepOutcome:
-    """Continue an interrupted sweep: finished trials kept, in-flight ones from checkpoints."""
-    from ray import tune
-
+    """Continue an interrupted sweep where its directory is now: finished trials kept, the
+    ones a dead driver left running re-run from their newest checkpoint."""
     sweep_dir = Path(sweep_dir).resolve()
-    spec = read_sweep_spec(sweep_dir)
-    if not (sweep_dir / "tuner.pkl").is_file():
-        raise SweepError(f"{str(sweep_dir)!r} has no Tune state (tuner.pkl) yet: start it again with `loopgolf sweep`")
-    _write_eval_stream(spec, sweep_dir)  # kept if there: a sweep killed before writing it gets it now
-    _init_ray(address, spec)
-    pieces = _build(spec, sweep_dir)
-    tuner = tune.Tuner.restore(
-        str(sweep_dir), trainable=pieces["trainable"], resume_unfinished=True, resume_errored=True,
-    )  # fmt: skip
-    return _finish(sweep_dir, tuner.fit())
+    read_sweep_spec(sweep_dir)  # a clear error before taking the lock of a directory that is no sweep
+    with sweep_lock(sweep_dir):
+        spec = read_sweep_spec(sweep_dir)
+        if not (sweep_dir / "optuna.db").is_file():
+            raise SweepError(f"{str(sweep_dir)!r} has no study (optuna.db) yet: start it again with `loopgolf sweep`")
+        _write_eval_stream(spec, sweep_dir)  # kept if there: a sweep killed before writing it gets it now
+        return _drive(spec, sweep_dir, address)
 
 
 def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -220,17 +313,27 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     import optuna
     import pandas as pd
 
+    from loopgolf.orchestrator.ledger import Ledger
+    from loopgolf.orchestrator.search import final_trials
+
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)
     total = spec.num_samples * spec.seeds
-    trials_file = sweep_dir / "results" / "trials.parquet"
-    rows = pd.read_parquet(trials_file) if trials_file.is_file() else pd.DataFrame(columns=["status"])
+    ledger = Ledger(sweep_dir, spec.name, "")
+    ledger_problem = None
+    try:
+        rows = pd.read_parquet(ledger.trials_file) if ledger.trials_file.exists() else pd.DataFrame(columns=["status"])
+    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ledger_problem = f"{ledger.trials_file} is unreadable ({first}); counted from the trial directories"
+        trial_rows = ledger.rows()[0]
+        rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
     by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
     study_states: dict[str, int] = {}
     if (sweep_dir / "optuna.db").is_file():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-        for trial in study.get_trials(deepcopy=False):
+        for trial in final_trials(study).values():  # one per trial: a re-run supersedes its lost first run
             study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
     metric, mode = next(iter(spec.objectives.items()))
     best = None
@@ -246,10 +349,14 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
         "by_status": {k: int(v) for k, v in by_status.items()},
         "study": study_states,
         "best": best,
+        "raised": int(rows["raised"].fillna(False).astype(bool).sum()) if "raised" in rows else 0,
+        "ledger_problem": ledger_problem,
     }
 
 
 def print_status(status: dict[str, Any], out: Any = sys.stdout) -> None:
+    if status.get("ledger_problem"):
+        print(f"warning: {status['ledger_problem']}; `loopgolf resume` rewrites it", file=out)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(status["by_status"].items())) or "none yet"
     print(f"sweep {status['sweep']}: {status['finished']}/{status['total']} trials finished ({counts})", file=out)
     if status["study"]:

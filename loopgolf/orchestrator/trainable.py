@@ -1,9 +1,15 @@
 """The Ray Tune trainable: `run_trial` inside a Tune worker, with checkpoints and resume.
 
-Progress goes to `tune.report` every report interval; a resumable training state
-(model, optimizers, step = data position, elapsed training seconds, RNG) rides along
-as a Tune checkpoint every checkpoint interval. A restored trial continues from it
-with the remaining budget, so it still trains for `train_seconds` in total.
+Everything a trial writes lives in its own directory, `<sweep>/trials/<trial_key>/`
+(the key comes from the searcher and survives re-runs): `trial.json` (its config),
+`progress.jsonl` (every progress report, the learning curve), `checkpoints/step_<N>/`
+(a resumable training state — model, optimizers, step = data position, elapsed
+training seconds, RNG — every checkpoint interval, written to a staging directory and
+renamed, so each one there is complete), the artifact and `metrics.json`. A trial that
+starts again (a Tune retry, or `loopgolf resume` after the driver died) continues from
+the newest checkpoint in its directory, whatever Tune registered, with the remaining
+budget, so it still trains for `train_seconds` in total; one that had already written
+its final metrics reports them without training again.
 
 A trial with `workers > 1` is data parallel, run by Ray Train inside the Tune trial,
 the way Ray Train V2 (the default since Ray 2.50) supports it: the Tune function is a
@@ -20,7 +26,7 @@ Tuner, `Tuner(trainer)`, is the V1 API, deprecated, and refuses V2 trainers.)
   failure, or `loopgolf resume` after the driver died), the driver starts a
   TorchTrainer with the same storage path and name, Ray Train restores its run from
   there, and every worker resumes from the latest state with the remaining budget,
-  exactly as a single-process trial does from its Tune checkpoint.
+  exactly as a single-process trial does from its own checkpoints.
 - Final metrics: rank 0 reports them with a small checkpoint (`final.json`) so that
   they are the run's result; the driver adds the trial's identity and reports them to
   Tune. A restarted driver whose run had already finished finds `final.json` and
@@ -32,6 +38,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,11 +48,23 @@ import ray
 import torch
 from ray import tune
 
+from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.trialdir import (
+    METRICS_FILE,
+    PROGRESS_FILE,
+    TRIAL_FILE,
+    final_metrics,
+    read_json,
+    trial_dir,
+    write_json,
+)
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.distributed import DataParallel, backend_for, check_divisible
 from loopgolf.trial.train import _json_default, run_trial
 
 STATE_FILE = "training_state.pt"
+CHECKPOINTS = "checkpoints"  # <trial dir>/checkpoints/step_<N>/training_state.pt, complete by construction
+KEEP_CHECKPOINTS = 2
 FINAL_FILE = "final.json"  # in the Ray Train checkpoint that carries a data-parallel trial's final metrics
 TRAIN_RUN = "train"  # the Ray Train run of a data-parallel trial: <trial dir>/train
 
@@ -55,69 +75,113 @@ def save_state(state: dict[str, Any], directory: Path) -> None:
 
 
 def load_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    # weights_only: tensors, numbers and containers only, never arbitrary objects.
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """A training state; weights_only: tensors, numbers and containers, never arbitrary objects."""
+    path = Path(directory) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoopgolfError(f"{path}: not a loadable training state ({first})") from None
 
 
-def sweep_trial_dir(sweep_dir: str) -> Path:
-    """The trial's directory in the sweep itself, where its artifact and metrics.json go.
+def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
+    """Write a checkpoint that is complete or absent: staged, fsynced, renamed to step_<N>."""
+    root = directory / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{int(state['step']):09d}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    try:
+        save_state(state, staging)
+        with open(staging / STATE_FILE, "rb") as fh:
+            os.fsync(fh.fileno())
+        if final.exists():  # the same step twice (a re-run): the first copy stands
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
-    Not Tune's `get_trial_dir()`: that is a per-session staging copy, and with reused
-    actors later trials' copies never reach the sweep directory (measured on Ray 2.60).
+
+def checkpoints(directory: Path) -> list[Path]:
+    """The trial's complete checkpoints, oldest first (staging directories are not checkpoints)."""
+    root = directory / CHECKPOINTS
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def trial_directory(sweep_dir: str, config: dict[str, Any]) -> Path:
+    """The trial's own directory in the sweep: `<sweep>/trials/<trial_key>` (the searcher's key).
+
+    Not Tune's trial directory: that is per session (a resumed trial gets a new one) and,
+    with reused actors, a staging copy that may never reach the sweep directory.
     """
-    if not sweep_dir:
-        raise ValueError("train_trial: expected the sweep directory (sweep_dir)")
-    return Path(sweep_dir) / Path(tune.get_context().get_trial_dir()).name
+    if not sweep_dir or "trial_key" not in config:
+        raise ValueError("train_trial: expected the sweep directory and a config with its trial_key")
+    return trial_dir(sweep_dir, config["trial_key"])
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
+def _start(directory: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Record the trial's config; its final metrics if it had already finished (never train twice)."""
+    if read_json(directory / TRIAL_FILE) is None:
+        record = {k: config[k] for k in ("trial_key", "trial_config", "config_id", "predicted_artifact_bytes")}
+        write_json(directory / TRIAL_FILE, record)
+    return final_metrics(directory)
+
+
+def append_progress(directory: Path, progress: dict[str, Any]) -> None:
+    """One line of the learning curve; a line torn by a kill is skipped by the reader."""
+    with open(directory / PROGRESS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(progress, default=_json_default, sort_keys=True) + "\n")
+
+
 def train_trial(
     config: dict[str, Any], data_dir: str, cpus: float, gpus: float = 0.0, workers: int = 1, sweep_dir: str = ""
 ) -> None:
-    """Tune function trainable; `config` is what ConfigSampler returned.
+    """Tune function trainable; `config` is what the searcher returned.
 
-    `workers > 1`: a data-parallel trial through Ray Train, `cpus` and `gpus` per worker,
-    its files in the trial's directory under `sweep_dir` (the Tune experiment directory).
+    `workers > 1`: a data-parallel trial through Ray Train, `cpus` and `gpus` per worker.
     """
+    directory = trial_directory(sweep_dir, config)
+    finished = _start(directory, config)
+    if finished is not None:  # it finished before the driver died: report it, do not train again
+        tune.report(finished)
+        return
     if workers > 1:
-        _train_data_parallel(config, data_dir, cpus, gpus, workers, sweep_dir)
+        _train_data_parallel(config, data_dir, cpus, gpus, workers, directory)
         return
     # One intra-op thread per CPU the trial holds: concurrent trials that each spin up
     # a thread per core oversubscribe the machine (measured: 10x slower steps on 2 cores).
     torch.set_num_threads(max(1, int(cpus)))
     trial_config = TrialConfig.from_flat(config["trial_config"])
-    trial_dir = sweep_trial_dir(sweep_dir)
     started_at = _now()
-    checkpoint = tune.get_checkpoint()
-    resume_state = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            resume_state = load_state(directory)
+    saved = checkpoints(directory)
+    resume_state = load_state(saved[-1]) if saved else None  # the newest complete one, whatever Tune knows
 
     def reporter(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if state is None:
-            tune.report(progress)
-            return
-        # Staged outside the trial directory, which the driver may be copying meanwhile.
-        with tempfile.TemporaryDirectory(prefix="loopgolf-checkpoint-") as staging:
-            save_state(state, Path(staging))
-            tune.report(progress, checkpoint=tune.Checkpoint.from_directory(staging))
+        if state is not None:
+            save_checkpoint(state, directory)
+        append_progress(directory, progress | {"pid": os.getpid(), "checkpoint_step": state["step"] if state else None})
+        tune.report(progress)
 
-    metrics = run_trial(trial_config, data_dir, trial_dir / "trial", reporter=reporter, resume_state=resume_state)
-    tune.report(
-        metrics
-        | {
-            "config_id": config["config_id"],
-            "seed": trial_config.train.seed,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "started_at": started_at,
-            "ended_at": _now(),
-            "resumed_from_step": resume_state["step"] if resume_state else 0,
-        }
-    )
+    metrics = run_trial(trial_config, data_dir, directory, reporter=reporter, resume_state=resume_state)
+    metrics |= {
+        "config_id": config["config_id"],
+        "seed": trial_config.train.seed,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "started_at": started_at,
+        "ended_at": _now(),
+        "resumed_from_step": resume_state["step"] if resume_state else 0,
+    }
+    write_json(directory / METRICS_FILE, metrics)
+    tune.report(metrics)
 
 
 # ------------------------------------------------------------------ data parallel (Ray Train)
@@ -137,7 +201,7 @@ def _progress_to_tune() -> Any:
 
 
 def _train_data_parallel(
-    config: dict[str, Any], data_dir: str, cpus: float, gpus: float, workers: int, sweep_dir: str
+    config: dict[str, Any], data_dir: str, cpus: float, gpus: float, workers: int, directory: Path
 ) -> None:
     """The Tune driver of a data-parallel trial: one TorchTrainer run, restored by name after a restart."""
     import ray.train
@@ -147,9 +211,8 @@ def _train_data_parallel(
         raise RuntimeError("data-parallel trials (workers > 1) need Ray Train V2: unset RAY_TRAIN_V2_ENABLED=0")
     trial_config = TrialConfig.from_flat(config["trial_config"])
     check_divisible(trial_config, workers)
-    # In the sweep itself (sweep_trial_dir): the Ray Train run must be found again by a driver
-    # of a later Ray session, and rank 0 may run on another node (multi-node needs shared storage).
-    trial_dir = sweep_trial_dir(sweep_dir)
+    # In the sweep itself (the trial's directory): the Ray Train run must be found again by a
+    # driver of a later Ray session, and rank 0 may run on another node (multi-node needs shared storage).
     started_at = _now()
     per_worker = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
     trainer = TorchTrainer(
@@ -157,7 +220,7 @@ def _train_data_parallel(
         train_loop_config={
             "trial_config": config["trial_config"],
             "data_dir": data_dir,
-            "out_dir": str(trial_dir / "trial"),
+            "out_dir": str(directory),
             "cpus": cpus,
             "use_gpu": gpus > 0,
         },
@@ -165,7 +228,7 @@ def _train_data_parallel(
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=TRAIN_RUN,
-            storage_path=str(trial_dir),
+            storage_path=str(directory),
             callbacks=[_progress_to_tune()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=0),  # Tune's failure policy restarts the trial
@@ -176,15 +239,10 @@ def _train_data_parallel(
     if "status" not in metrics:
         raise RuntimeError(f"data-parallel trial ended without its final metrics (Ray Train run {result.path})")
     metrics.pop("checkpoint_dir_name", None)
-    tune.report(
-        metrics
-        | {
-            "config_id": config["config_id"],
-            "seed": trial_config.train.seed,
-            "started_at": started_at,
-            "ended_at": _now(),
-        }
-    )
+    metrics |= {"config_id": config["config_id"], "seed": trial_config.train.seed, "started_at": started_at,
+                "ended_at": _now()}  # fmt: skip
+    write_json(directory / METRICS_FILE, metrics)
+    tune.report(metrics)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
@@ -207,6 +265,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def reporter(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
         # Every rank reports at the same steps (ray.train.report is a collective); rank 0 with the state.
+        if parallel.is_main:
+            append_progress(Path(loop_config["out_dir"]), progress | {"pid": os.getpid()})
         if state is None:
             ray.train.report(progress)
             return

@@ -12,18 +12,20 @@ File layout (all integers little-endian):
 
     outer header, uncompressed (readable without any codec):
         4 bytes   magic b"LGAF" (LoopGolf Artifact File)
-        1 byte    container version (1)
+        1 byte    container version (2)
         1 byte    n, then n bytes: codec name in ASCII ("zlib", "lzma", "zstd", "brotli")
         4 bytes   uint32 payload length (bytes after this header; must end the file)
         4 bytes   uint32 crc32 of the payload
     payload: seven frames in this order, each a uint32 length then codec(part); an empty
     part is an empty frame (length 0). Each part is compressed on its own (see the
     container notes below). The parts:
-        "header"  JSON {"format": "loopgolf-artifact", "version": 1,
+        "header"  JSON {"format": "loopgolf-artifact", "version": 2,
                         "config": {"model": ModelConfig fields, "compress": CompressConfig
                                    fields, "train": TrainConfig fields},
                         "sections": [["q", nbytes], ["scale", ...], ["half", ...], ["exact", ...]],
-                        "tensors": [{"name", "shape", "dtype", "enc", "group", ...}, ...]}
+                        "tensors": [{"name", "shape", "dtype", "enc", "group", ...}, ...],
+                        "digest": sha256 of the config and each tensor's name, shape, dtype,
+                                  encoding and bits (`header_digest`)}
         "q"       every int payload back to back: one int8 per level, or two levels per
                   byte (low nibble first, stored as level + 7) at 4 bits
         "scale.lo", "scale.hi"   every fp16 row scale: the low bytes, then the high bytes
@@ -42,6 +44,7 @@ Loading reads only json and numpy buffers: no pickle, no torch.load, no code fro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import lzma
 import math
@@ -72,7 +75,7 @@ from loopgolf.trial.quantize import (
 )
 
 MAGIC = b"LGAF"
-VERSION = 1
+VERSION = 2  # 2: the header carries a digest of the config and tensor shapes
 FORMAT = "loopgolf-artifact"
 
 
@@ -196,6 +199,7 @@ def encode_parts(state: QuantizedState, config: TrialConfig) -> dict[str, bytes]
         "sections": [[s, sizes[s]] for s in SECTIONS],
         "tensors": entries,
     }
+    header["digest"] = header_digest(header)
     parts = {"header": json.dumps(header, separators=(",", ":")).encode("utf-8")}
     for s in SECTIONS:
         raw = b"".join(chunks[s])
@@ -204,6 +208,20 @@ def encode_parts(state: QuantizedState, config: TrialConfig) -> dict[str, bytes]
         else:
             parts[s] = raw
     return parts
+
+
+def header_digest(header: Mapping[str, Any]) -> str:
+    """sha256 of the config and every tensor's name, shape, dtype and encoding.
+
+    A config edited in the file (`n_passes` changes no tensor shape, so the weights would
+    load and silently run another model) no longer matches; the crc32 alone can be fixed up.
+    """
+    tensors = [
+        [t.get("name"), t.get("alias"), t.get("shape"), t.get("dtype"), t.get("enc"), t.get("bits")]
+        for t in header.get("tensors", [])
+    ]
+    canonical = json.dumps({"config": header.get("config"), "tensors": tensors}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class _Sections:
@@ -272,6 +290,8 @@ def decode_parts(parts: Mapping[str, bytes]) -> tuple[dict[str, Any], QuantizedS
     if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError("the JSON header is not a loopgolf artifact header of this version")
     sections = {s: _join_planes(parts[f"{s}.lo"], parts[f"{s}.hi"]) if s in _FP16 else parts[s] for s in SECTIONS}
+    if header.get("digest") != header_digest(header):
+        raise ValueError("the header's config or tensor shapes do not match its digest: the file was edited")
     if header["sections"] != [[s, len(sections[s])] for s in SECTIONS]:
         raise ValueError(f"sections {header['sections']!r} do not match the parts' sizes")
     compress = CompressConfig(**header["config"]["compress"])
@@ -346,6 +366,34 @@ def decompress_bytes(raw: bytes, codec: str) -> bytes:
     return CODECS[codec][1](raw)
 
 
+# A real header is a few KB per hundred tensors; nothing declares its size, so it gets a cap.
+MAX_HEADER_BYTES = 16 << 20
+_ZSTD_MAX_WINDOW = 1 << 27  # level 22's largest window
+
+
+def decompress_bounded(raw: bytes, codec: str, limit: int) -> bytes:
+    """Decompress at most `limit` bytes (+1, to see an overflow); ValueError if the frame holds
+    more: memory stays bounded by what the header declares, whatever the frame says."""
+    if codec == "zlib":
+        out = zlib.decompressobj().decompress(raw, limit + 1)
+    elif codec == "lzma":
+        out = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_DECODE).decompress(raw, max_length=limit + 1)
+    elif codec == "zstd":
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(raw)
+        out = reader.read(limit + 1)
+    elif codec == "brotli":
+        import brotli
+
+        out = brotli.Decompressor().process(raw, output_buffer_limit=limit + 1)
+    else:
+        raise ValueError(f"unknown codec {codec!r}")
+    if len(out) > limit:
+        raise ValueError(f"decompresses to more than the {limit} bytes the header declares")
+    return out
+
+
 # ------------------------------------------------------------------------- the file
 
 
@@ -414,16 +462,48 @@ def _split_frames(payload: bytes) -> list[bytes]:
     return frames
 
 
+def _declared_sizes(header: bytes) -> dict[str, int]:
+    """Each part's uncompressed size, from the header's "sections" (fp16 ones as two planes)."""
+    try:
+        sections = dict(json.loads(header.decode("utf-8"))["sections"])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"the header part is not JSON with a sections list ({type(exc).__name__})") from None
+    if set(sections) != set(SECTIONS) or not all(type(n) is int and n >= 0 for n in sections.values()):
+        raise ValueError(f"the header's sections {sections!r} are not {list(SECTIONS)} with sizes")
+    sizes = {"header": len(header)}
+    for s in SECTIONS:
+        for part in (f"{s}.lo", f"{s}.hi") if s in _FP16 else (s,):
+            sizes[part] = sections[s] // 2 if s in _FP16 else sections[s]
+    return sizes
+
+
 def unpack_parts(raw: bytes) -> tuple[str, dict[str, bytes]]:
-    """(codec, uncompressed parts) of a file's bytes, after checking header, length and crc."""
+    """(codec, uncompressed parts) of a file's bytes, after checking header, length and crc.
+
+    The header frame is decompressed first (at most MAX_HEADER_BYTES); every other frame
+    at most to the size the header declares for it, so a decompression bomb is refused
+    after allocating no more than a legitimate file of that size would.
+    """
     codec, payload = _read_payload(raw)
-    parts: dict[str, bytes] = {}
-    for part, frame in zip(PARTS, _split_frames(payload), strict=True):
-        try:
-            parts[part] = decompress_bytes(frame, codec) if frame else b""
-        except Exception as exc:  # each codec raises its own error type
-            raise ValueError(f"the {part!r} frame does not decompress with {codec} ({type(exc).__name__})") from None
+    frames = dict(zip(PARTS, _split_frames(payload), strict=True))
+    parts: dict[str, bytes] = {"header": _decompress_part("header", frames["header"], codec, MAX_HEADER_BYTES)}
+    sizes = _declared_sizes(parts["header"])
+    for part in PARTS[1:]:
+        parts[part] = _decompress_part(part, frames[part], codec, sizes[part])
+        if len(parts[part]) != sizes[part]:
+            raise ValueError(f"the {part!r} frame holds {len(parts[part])} bytes, the header declares {sizes[part]}")
     return codec, parts
+
+
+def _decompress_part(part: str, frame: bytes, codec: str, limit: int) -> bytes:
+    if not frame:
+        return b""
+    try:
+        return decompress_bounded(frame, codec, limit)
+    except ValueError as exc:
+        raise ValueError(f"the {part!r} frame {exc}") from None
+    except Exception as exc:  # each codec raises its own error type
+        raise ValueError(f"the {part!r} frame does not decompress with {codec} ({type(exc).__name__})") from None
 
 
 def decode_artifact(raw: bytes) -> tuple[dict[str, Any], QuantizedState]:

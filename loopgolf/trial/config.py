@@ -321,11 +321,22 @@ def coerce_field(key: str, value: Any) -> Any:
     if section is None:
         raise ConfigError(f"unknown config field {key!r}: expected one of {sorted(FIELD_SECTION)}")
     hint = typing.get_type_hints(_SECTIONS[section])[key]
+    if hint in (int, float) and isinstance(value, str):
+        value = number_from_text(value)  # YAML 1.1 reads `1e6` as a string
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def number_from_text(text: str) -> Any:
+    """`1e6` -> 1000000, `2.5` -> 2.5; text that is no number stays text (validation names it)."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and abs(number) < 2**63 else number
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[LoopgolfError] = ConfigError) -> dict:

@@ -143,7 +143,11 @@ def load_tokenizer(path: str | os.PathLike[str]) -> object:
 
     if not Path(path).is_file():
         raise DataError(f"tokenizer {str(path)!r}: no such file")
-    return spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as exc:  # sentencepiece's parse errors are RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"tokenizer {str(path)!r}: not a SentencePiece model ({first})") from None
 
 
 def token_bytes(targets: np.ndarray, previous: np.ndarray, table: ByteTable) -> np.ndarray:
@@ -173,10 +177,11 @@ class TrainBatches:
     """
 
     def __init__(
-        self, data_dir: str | os.PathLike[str], batch_size: int, seq_len: int, seed: int, holdout: int = 0
+        self, data_dir: str | os.PathLike[str], batch_size: int, seq_len: int, seed: int, holdout: int = 0,
+        vocab_size: int = 1 << 16,
     ) -> None:
         self.shards = [read_shard(p) for p in list_shards(data_dir, "train")]
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.batch_size, self.seq_len, self.seed, self.vocab_size = batch_size, seq_len, seed, vocab_size
         # Held out: the last `holdout` tokens of the last shard (at most half of it), never
         # in a training window; the router's threshold is calibrated on them after training.
         take = min(holdout, len(self.shards[-1]) // 2)
@@ -200,6 +205,8 @@ class TrainBatches:
         starts = picks - np.concatenate([[0], self._cum_windows[:-1]])[shard_idx]
         rows = np.stack([self.shards[i][s : s + self.seq_len + 1] for i, s in zip(shard_idx, starts, strict=True)])
         rows = rows.astype(np.int64)
+        if rows.max() >= self.vocab_size:  # cheap beside a step; the manifest's max ids were checked at start
+            raise DataError(f"train shards: token id {int(rows.max())} >= vocab {self.vocab_size} (batch {step})")
         return rows[:, :-1], rows[:, 1:]
 
 

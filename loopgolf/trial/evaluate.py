@@ -25,7 +25,7 @@ from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import ByteTable, DataError, byte_table, load_tokenizer, token_bytes, val_tokens, val_windows
 from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, TokenScores
 from loopgolf.trial.model import RecurrentLM
-from loopgolf.trial.prepare import read_manifest, tokenizer_path
+from loopgolf.trial.prepare import check_data, tokenizer_path
 
 N_SCORE_BINS = 10
 MAX_STAT_TOKENS = 1 << 20  # per-token router statistics use at most the first 1M scored tokens
@@ -53,21 +53,21 @@ class ValData:
     table: ByteTable
     val: np.ndarray  # the first eval_tokens of the val split (eval_tokens=0: eval_size's default)
     quick_val: np.ndarray  # the head of it that progress reports score (at least one window)
+    pieces: int  # the tokenizer's vocab: every token id is below it
 
 
 def read_val_data(data_dir: Path, config: TrialConfig) -> ValData:
-    manifest = read_manifest(data_dir)
-    vocab = int(manifest["tokenizer"]["vocab_size"])
-    if vocab > config.model.vocab_size:
-        raise DataError(
-            f"data dir {str(data_dir)!r} uses a {vocab}-piece tokenizer but vocab_size={config.model.vocab_size}"
-        )
+    """The val tokens and byte table, after the whole data directory is checked (check_data)."""
+    manifest = check_data(data_dir, config.model.vocab_size)
+    pieces = int(manifest["tokenizer"]["vocab_size"])
     table = byte_table(load_tokenizer(tokenizer_path(data_dir)), config.model.vocab_size)
     val = val_tokens(data_dir, config.train.eval_tokens or AUTO_EVAL_LIMIT)
+    if len(val) and int(val.max()) >= pieces:  # the manifest said otherwise: the shards changed since
+        raise DataError(f"data dir {str(data_dir)!r}: val token id {int(val.max())} >= the tokenizer's {pieces} pieces")
     quick_val = val[: config.train.quick_eval_tokens + 1]
     if len(quick_val) <= config.model.seq_len:
         quick_val = val[: config.model.seq_len + 1]
-    return ValData(table, val, quick_val)
+    return ValData(table, val, quick_val, pieces)
 
 
 def resolve_device(choice: str) -> torch.device:

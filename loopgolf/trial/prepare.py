@@ -30,6 +30,7 @@ from loopgolf.trial.data import (
     byte_table,
     default_corpus,
     load_tokenizer,
+    read_shard,
     shard_name,
     split_documents,
     stream_bytes,
@@ -170,6 +171,10 @@ def prepare(config: PrepareConfig) -> dict:
                 "unknown_tokens": int((stream == unk).sum()),
                 "shards": _write_split(stream, split, config.shard_tokens, staging),
             }
+            splits[split]["max_token_ids"] = [  # checked against the tokenizer before any compute
+                int(stream[first : first + config.shard_tokens].max())
+                for first in range(0, len(stream), config.shard_tokens)
+            ]
         manifest = {
             "format": "challenge-shards/1 (int32[256] header: magic 20240520, version 1, count; uint16 tokens)",
             "tokenizer": {
@@ -202,13 +207,59 @@ def prepare(config: PrepareConfig) -> dict:
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> dict:
+    """The manifest, its shape checked: a tokenizer with its vocab size, train and val shard lists."""
     path = Path(data_dir) / MANIFEST
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"data dir {str(data_dir)!r}: no {MANIFEST} (run `loopgolf data prepare`)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    vocab = manifest.get("tokenizer", {}).get("vocab_size") if isinstance(manifest, dict) else None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1 or not isinstance(splits, dict):
+        raise DataError(f"{path}: expected {{tokenizer: {{vocab_size: int}}, splits: {{train, val}}}} as "
+                        "`loopgolf data prepare` writes")  # fmt: skip
+    for split in ("train", "val"):
+        entry = splits.get(split)
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not shards or not all(isinstance(n, str) for n in shards):
+            raise DataError(f"{path}: splits.{split}.shards: expected a non-empty list of shard file names")
+        max_ids = entry.get("max_token_ids")
+        if max_ids is not None and (not isinstance(max_ids, list) or len(max_ids) != len(shards)):
+            raise DataError(f"{path}: splits.{split}.max_token_ids: expected one per shard")
+    return manifest
+
+
+def check_data(data_dir: str | os.PathLike[str], vocab_size: int) -> dict:
+    """Everything a trial will read, checked before any compute is spent; returns the manifest.
+
+    The manifest's shape; at least one train and one val shard, each in the challenge's
+    format; the tokenizer loads and has the manifest's vocab size, which fits the model's
+    `vocab_size`; and every shard's largest token id is below the tokenizer's vocab (an id
+    at or above it would be an IndexError after training, or be counted as 0 bytes).
+    """
+    manifest = read_manifest(data_dir)
+    path = tokenizer_path(data_dir)
+    pieces = int(load_tokenizer(path).get_piece_size())  # type: ignore[attr-defined]
+    declared = manifest["tokenizer"]["vocab_size"]
+    if pieces != declared:
+        raise DataError(f"{path}: the tokenizer has {pieces} pieces but {MANIFEST} says vocab_size={declared}")
+    if pieces > vocab_size:
+        raise DataError(f"data dir {str(data_dir)!r} uses a {pieces}-piece tokenizer but vocab_size={vocab_size}")
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        recorded = entry.get("max_token_ids") or [None] * len(entry["shards"])
+        for name, max_id in zip(entry["shards"], recorded, strict=True):
+            shard = Path(data_dir) / name
+            if max_id is None:  # a manifest from before max ids were recorded: read the shard once
+                tokens = read_shard(shard)
+                max_id = int(tokens.max()) if len(tokens) else -1
+            elif not shard.is_file():
+                raise DataError(f"{shard}: no such shard (listed in {MANIFEST})")
+            if max_id >= pieces:
+                raise DataError(f"{shard}: token id {max_id} >= the tokenizer's {pieces} pieces (wrong tokenizer?)")
+    return manifest
 
 
 def tokenizer_path(data_dir: str | os.PathLike[str]) -> Path:

@@ -261,7 +261,7 @@ def _set_up(
     val = read_val_data(data_dir, config)
     batches = TrainBatches(
         data_dir, config.train.batch_size, config.model.seq_len, config.train.seed,
-        holdout=config.train.calibration_tokens,
+        holdout=config.train.calibration_tokens, vocab_size=val.pieces,
     )
     device = parallel.device if parallel is not None and parallel.device is not None else None
     device = device or resolve_device(config.train.device)
