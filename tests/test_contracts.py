@@ -65,23 +65,9 @@ def _optuna_trial_has(attribute: str, on: str) -> Callable[[], bool]:
     return check
 
 
-_AUTH = "ray._private.authentication.authentication_token_setup"
-CONTRACT = [
-    Private(_AUTH, "ray", "orchestrator/sweep.py",
-            _module_has(_AUTH, "maybe_enable_token_auth_if_token_available")),
-    Private("_mlflow", "ray", "orchestrator/callbacks.py",
-            _class_assigns("ray.air._internal.mlflow", "_MLflowLoggerUtil", "_mlflow")),
-    Private("_trial_runs", "ray", "orchestrator/callbacks.py",
-            _class_assigns("ray.air.integrations.mlflow", "MLflowLoggerCallback", "_trial_runs")),
-    Private("_ot_study", "ray", "orchestrator/search.py",
-            _class_assigns("ray.tune.search.optuna", "OptunaSearch", "_ot_study")),
-    Private("_ot_trials", "ray", "orchestrator/search.py",
-            _class_assigns("ray.tune.search.optuna", "OptunaSearch", "_ot_trials")),
-    Private("_completed_trials", "ray", "orchestrator/search.py",
-            _class_assigns("ray.tune.search.optuna", "OptunaSearch", "_completed_trials")),
-    Private("_storage", "optuna", "orchestrator/search.py", _optuna_trial_has("_storage", "study")),
-    Private("_trial_id", "optuna", "orchestrator/search.py", _optuna_trial_has("_trial_id", "frozen")),
-]  # fmt: skip
+# None today: the searcher, the MLflow runs and Ray's start-up use public APIs only (issue 13).
+# A private name the code starts to use goes here, with a check.
+CONTRACT: list[Private] = []
 
 
 @pytest.mark.parametrize("private", CONTRACT, ids=lambda p: p.name)

@@ -279,8 +279,9 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
     for field in trials_schema():  # a list column a trial lacks is null, not NaN (Arrow casts no float to a list)
         if pa.types.is_list(field.type) and row.get(field.name) is None:
             row[field.name] = None
-    if metrics.get("artifact_path"):  # relative to the sweep directory: the sweep may be moved
-        row["artifact_path"] = f"{TRIALS_DIR}/{directory.name}/{Path(metrics['artifact_path']).name}"
+    for key in ("artifact_path", "eval_tokens_path"):  # relative to the sweep directory: it may be moved
+        if metrics.get(key):
+            row[key] = f"{TRIALS_DIR}/{directory.name}/{Path(metrics[key]).name}"
     for key in ("started_at", "ended_at"):
         row[key] = pd.Timestamp(row[key]) if row.get(key) else pd.NaT
     return row
