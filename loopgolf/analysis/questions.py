@@ -112,7 +112,8 @@ def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportCo
         "Δ = looped − unique in val bpb (negative: looped is better). Each side's best configuration is picked "
         "on data it is not tested on. Fill = artifact bytes / cap; every trial of a group had the same train "
         "seconds.",
-        table, verdict, missing, plots.forest(table, "looped − unique (bpb)") if out else None,
+        table, verdict, missing,
+        plots.forest(table, "looped − unique (bpb)", ("looped subset", "looped")) if out else None,
         (("Every configuration (mean over seeds; seed sd; eval standard error from documents)", overview),),
     )
 
@@ -191,7 +192,8 @@ def routed_vs_controls(rows: pd.DataFrame, store: TokenStore | None, cfg: Report
         "2. Routed refinement vs its own controls",
         "Δ = routed − control in val bpb, paired by seed and, with per-token files, by token (negative: routing "
         "helps). Controls run the same configuration and seeds with only the routing changed.",
-        table, verdict, "" if out else NO_PAIRS, plots.forest(table, "routed − control (bpb)") if out else None,
+        table, verdict, "" if out else NO_PAIRS,
+        plots.forest(table, "routed − control (bpb)", ("pair", "control")) if out else None,
     )
 
 
