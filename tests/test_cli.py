@@ -49,6 +49,8 @@ SURFACE = [
     ("resume", "sweep_dir", "store", None),
     ("resume", "--address", "store", None),
     ("status", "sweep_dir", "store", None),
+    ("status", "--watch", "store_true", False),
+    ("status", "--interval", "store:float", 2.0),
     ("pareto", "sweep_dirs", "store nargs=+", None),
     ("pareto", "--objectives", "store", "val_bpb:min,artifact_bytes:min"),
     ("pareto", "--format", "store choices=table|csv|json", "table"),

@@ -132,11 +132,17 @@ def _summarize(outcome: Any, objectives: dict) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from loopgolf.orchestrator.progress import as_dict, live_progress, render, watch
     from loopgolf.orchestrator.sweep import print_status, sweep_status
 
+    if args.watch:
+        watch(lambda: live_progress(args.sweep_dir), args.interval)
+        return 0
     status = sweep_status(args.sweep_dir)
     print_status(status)
-    print_json_line(status)
+    progress = live_progress(args.sweep_dir)
+    print(render(progress))
+    print_json_line(status | {"progress": as_dict(progress)})
     return 0
 
 
@@ -224,8 +230,10 @@ def _add_sweep_commands(sub: Any) -> None:
     resume.add_argument("--address", metavar="ADDR")
     resume.set_defaults(run=_cmd_resume)
 
-    status = sub.add_parser("status", help="progress of a sweep, without Ray")
+    status = sub.add_parser("status", help="progress of a sweep and of its running trials, without Ray")
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    status.add_argument("--watch", action="store_true", help="redraw until the sweep has finished (Ctrl-C stops)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch's refresh period")
     status.set_defaults(run=_cmd_status)
 
 
