@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +21,13 @@ from loopgolf.orchestrator.progress import (
     TrialProgress,
     counts_line,
     eta_seconds,
+    live_progress,
     progress_reports,
     render,
     trial_progress,
     watch,
 )
+from tests.test_sweep import write_spec
 
 
 def test_eta_is_the_work_owed_at_the_mean_trial_time_over_the_slots() -> None:
@@ -65,7 +74,7 @@ def test_a_torn_last_line_is_skipped_and_rates_come_from_the_last_interval(tmp_p
         {"step": 30, "elapsed_seconds": 6.0, "train_tokens": 60_000, "quick_val_bpb": 3.1},
     ]
     directory = _trial_dir(tmp_path, "t1", reports, tail='{"step": 40, "elapsed_se')  # killed mid-write
-    assert progress_reports(directory / "progress.jsonl") == reports
+    assert progress_reports(directory) == reports
     progress = trial_progress(directory)
     assert progress is not None
     assert (progress.step, progress.elapsed_seconds, progress.budget_seconds) == (30, 6.0, 30.0)
@@ -73,7 +82,8 @@ def test_a_torn_last_line_is_skipped_and_rates_come_from_the_last_interval(tmp_p
     assert progress.quick_val_bpb == 3.1
     one = trial_progress(_trial_dir(tmp_path, "t2", reports[:1]))
     assert one is not None and one.tokens_per_second == pytest.approx(10_000.0)
-    assert trial_progress(_trial_dir(tmp_path, "t3", [])) is None
+    started = trial_progress(_trial_dir(tmp_path, "t3", []))  # started, no report yet
+    assert (started.step, started.tokens_per_second, started.quick_val_bpb) == (0, None, None)
 
 
 def _progress(running: tuple[TrialProgress, ...], done: int = 1, failed: int = 0) -> SweepProgress:
@@ -100,3 +110,62 @@ def test_watch_redraws_until_the_sweep_has_finished() -> None:
     final = watch(lambda: next(states), interval=0.0, out=out)
     assert final.finished and out.getvalue().count("sweep s [") == 3
     assert "[3/4 done, 0 running, 0 queued, 1 failed" in out.getvalue().splitlines()[-1]
+
+
+# ------------------------------------------------------------- a sweep captured mid-run
+
+
+def _captured_mid_run(data: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A real sweep (four 8-second trials, one at a time), copied once a trial has ended and the
+    next has reported progress, then killed."""
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "spec.yaml", data, storage, seeds=1, max_concurrent=1,
+                      budget={"artifact_bytes": 2_000_000, "train_seconds": 8},
+                      search={"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 4})  # fmt: skip
+    sweep_dir, captured = storage / "t", tmp_path / "captured"
+    driver = subprocess.Popen([sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(spec)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            progress = live_progress(sweep_dir) if (sweep_dir / "spec.yaml").is_file() else None
+            if progress and progress.done and progress.running and progress.running[0].quick_val_bpb is not None:
+                shutil.copytree(sweep_dir, captured, ignore=shutil.ignore_patterns("tune", "checkpoints"))
+                break
+            assert driver.poll() is None, driver.stdout.read()[-3000:] if driver.stdout else ""
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial ended and another reported progress within 300 s")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    return captured, driver.stdout.read() if driver.stdout else ""
+
+
+@pytest.mark.slow
+def test_status_of_a_sweep_captured_mid_run(corpus_data: Path, tmp_path: Path) -> None:
+    captured, console = _captured_mid_run(corpus_data, tmp_path)
+    trials = {d.name: d for d in (captured / "trials").iterdir()}
+    ended = {n for n, d in trials.items() if (d / "metrics.json").is_file()}
+    running = sorted(n for n, d in trials.items() if n not in ended and (d / "progress.jsonl").is_file())
+    assert len(ended) >= 1 and len(running) == 1
+    last = [json.loads(line) for line in (trials[running[0]] / "progress.jsonl").read_text().splitlines()
+            if line.endswith("}")][-1]  # fmt: skip
+    # `status` in a process where importing Ray fails: it must not need it
+    code = ("import sys; sys.modules['ray'] = None; from loopgolf.orchestrator.cli import main; "
+            f"sys.exit(main(['status', {str(captured)!r}]))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    counts = next(line for line in lines if line.startswith("sweep t ["))
+    assert f"[{len(ended)}/4 done, 1 running, {3 - len(ended)} queued, 0 failed; ETA " in counts
+    trial = next(line for line in lines if line.split()[:1] == [running[0]]).split()
+    assert trial[1:4] == ["step", str(last["step"]), f"{last['elapsed_seconds']:.1f}/8"]
+    assert trial[trial.index("val_bpb") + 1] == f"{last['quick_val_bpb']:.4f}"
+    assert float(trial[5].replace(",", "")) > 0  # tokens per second
+    payload = json.loads(lines[-1])["progress"]
+    assert payload["done"] == len(ended) and payload["eta_seconds"] > 0
+    # the sweep's console printed the same counts line at each trial event
+    counts = r"\[\d/4 done, \d running, \d queued, \d failed; ETA (\?|\d+m\d\ds)\]"
+    assert re.search(rf"^{counts} trial \S+ started$", console, re.M), console[-3000:]
+    assert re.search(rf"^{counts} trial \S+: val_bpb=\d\.\d{{4}}; best val_bpb", console, re.M), console[-3000:]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import itertools
-import json
 import math
 import os
 import sys
@@ -24,7 +23,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopgolf.orchestrator.trialdir import METRICS_FILE, PROGRESS_FILE, TRIAL_FILE, TRIALS_DIR, read_json
+from loopgolf.orchestrator.trialdir import (
+    PROGRESS_FILE,
+    TRIAL_FILE,
+    TRIALS_DIR,
+    final_metrics,
+    progress_lines,
+    read_json,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,21 +116,9 @@ def render(progress: SweepProgress, now: float | None = None) -> str:
 # ------------------------------------------------------------------------- reading
 
 
-def progress_reports(path: Path) -> list[dict[str, Any]]:
-    """The reports of a progress.jsonl; a line torn by a kill (the last, unfinished) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    reports = []
-    for line in text.splitlines():
-        try:
-            report = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(report, dict) and "step" in report and "elapsed_seconds" in report:
-            reports.append(report)
-    return reports
+def progress_reports(directory: Path) -> list[dict[str, Any]]:
+    """A trial's progress reports (a line torn by a kill is skipped by `progress_lines`)."""
+    return [r for r in progress_lines(directory) if "step" in r and "elapsed_seconds" in r]
 
 
 def _tokens_per_second(reports: Sequence[dict[str, Any]]) -> float | None:
@@ -138,14 +132,14 @@ def _tokens_per_second(reports: Sequence[dict[str, Any]]) -> float | None:
     return tokens / last["elapsed_seconds"] if last["elapsed_seconds"] > 0 else None
 
 
-def trial_progress(directory: Path) -> TrialProgress | None:
-    """A trial's latest progress; None when it has not reported yet."""
-    reports = progress_reports(directory / PROGRESS_FILE)
-    if not reports:
-        return None
-    last = reports[-1]
+def trial_progress(directory: Path) -> TrialProgress:
+    """A started trial's latest progress (step 0 and no rate until its first report)."""
+    reports = progress_reports(directory)
     record = read_json(directory / TRIAL_FILE) or {}
     budget = float(record.get("trial_config", {}).get("train_seconds", math.nan))
+    if not reports:
+        return TrialProgress(directory.name, 0, 0.0, budget, None, None, (directory / TRIAL_FILE).stat().st_mtime)
+    last = reports[-1]
     bpb = last.get("quick_val_bpb")
     return TrialProgress(
         trial_id=directory.name,
@@ -158,7 +152,8 @@ def trial_progress(directory: Path) -> TrialProgress | None:
     )
 
 
-def _wall_seconds(metrics: dict[str, Any]) -> float | None:
+def wall_seconds(metrics: dict[str, Any]) -> float | None:
+    """A trial's wall time, from the start and end its final metrics record."""
     try:
         started = dt.datetime.fromisoformat(metrics["started_at"])
         ended = dt.datetime.fromisoformat(metrics["ended_at"])
@@ -168,24 +163,22 @@ def _wall_seconds(metrics: dict[str, Any]) -> float | None:
 
 
 def sweep_progress(sweep_dir: str | os.PathLike[str], name: str, total: int, max_concurrent: int) -> SweepProgress:
-    """Read every trial directory of the sweep once."""
+    """Read every trial directory of the sweep once. A trial is running from its trial.json
+    (written when it starts) until its final metrics."""
     done = failed = 0
     running: list[TrialProgress] = []
     seconds: list[float] = []
     root = Path(sweep_dir) / TRIALS_DIR
     for directory in sorted(root.iterdir()) if root.is_dir() else ():
-        metrics = read_json(directory / METRICS_FILE)
+        metrics = final_metrics(directory)
         if metrics is None:
-            current = trial_progress(directory)
-            if current is not None:
-                running.append(current)
+            if (directory / TRIAL_FILE).is_file():
+                running.append(trial_progress(directory))
             continue
-        if metrics.get("status") == "failed":
-            failed += 1
-        else:
-            done += 1
-        wall = _wall_seconds(metrics)
-        if wall is not None and metrics.get("status") != "rejected":
+        failed += metrics["status"] == "failed"
+        done += metrics["status"] != "failed"
+        wall = wall_seconds(metrics)
+        if wall is not None and metrics["status"] != "rejected":  # a rejected trial never trains
             seconds.append(wall)
     return SweepProgress(name, total, done, failed, tuple(running), max_concurrent, tuple(seconds))
 

@@ -36,9 +36,15 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's API too)
+    KEY,
+    REPLAY_OF,
+    counted_keys,
+    final_trials,
+    trial_key,
+)
+
 CONSTRAINTS = ("byte_violation", "eval_violation")
-KEY = "trial_key"  # user attr: the trial's directory and ledger id, kept across re-runs
-REPLAY_OF = "replay_of"  # user attr of a re-enqueued trial: the number of the orphan it repeats
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
 _KEPT_ATTRS = ("seed_index", "replicate_of", KEY)
 
@@ -53,26 +59,6 @@ def make_sampler(algorithm: str, seed: int, grid: Mapping[str, list] | None = No
     if algorithm == "grid":
         return optuna.samplers.GridSampler(dict(grid or {}), seed=seed)
     raise ValueError(f"algorithm={algorithm!r}: expected tpe, nsga2, random or grid")
-
-
-def trial_key(number: int) -> str:
-    return f"trial_{number:05d}"
-
-
-def counted_keys(study: optuna.Study) -> set[str]:
-    """Keys of the trials that count toward the total: every trial that ran, once per key."""
-    trials = study.get_trials(deepcopy=False)
-    return {t.user_attrs[KEY] for t in trials if t.state != TrialState.WAITING and KEY in t.user_attrs}
-
-
-def final_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
-    """The last finished Optuna trial of every key (an orphan's re-run supersedes it)."""
-    latest: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False):
-        if t.state.is_finished() and KEY in t.user_attrs:
-            latest[t.user_attrs[KEY]] = t
-    replayed = {t.user_attrs.get(REPLAY_OF) for t in study.get_trials(deepcopy=False)}
-    return {k: t for k, t in latest.items() if t.number not in replayed}
 
 
 class SweepSearch(Searcher):

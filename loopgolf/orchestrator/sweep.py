@@ -134,7 +134,6 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     from ray import tune
 
     from loopgolf.orchestrator.ledger import ledger_callback
-    from loopgolf.orchestrator.search import counted_keys
     from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
 
     total = spec.num_samples * spec.seeds
@@ -144,13 +143,12 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
             metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
             max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
         )  # fmt: skip
-    done_before = len(counted_keys(search.study)) - search.requeued
     (metric, mode), = list(spec.objectives.items())[:1]
     callbacks = [
         ledger_callback(ledger),
         MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
                        upload=spec.tracking_uri is not None),
-        ProgressPrinter(total, done_before, metric, mode),
+        ProgressPrinter(str(sweep_dir), total, spec.max_concurrent, metric, mode),
     ]  # fmt: skip
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     return tune.Tuner(
@@ -314,7 +312,7 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     import pandas as pd
 
     from loopgolf.orchestrator.ledger import Ledger
-    from loopgolf.orchestrator.search import final_trials
+    from loopgolf.orchestrator.study import final_trials
 
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)

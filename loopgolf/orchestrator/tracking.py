@@ -17,6 +17,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from loopgolf.orchestrator.progress import counts_line, sweep_progress
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, final_metrics, trial_dir
 
 KEY = "trial_key"
@@ -100,29 +101,36 @@ class MlflowTracking(Callback):
 
 
 class ProgressPrinter(Callback):
-    """One line per finished trial: counts so far and the best value of the first objective."""
+    """One line per trial event (start, end, error): the sweep's counts and ETA, read from the
+    trial directories exactly as `loopgolf status` reads them, then the trial and the best value
+    of the first objective so far."""
 
-    def __init__(self, total: int, done_before: int, metric: str, mode: str) -> None:
-        self.total, self.metric, self.mode = total, metric, mode
-        self.done, self.failed = done_before, 0
+    def __init__(self, sweep_dir: str, total: int, max_concurrent: int, metric: str, mode: str) -> None:
+        self.sweep_dir, self.total, self.max_concurrent = sweep_dir, total, max_concurrent
+        self.metric, self.mode = metric, mode
         self.best: tuple[float, str] | None = None
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(f"trial {_key(trial)} started")
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, trial, errored=False)
+        self._ended(trial, errored=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._print(trials, trial, errored=True)
+        self._ended(trial, errored=True)
 
-    def _print(self, trials: list, trial: Any, errored: bool) -> None:
-        self.done += 1
+    def _ended(self, trial: Any, errored: bool) -> None:
         result = {} if errored else dict(trial.last_result or {})
-        self.failed += errored or result.get("status") == "failed"
         value = result.get(self.metric)
         if result.get("status") == "complete" and result.get("feasible") and value is not None:
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
             self.best = (float(value), _key(trial)) if better else self.best
-        running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         this = f"{self.metric}={value:.4f}" if value is not None else ("error" if errored else result.get("status"))
         best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        print(f"[{self.done}/{self.total} done, {running} running, {self.failed} failed] trial {_key(trial)}: {this}"
-              + best, flush=True)  # fmt: skip
+        self._line(f"trial {_key(trial)}: {this}{best}")
+
+    def _line(self, event: str) -> None:
+        # the trial's own files are written before Tune reports the event (the ledger callback,
+        # earlier in the list, records an error), so the counts include this trial
+        p = sweep_progress(self.sweep_dir, "", self.total, self.max_concurrent)
+        print(counts_line(p.done, len(p.running), p.queued, p.failed, p.total, p.eta_seconds) + " " + event, flush=True)
