@@ -13,6 +13,7 @@ import pytest
 from loopgolf.trial.data import (
     HEADER_BYTES,
     SHARD_MAGIC,
+    ByteTable,
     DataError,
     ShardError,
     TrainBatches,
@@ -21,6 +22,7 @@ from loopgolf.trial.data import (
     list_shards,
     load_tokenizer,
     read_shard,
+    shard_name,
     split_documents,
     stream_bytes,
     token_bytes,
@@ -147,15 +149,67 @@ def test_byte_fallback_pieces_count_one_byte_and_unknown_zero(
 # ------------------------------------------------------------------------ loaders
 
 
-def test_train_batches_are_a_pure_function_of_seed_and_step(corpus_data: Path) -> None:
-    a = TrainBatches(corpus_data, batch_size=4, seq_len=32, seed=1)
-    b = TrainBatches(corpus_data, batch_size=4, seq_len=32, seed=1)
-    x0, y0 = a.batch(0)
-    assert x0.shape == y0.shape == (4, 32)
-    assert np.array_equal(x0[:, 1:], y0[:, :-1])
-    assert np.array_equal(b.batch(5)[0], a.batch(5)[0])
-    assert not np.array_equal(a.batch(6)[0], a.batch(5)[0])
-    assert not np.array_equal(TrainBatches(corpus_data, 4, 32, seed=2).batch(5)[0], a.batch(5)[0])
+def _tiny_train_dir(tmp_path: Path, lengths: list[int]) -> Path:
+    """Train shards whose token at position i of shard k is 1000 * k + i (so a row names its source)."""
+    for k, n in enumerate(lengths):
+        write_shard(tmp_path / shard_name("train", k), 1000 * k + np.arange(n))
+    return tmp_path
+
+
+def test_train_rows_are_exactly_the_shards_windows_each_reachable(tmp_path: Path) -> None:
+    """Reference: every window of seq_len + 1 tokens that starts before len - seq_len - 1, in any shard."""
+    seq_len, lengths = 8, [40, 5, 10, 60]  # shard 1 is shorter than a window; shard 2 has exactly one
+    data = _tiny_train_dir(tmp_path, lengths)
+    loader = TrainBatches(data, batch_size=16, seq_len=seq_len, seed=0)
+    assert loader.total_tokens == sum(lengths)
+    seen: set[tuple[int, int]] = set()
+    for step in range(60):
+        x, y = loader.batch(step)
+        assert x.shape == y.shape == (16, seq_len) and x.dtype == y.dtype == np.int64
+        assert np.array_equal(x[:, 1:], y[:, :-1])
+        rows = np.concatenate([x, y[:, -1:]], axis=1)
+        shard, start = rows[:, 0] // 1000, rows[:, 0] % 1000
+        assert np.array_equal(rows, rows[:, :1] + np.arange(seq_len + 1))  # contiguous, inside one shard
+        seen |= set(zip(shard.tolist(), start.tolist(), strict=True))
+    expected = {(k, s) for k, n in enumerate(lengths) for s in range(max(0, n - seq_len - 1))}
+    assert seen == expected
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_step(tmp_path: Path) -> None:
+    data = _tiny_train_dir(tmp_path, [5000, 3000])
+    a = TrainBatches(data, batch_size=4, seq_len=32, seed=1)
+    b = TrainBatches(data, batch_size=4, seq_len=32, seed=1)
+    for step in (0, 5, 5, 1000):  # any order, any repetition, any fresh loader
+        assert np.array_equal(a.batch(step)[0], b.batch(step)[0])
+    assert np.array_equal(a.batch(7)[1], TrainBatches(data, 4, 32, seed=1).batch(7)[1])
+
+
+def test_different_seeds_draw_independent_batch_streams(tmp_path: Path) -> None:
+    """Seeds s and s + 1 share no batch at any step offset, and their windows overlap only by chance.
+
+    A seed + step rule would make seed s + 1 at step t replay seed s at step t + 1: seed-to-seed
+    variance would then be understated and differences between seeds overstated.
+    """
+    data = _tiny_train_dir(tmp_path, [20_000])
+    steps, batch = 40, 8
+    starts = {
+        seed: [TrainBatches(data, batch, 16, seed=seed).batch(t)[0][:, 0] for t in range(steps)] for seed in (3, 4, 5)
+    }
+    for s, other in ((3, 4), (4, 5), (3, 5)):
+        for t in range(steps):
+            for u in range(steps):
+                if (s, t) != (other, u):
+                    assert not np.array_equal(starts[s][t], starts[other][u]), (s, t, other, u)
+    # 320 draws each from ~20k windows: expected shared windows ~5; a shifted stream would share ~all
+    shared = set(np.concatenate(starts[3]).tolist()) & set(np.concatenate(starts[4]).tolist())
+    assert len(shared) < 30
+
+
+def test_train_shards_shorter_than_a_window_are_one_clear_error(tmp_path: Path) -> None:
+    data = _tiny_train_dir(tmp_path, [9, 4])
+    with pytest.raises(DataError, match=r"train shards are shorter than seq_len\+1=10$"):
+        TrainBatches(data, batch_size=2, seq_len=9, seed=0)
+    assert TrainBatches(data, batch_size=2, seq_len=7, seed=0).batch(0)[0].tolist() == [list(range(7))] * 2
 
 
 def test_val_windows_score_every_target_once(corpus_data: Path) -> None:
@@ -171,6 +225,82 @@ def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
         list_shards(tmp_path / "nope", "train")
     with pytest.raises(DataError, match=r"no fineweb_val_NNNNNN\.bin"):
         list_shards(tmp_path, "val")
+
+
+def _val_dir(tmp_path: Path, lengths: list[int]) -> tuple[Path, np.ndarray]:
+    parts = [np.arange(n) + 1000 * k for k, n in enumerate(lengths)]
+    for k, part in enumerate(parts):
+        write_shard(tmp_path / shard_name("val", k), part)
+    return tmp_path, np.concatenate(parts)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1, 99, 100, 101, 150, 250, 300, 10_000])
+def test_val_tokens_takes_the_first_max_tokens_across_shards(tmp_path: Path, max_tokens: int) -> None:
+    data, everything = _val_dir(tmp_path, [100, 100, 100])
+    tokens = val_tokens(data, max_tokens=max_tokens)
+    expected = everything if max_tokens == 0 else everything[:max_tokens]
+    assert tokens.dtype == np.int64 and tokens.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "batch_size", "sizes"),
+    [(65, 3, [3, 3, 2]), (64, 3, [3, 3, 1]), (9, 5, [1]), (16, 1, [1]), (17, 1, [1, 1])],
+)
+def test_val_windows_group_windows_into_batches(n_tokens: int, batch_size: int, sizes: list[int]) -> None:
+    tokens = np.arange(n_tokens)
+    batches = list(val_windows(tokens, seq_len=8, batch_size=batch_size))
+    assert [len(x) for x, _ in batches] == sizes
+    x, y = batches[0]
+    assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
+
+
+def test_val_windows_need_one_whole_window() -> None:
+    with pytest.raises(DataError, match=r"^val split has 8 tokens, fewer than seq_len\+1=9$"):
+        list(val_windows(np.arange(8), seq_len=8, batch_size=1))
+
+
+@pytest.mark.parametrize("bad", [65_536, -1])
+def test_write_shard_rejects_the_first_id_outside_uint16(tmp_path: Path, bad: int) -> None:
+    expected = rf"token ids must be in \[0, 65535\], got \[{min(bad, 0)}, {max(bad, 3)}\]"
+    with pytest.raises(ShardError, match=expected):
+        write_shard(tmp_path / "x.bin", np.array([0, 3, bad]))
+    with pytest.raises(ShardError, match=r"tokens must be 1-D, got shape \(1, 2\)"):
+        write_shard(tmp_path / "x.bin", np.array([[1, 2]]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_empty_shard_roundtrips(tmp_path: Path) -> None:
+    path = tmp_path / shard_name("val", 0)
+    write_shard(path, np.array([], dtype=np.int64))
+    assert path.stat().st_size == HEADER_BYTES
+    assert read_shard(path).tolist() == []
+
+
+def test_list_shards_keeps_its_split_in_index_order(tmp_path: Path) -> None:
+    for name in ("fineweb_val_000002.bin", "fineweb_val_000000.bin", "fineweb_train_000001.bin",
+                 "fineweb_val_1.bin", "fineweb_val_000003.bin.tmp", "other.bin"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_shards(tmp_path, "val")] == ["fineweb_val_000000.bin", "fineweb_val_000002.bin"]
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["fineweb_train_000001.bin"]
+
+
+def test_shard_names() -> None:
+    assert shard_name("train", 3) == "fineweb_train_000003.bin"
+    assert shard_name("val", 123456) == "fineweb_val_123456.bin"
+    with pytest.raises(ValueError, match="split='test': expected 'train' or 'val'"):
+        shard_name("test", 0)
+
+
+def test_a_stream_of_one_token_has_no_bytes() -> None:
+    table = ByteTable(np.array([1, 2, 3]), np.array([False, True, True]), np.array([True, False, False]))
+    assert stream_bytes(np.array([2]), table) == 0 and stream_bytes(np.array([], dtype=np.int64), table) == 0
+    assert stream_bytes(np.array([0, 2, 1, 2]), table) == 3 + (2 + 1) + (3 + 1)
+    assert table.vocab_size == 3
+
+
+def test_split_documents_on_blank_lines() -> None:
+    text = "  first doc\nline two \n\n\n second\n \t \nthird\n\n   \n"
+    assert split_documents(text) == ["first doc\nline two", "second", "third"]
 
 
 # ------------------------------------------------------------------------ prepare
