@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loopgolf.trial.config import ConfigError, TrialConfig, preset
-from loopgolf.trial.distributed import DataParallel
+from loopgolf.trial.distributed import DataParallel, check_divisible
 from loopgolf.trial.train import run_trial
 
 # A fixed-step trial: the schedule follows steps (train_seconds is out of reach), so runs
@@ -120,11 +121,30 @@ def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(corpus_data
     assert metrics["status"] == "complete" and metrics["train_steps"] == 3 and metrics["world_size"] == 1
 
 
-def test_world_size_one_is_the_plain_trial(corpus_data: Path, tmp_path: Path) -> None:
-    config = fixed_steps(max_steps=3)
-    plain = run_trial(config, corpus_data, tmp_path / "a")
-    ranked = run_trial(config, corpus_data, tmp_path / "b", parallel=DataParallel(0, 1))
-    assert ranked["train_loss"] == plain["train_loss"] and "replica_drift" not in ranked
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_the_ranks_slices_tile_the_global_batch_in_rank_order(world: int) -> None:
+    """Rank r keeps rows [r * B / W, (r + 1) * B / W): together, the single-process batch, each row once."""
+    x = np.arange(8 * 5).reshape(8, 5)
+    y = x + 1000
+    shards = [DataParallel(rank, world).shard((x, y)) for rank in range(world)]
+    assert all(len(sx) == len(sy) == 8 // world for sx, sy in shards)
+    assert np.array_equal(np.concatenate([sx for sx, _ in shards]), x)
+    assert np.array_equal(np.concatenate([sy for _, sy in shards]), y)
+
+
+@pytest.mark.parametrize(("rank", "world"), [(0, 0), (2, 2), (-1, 2)])
+def test_a_rank_outside_the_world_is_refused(rank: int, world: int) -> None:
+    with pytest.raises(ValueError, match=f"^DataParallel: rank={rank}, world_size={world}$"):
+        DataParallel(rank, world)
+    assert DataParallel(world - 1 if world > 0 else 0, max(world, 1)).world_size == max(world, 1)
+
+
+def test_the_batch_must_split_over_the_ranks() -> None:
+    config = fixed_steps(batch_size=6)
+    check_divisible(config, 1)
+    check_divisible(config, 3)
+    with pytest.raises(ConfigError, match=r"^TrainConfig\.batch_size=6: expected a multiple of the 4 data-parallel"):
+        check_divisible(config, 4)
 
 
 def _spec(data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int = 8) -> dict[str, Any]:
