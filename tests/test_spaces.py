@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from loopgolf.search_spaces import budget
+from loopgolf.search_spaces.budget import solve_width, width_grid
 from loopgolf.search_spaces.spaces import (
     SPACES,
     Choice,
@@ -31,6 +31,7 @@ from loopgolf.search_spaces.spaces import (
     suggest,
 )
 from loopgolf.trial.config import TrialConfig, preset
+from loopgolf.trial.estimate import bytes_with_margin, predict_artifact_bytes
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -148,22 +149,22 @@ def test_derive_with_equal_bytes_spends_the_budget() -> None:
     base = preset("tiny").replace(bits=8, codec="zlib")
     budget_bytes = 1_500_000
     config = derive({"n_blocks": 2}, base, equal_bytes=True, byte_budget=budget_bytes)
-    assert config == budget.solve_width(base.replace(n_blocks=2), budget_bytes)
-    assert budget.bytes_with_margin(config) <= budget_bytes
-    wider = budget.width_grid()[budget.width_grid().index(config.model.d_model) + 1]
-    assert budget.bytes_with_margin(config.replace(d_model=wider, n_heads=4, n_kv_heads=2)) > budget_bytes
+    assert config == solve_width(base.replace(n_blocks=2), budget_bytes)
+    assert bytes_with_margin(config) <= budget_bytes
+    wider = width_grid()[width_grid().index(config.model.d_model) + 1]
+    assert bytes_with_margin(config.replace(d_model=wider, n_heads=4, n_kv_heads=2)) > budget_bytes
 
 
 def test_derive_with_equal_bytes_and_nothing_fitting_takes_the_narrowest() -> None:
     config = derive({"n_blocks": 2}, preset("tiny"), equal_bytes=True, byte_budget=1)
-    assert config.model.d_model == budget.width_grid()[0]
-    assert budget.predict_artifact_bytes(config) > 1
+    assert config.model.d_model == width_grid()[0]
+    assert predict_artifact_bytes(config) > 1
 
 
 def _brute_force_smallest(space: dict, base: TrialConfig) -> int:
     axes = {k: list(d.values) if isinstance(d, Choice) else [d.low, d.high] for k, d in space.items()}
     points = (dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values()))
-    return min(budget.predict_artifact_bytes(derive(p, base, False, 0)) for p in points)
+    return min(predict_artifact_bytes(derive(p, base, False, 0)) for p in points)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -185,7 +186,7 @@ def test_smallest_predicted_bytes_matches_enumerating_the_space(seed: int) -> No
 def test_smallest_predicted_bytes_with_equal_bytes_uses_the_narrowest_width() -> None:
     space = {"d_model": Choice((256, 512)), "n_blocks": Choice((3, 1))}
     base = preset("tiny")
-    narrowest = base.replace(d_model=budget.width_grid()[0])
+    narrowest = base.replace(d_model=width_grid()[0])
     expected = _brute_force_smallest({"n_blocks": Choice((3, 1))}, narrowest)
     assert smallest_predicted_bytes(space, base, equal_bytes=True) == expected
     assert smallest_predicted_bytes({"n_blocks": Choice((3, 1))}, base, equal_bytes=True) == expected
@@ -231,14 +232,14 @@ def test_grid_values_needs_choices_only() -> None:
 @pytest.mark.parametrize(("d_model", "over"), [(64, False), (256, True)])
 def test_config_sampler_returns_the_flat_config_and_sets_the_signed_byte_violation(d_model: int, over: bool) -> None:
     base = preset("tiny").replace(seed=3, bits=8, codec="zlib")
-    limit = budget.predict_artifact_bytes(derive({"d_model": 128}, base, False, 0))  # between the two widths
+    limit = predict_artifact_bytes(derive({"d_model": 128}, base, False, 0))  # between the two widths
     sampler = ConfigSampler({"d_model": Choice((d_model,)), "n_blocks": IntRange(2, 2)}, base, False, limit)
     trial = _trial(seed_index=2)
     out = sampler(trial)
     config = TrialConfig.from_flat(out["trial_config"])
     assert config == derive({"d_model": d_model, "n_blocks": 2}, base, False, limit).replace(seed=5)
     assert out["config_id"] == config_id(config)
-    assert out["predicted_artifact_bytes"] == budget.predict_artifact_bytes(config)
+    assert out["predicted_artifact_bytes"] == predict_artifact_bytes(config)
     violation = _constraint(trial, "predicted_byte_violation")
     assert violation == out["predicted_artifact_bytes"] - limit
     assert (violation > 0) == over  # Optuna: feasible iff every constraint value is <= 0
