@@ -207,8 +207,9 @@ def test_different_seeds_draw_independent_batch_streams(tmp_path: Path) -> None:
 
 def test_train_shards_shorter_than_a_window_are_one_clear_error(tmp_path: Path) -> None:
     data = _tiny_train_dir(tmp_path, [9, 4])
-    with pytest.raises(DataError, match=r"train shards are shorter than seq_len\+1=10$"):
+    with pytest.raises(DataError) as info:
         TrainBatches(data, batch_size=2, seq_len=9, seed=0)
+    assert str(info.value) == f"data dir {str(data)!r}: train shards are shorter than seq_len+1=10"
     assert TrainBatches(data, batch_size=2, seq_len=7, seed=0).batch(0)[0].tolist() == [list(range(7))] * 2
 
 
@@ -221,10 +222,13 @@ def test_val_windows_score_every_target_once(corpus_data: Path) -> None:
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not a directory"):
+    with pytest.raises(DataError) as info:
         list_shards(tmp_path / "nope", "train")
-    with pytest.raises(DataError, match=r"no fineweb_val_NNNNNN\.bin"):
+    hint = "(run `loopgolf data prepare` first)"
+    assert str(info.value) == f"data dir {str(tmp_path / 'nope')!r}: not a directory {hint}"
+    with pytest.raises(DataError) as info:
         list_shards(tmp_path, "val")
+    assert str(info.value) == f"data dir {str(tmp_path)!r}: no fineweb_val_NNNNNN.bin shards"
 
 
 def _val_dir(tmp_path: Path, lengths: list[int]) -> tuple[Path, np.ndarray]:
@@ -269,11 +273,29 @@ def test_write_shard_rejects_the_first_id_outside_uint16(tmp_path: Path, bad: in
     assert not list(tmp_path.iterdir())
 
 
-def test_an_empty_shard_roundtrips(tmp_path: Path) -> None:
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_short_shards_roundtrip_read_only_as_uint16(tmp_path: Path, n: int) -> None:
     path = tmp_path / shard_name("val", 0)
-    write_shard(path, np.array([], dtype=np.int64))
-    assert path.stat().st_size == HEADER_BYTES
-    assert read_shard(path).tolist() == []
+    write_shard(path, np.arange(7, 7 + n))
+    assert path.stat().st_size == HEADER_BYTES + 2 * n
+    tokens = read_shard(path)
+    assert tokens.tolist() == list(range(7, 7 + n)) and tokens.dtype == np.uint16
+    assert n == 0 or not tokens.flags.writeable  # a loader cannot write into the data
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ShardError) as info:
+        read_shard(tmp_path / "fineweb_val_000000.bin")
+    assert str(info.value) == f"{tmp_path / 'fineweb_val_000000.bin'}: no such shard file"
+
+
+def test_val_tokens_reads_the_whole_split_by_default_and_no_shard_past_max_tokens(tmp_path: Path) -> None:
+    data, everything = _val_dir(tmp_path, [100, 100])
+    assert val_tokens(data).tolist() == everything.tolist()
+    (data / shard_name("val", 1)).write_bytes(b"broken")  # never opened: the first shard has enough
+    assert val_tokens(data, max_tokens=100).tolist() == everything[:100].tolist()
+    with pytest.raises(ShardError, match="truncated"):
+        val_tokens(data, max_tokens=101)
 
 
 def test_list_shards_keeps_its_split_in_index_order(tmp_path: Path) -> None:

@@ -255,3 +255,13 @@ def test_config_sampler_seed_index_defaults_to_zero() -> None:
     base = preset("tiny").replace(seed=3)
     out = ConfigSampler({"n_blocks": Choice((2,))}, base, False, 10**9)(_trial())
     assert out["trial_config"]["seed"] == 3
+
+
+def test_config_sampler_with_equal_bytes_solves_the_width_for_its_budget() -> None:
+    base = preset("tiny").replace(bits=8, codec="zlib")
+    trial = _trial()
+    out = ConfigSampler({"n_blocks": Choice((2,))}, base, equal_bytes=True, byte_budget=1_500_000)(trial)
+    config = TrialConfig.from_flat(out["trial_config"])
+    assert config == solve_width(base.replace(n_blocks=2), 1_500_000)
+    assert config.model.d_model > base.model.d_model  # the budget buys a wider model than the preset's
+    assert _constraint(trial, "predicted_byte_violation") == out["predicted_artifact_bytes"] - 1_500_000 <= 0
