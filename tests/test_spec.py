@@ -203,14 +203,26 @@ def test_a_grid_search_needs_choices(data: Path) -> None:
 
 
 def test_the_byte_cap_check_is_at_the_smallest_configuration(data: Path) -> None:
-    raw = _raw(data)
+    raw = _raw(data, base={"preset": "tiny", "bits": 4, "codec": "lzma"})  # the base's own compression counts
     space = apply_overrides(named_space("shared_vs_unique"), raw["overrides"])
     smallest = smallest_predicted_bytes(space, spec_from_dict(raw).base_config(), equal_bytes=False)
-    assert spec_from_dict(_raw(data, budget={"artifact_bytes": smallest})).artifact_bytes == smallest
+    assert spec_from_dict(raw | {"budget": {"artifact_bytes": smallest}}).artifact_bytes == smallest
     with pytest.raises(SpecError) as info:
-        spec_from_dict(_raw(data, budget={"artifact_bytes": smallest - 1}))
+        spec_from_dict(raw | {"budget": {"artifact_bytes": smallest - 1}})
     assert str(info.value) == (f"space 'shared_vs_unique': no configuration fits budget.artifact_bytes="
                                f"{smallest - 1:,}; the smallest predicts {smallest:,} bytes")  # fmt: skip
+
+
+def test_with_equal_bytes_the_check_is_at_the_narrowest_width(data: Path) -> None:
+    raw = _raw(data, overrides={"d_model": [256], "n_blocks": [1]})
+    base = spec_from_dict(raw).base_config()
+    space = apply_overrides(named_space("shared_vs_unique"), raw["overrides"])
+    narrowest = smallest_predicted_bytes(space, base, equal_bytes=True)
+    assert narrowest < smallest_predicted_bytes(space, base, equal_bytes=False)
+    budget = {"artifact_bytes": narrowest}
+    assert spec_from_dict(raw | {"budget": budget, "equal_bytes": True}).equal_bytes
+    with pytest.raises(SpecError, match="no configuration fits"):
+        spec_from_dict(raw | {"budget": budget})
 
 
 # ------------------------------------------------------------------- files and --set
