@@ -293,3 +293,29 @@ def test_a_decompression_bomb_is_refused_within_the_declared_size(codec: str) ->
     assert result["error"] == "the 'q' frame decompresses to more than the 1024 bytes the header declares"
     assert result["grown_kib"] < 150 * 1024, result  # lzma's 64 MiB dictionary; was the whole frame
     assert result["frame_bytes"] < 8 << 20
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_levels_beyond_qmax_are_rejected_and_qmax_itself_is_read(
+    rich_model: RecurrentLM, tmp_path: Path, bits: int
+) -> None:
+    """A container whose q section holds a level outside [-qmax(bits), qmax(bits)] is refused."""
+    path = tmp_path / "a.lga"
+    A.save_artifact(rich_model, RICH.replace(codec="zlib", bits=bits), path)
+    codec, parts = A.unpack_parts(path.read_bytes())
+    limit = Q.qmax(bits)
+
+    def with_first_level(level: int) -> bytes:
+        q = bytearray(parts["q"])
+        if bits == 4:  # two levels a byte, low nibble first, stored as level + 7
+            q[0] = (q[0] & 0xF0) | (level + limit)
+        else:
+            q[0] = level & 0xFF
+        return A.pack_parts(parts | {"q": bytes(q)}, codec)
+
+    for level in (limit, -limit):
+        _, state = A.decode_artifact(with_first_level(level))
+        first = next(t for t in state.tensors if t.q is not None)
+        assert int(first.q.reshape(-1)[0]) == level
+    for level in (limit + 1, -limit - 1) if bits != 4 else (limit + 1,):  # a nibble holds no level below -7
+        _rejected(tmp_path, with_first_level(level), rf"levels outside \[-{limit}, {limit}\]")

@@ -262,7 +262,7 @@ def _decode_tensor(entry: Mapping[str, Any], sections: _Sections) -> QuantizedTe
         if bits not in (4, 5, 6, 8) or rows != n_rows(shape):
             raise ValueError(f"{name}: bad bits {bits!r} or rows {rows!r}")
         q = _unpack_levels(sections.take("q", entry["q"], _levels_nbytes(n, bits), f"{name}.q"), bits, n)
-        if q.size and int(np.abs(q).max()) > qmax(bits):
+        if q.size and int(np.abs(q.astype(np.int16)).max()) > qmax(bits):  # int8 |-128| would overflow to -128
             raise ValueError(f"{name}: levels outside [-{qmax(bits)}, {qmax(bits)}]")
         scales = np.frombuffer(sections.take("scale", entry["scale"], 2 * rows, f"{name}.scale"), dtype="<f2")
         return QuantizedTensor(
