@@ -6,7 +6,9 @@ compression of trained models.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +16,13 @@ import pytest
 import torch
 
 from loopgolf.trial import estimate
-from loopgolf.trial.artifact import code_bytes, save_artifact
+from loopgolf.trial import model as model_module
+from loopgolf.trial.artifact import CODE_FILES, code_bytes, save_artifact
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.quantize import quantize_model
+from tests.conftest import REPO
 
 # The prediction's stated tolerance on briefly trained tiny-family models: |predicted /
 # actual - 1| of model_bytes. bench/bench_compress.py --check measures it on the whole
@@ -131,16 +135,44 @@ def test_predicted_bytes_within_tolerance_of_real_compression(
     assert -TOLERANCE <= worst[1] <= over, f"{shape}: worst relative error {worst[1]:+.2%} at {worst[0]}"
 
 
-def test_predict_artifact_bytes_is_model_plus_code() -> None:
-    config = preset("small")
-    predicted = estimate.estimate_bytes(config)
-    assert estimate.predict_artifact_bytes(config) == predicted.artifact_bytes
-    assert predicted.artifact_bytes == int(np.ceil(predicted.model_bytes)) + code_bytes()
-    fewer_bits = estimate.predict_artifact_bytes(config.replace(bits=4, small_tensor_numel=0))
-    assert fewer_bits < estimate.predict_artifact_bytes(config.replace(bits=8, small_tensor_numel=0))
+@pytest.mark.parametrize(
+    ("change", "relation"),
+    [
+        ({"n_passes": 4}, "equal"),  # looping reuses the core's weights: no byte more
+        ({"seq_len": 1024}, "equal"),
+        ({"n_blocks": 3}, "larger"),
+        ({"n_prelude": 1}, "larger"),
+        ({"tie_embeddings": False}, "larger"),  # a separate head matrix
+        ({"bits": 4}, "smaller"),
+        ({"bits": 6}, "smaller"),
+        ({"protect": ["tok_emb.weight"], "protect_bits": 16}, "larger"),  # the embedding kept in fp16
+        ({"clip_sigma": 4.0}, "smaller"),  # a coarser grid: fewer distinct levels to code
+    ],
+)
+def test_the_prediction_moves_the_way_each_knob_does(change: dict, relation: str) -> None:
+    base = preset("small").replace(bits=8, small_tensor_numel=0, codec="lzma")
+    before, after = estimate.predict_artifact_bytes(base), estimate.predict_artifact_bytes(base.replace(**change))
+    assert {"equal": after == before, "larger": after > before, "smaller": after < before}[relation], (before, after)
 
 
-def test_flops_per_token_is_the_models_own() -> None:
-    from loopgolf.trial import model as model_module
+def test_the_prediction_is_model_bytes_rounded_up_plus_the_code_files_on_disk() -> None:
+    predicted = estimate.estimate_bytes(preset("small"))
+    on_disk = sum((REPO / name).stat().st_size for name in CODE_FILES)
+    assert predicted.code_bytes == on_disk == code_bytes()
+    assert predicted.artifact_bytes == math.ceil(predicted.model_bytes) + on_disk
+    assert estimate.predict_artifact_bytes(preset("small")) == predicted.artifact_bytes
 
-    assert estimate.flops_per_token is model_module.flops_per_token
+
+@pytest.mark.parametrize("overrides", [{}, {"n_passes": 3, "n_prelude": 1, "n_coda": 1}, {"phase": "lora"}])
+def test_the_estimated_flops_are_what_the_model_reports_when_it_runs(overrides: dict) -> None:
+    config = preset("tiny").model
+    config = ModelConfig(**(dataclasses.asdict(config) | overrides | {"seq_len": 64}))
+    model = RecurrentLM(config).eval()
+    with torch.no_grad():
+        stats = model(torch.zeros(2, 64, dtype=torch.long)).stats
+    assert estimate.flops_per_token(config) == pytest.approx(stats.flops_per_token, rel=1e-12)
+    if config.phase == "lora":  # a looped pass also runs the adapters
+        return
+    more = ModelConfig(**(dataclasses.asdict(config) | {"n_passes": config.n_passes + 1}))
+    one_pass = config.n_blocks * model_module.block_flops_per_token(config)  # another pass costs its blocks
+    assert estimate.flops_per_token(more) - estimate.flops_per_token(config) == pytest.approx(one_pass, rel=1e-12)
