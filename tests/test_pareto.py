@@ -68,6 +68,7 @@ def test_ranks_for_max_objectives_count_from_the_best() -> None:
         (":min", "objectives ':min': expected COLUMN:min|max[,COLUMN:min|max...], got ':min'"),
         ("a:up", "objectives 'a:up': expected COLUMN:min|max[,COLUMN:min|max...], got 'a:up'"),
         ("a:min, a:max", "objectives 'a:min, a:max': column 'a' given twice"),
+        ("a:min:max", "objectives 'a:min:max': expected COLUMN:min|max[,COLUMN:min|max...], got 'a:min:max'"),
     ],
 )
 def test_parse_objectives_messages(spec: str, message: str) -> None:
@@ -134,3 +135,12 @@ def test_hypervolume_max_objectives_use_a_lower_bound() -> None:
     df = _frame([(3, 1), (1, 3), (0, 0)])
     assert hypervolume(df, {"a": "max", "b": "max"}, (0, 0)) == pytest.approx(3 + 3 - 1)
     assert hypervolume(df, {"a": "max", "b": "min"}, (0, 4)) == pytest.approx(3 * 3 + 0)
+    # references away from 0, where negating them matters
+    assert hypervolume(_frame([(3, 2), (2, 3)]), {"a": "max", "b": "max"}, (1, 1)) == pytest.approx(2 + 2 - 1)
+    assert hypervolume(df, {"a": "max", "b": "min"}, (1, 4)) == pytest.approx(2 * 3)
+
+
+def test_hypervolume_counts_only_competing_rows_unless_told() -> None:
+    df = _frame([(1, 1), (0, 0)], feasible=[True, False])
+    assert hypervolume(df, {"a": "min", "b": "min"}, (2, 2)) == pytest.approx(1)
+    assert hypervolume(df, {"a": "min", "b": "min"}, (2, 2), feasible_only=False) == pytest.approx(4)
