@@ -220,7 +220,7 @@ def test_suggest_asks_optuna_for_the_dimensions_distribution(dim: Any, distribut
     trial = _trial()
     value = suggest(trial, "x", dim)
     assert trial.distributions["x"] == distribution
-    assert trial.params["x"] == value and distribution._contains(distribution.to_internal_repr(value))
+    assert trial.params["x"] == value
 
 
 def test_grid_values_needs_choices_only() -> None:
