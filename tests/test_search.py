@@ -20,11 +20,13 @@ OBJECTIVES = {"val_bpb": "min", "artifact_bytes": "min"}
 SPACE = {"n_blocks": Choice((1, 2, 3)), "n_passes": Choice((1, 2)), "d_model": Choice((32, 64))}
 
 
-def searcher(tmp_path: Path, seeds: int = 2, total: int = 6, sampler: Any = None, space: Any = None) -> SweepSearch:
+def searcher(
+    tmp_path: Path, seeds: int = 2, total: int = 6, sampler: Any = None, space: Any = None, objectives: Any = None
+) -> SweepSearch:
     base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000)
     return SweepSearch(
         ConfigSampler(space or SPACE, base, equal_bytes=False, byte_budget=2_000_000),
-        OBJECTIVES,
+        objectives or OBJECTIVES,
         seeds=seeds,
         total_trials=total,
         storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
@@ -86,8 +88,8 @@ def test_trials_a_dead_driver_left_running_run_again_with_their_key_and_seed(tmp
     again = resumed.suggest("u0")
     assert again["trial_config"] == lost["trial_config"] and again[KEY] == lost[KEY] != first[KEY]
     resumed.on_trial_complete("u0", complete({}))
-    for i in (1, 2):
-        resumed.suggest(f"u{i}")
+    for i in (1, 2):  # the lost run and its re-run count once: two more trials run before the total
+        assert isinstance(resumed.suggest(f"u{i}"), dict), i
     assert resumed.suggest("u3") == Searcher.FINISHED  # 4 trials: the lost run and its re-run are one
     assert len(counted_keys(resumed.study)) == 4
     final = final_trials(resumed.study)
@@ -137,10 +139,35 @@ def test_the_searcher_writes_no_checkpoint_and_refuses_one(tmp_path: Path) -> No
         search.restore(str(tmp_path / "searcher.pkl"))
 
 
-@pytest.mark.parametrize("algorithm", ["tpe", "nsga2", "random", "grid"])
-def test_every_algorithm_has_a_sampler(algorithm: str) -> None:
-    sampler = make_sampler(algorithm, seed=1, grid={"n_blocks": [1, 2]})
-    assert sampler is not None
+@pytest.mark.parametrize(
+    ("algorithm", "kind"),
+    [("tpe", optuna.samplers.TPESampler), ("nsga2", optuna.samplers.NSGAIISampler),
+     ("random", optuna.samplers.RandomSampler), ("grid", optuna.samplers.GridSampler)],
+)  # fmt: skip
+def test_every_algorithm_has_its_seeded_sampler(algorithm: str, kind: type) -> None:
+    grid = {"n_blocks": [1, 2, 3, 4]}
+    assert type(make_sampler(algorithm, seed=1, grid=grid)) is kind
+
+    def first_points(seed: int) -> list[int]:
+        study = optuna.create_study(sampler=make_sampler(algorithm, seed=seed, grid=grid))
+        space = {"n_blocks": optuna.distributions.IntDistribution(1, 4)}
+        return [study.ask(space).params["n_blocks"] for _ in range(4)]
+
+    assert first_points(1) == first_points(1)  # the sweep's search.seed makes the proposals reproducible
+
+
+def test_an_unknown_algorithm_is_one_line() -> None:
+    with pytest.raises(ValueError, match=r"^algorithm='cma': expected tpe, nsga2, random or grid$"):
+        make_sampler("cma", seed=0)
+
+
+def test_a_rejected_configuration_scores_worst_in_each_objectives_direction(tmp_path: Path) -> None:
+    """A never-trained configuration must not look best to a sampler maximizing an objective."""
+    search = searcher(tmp_path, seeds=1, total=2, objectives={"val_bpb": "min", "params": "max"})
+    search.suggest("t0")
+    search.on_trial_complete("t0", {"status": "rejected", "byte_violation": 10.0})
+    (rejected,) = search.study.trials
+    assert rejected.values == [REJECTED_SENTINEL, -REJECTED_SENTINEL]
 
 
 def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> None:
