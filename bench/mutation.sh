@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Mutation testing benchmark: how many small semantic changes to the pure, fast-to-test
 # modules does the fast test suite catch? Prints the score per module and every mutant
-# that survived, with its diff. A benchmark, not part of CI (about 30 minutes on 2 cores).
+# that survived, with its diff. A benchmark, not part of CI: some 4,000 mutants, each
+# running the tests that execute its function, so it takes a while (tens of minutes on an
+# idle 2-core machine; far longer on a loaded one). Run a subset while iterating.
 #
 #   bash bench/mutation.sh                       # every module in [tool.mutmut] only_mutate, from scratch
 #   bash bench/mutation.sh --keep 'loopgolf.trial.config.*'   # re-check those mutants, keep other results
@@ -11,7 +13,8 @@
 # run which function, then for each mutant runs only those tests (fastest first, stopping
 # at the first failure). Modules and the test selection live in pyproject.toml
 # [tool.mutmut]: the modules in `only_mutate`, the tests in
-# `pytest_add_cli_args_test_selection` (the fast suite, `-m "not slow"`).
+# `pytest_add_cli_args_test_selection` (the fast tests mirroring those modules, `-m "not slow"`).
+# The challenge-data tests join when LOOPGOLF_CHALLENGE_DATA is set (see the README).
 # MUTATION_JOBS sets the parallel workers (default: the CPU count).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
