@@ -283,6 +283,12 @@ def test_short_shards_roundtrip_read_only_as_uint16(tmp_path: Path, n: int) -> N
     assert n == 0 or not tokens.flags.writeable  # a loader cannot write into the data
 
 
+def test_a_missing_tokenizer_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        load_tokenizer(tmp_path / "none.model")
+    assert str(info.value) == f"tokenizer {str(tmp_path / 'none.model')!r}: no such file"
+
+
 def test_a_missing_shard_is_named(tmp_path: Path) -> None:
     with pytest.raises(ShardError) as info:
         read_shard(tmp_path / "fineweb_val_000000.bin")

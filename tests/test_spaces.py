@@ -103,6 +103,7 @@ SPACE = {"n_blocks": Choice((1, 2, 3)), "d_model": Choice((64, 128)), "refine_ta
         ({"low": 2, "high": 8, "step": 2}, IntRange(2, 8, 2)),
         ({"low": 1, "high": 6.0}, FloatRange(1.0, 6.0)),
         ({"low": 1, "high": 8, "log": True}, FloatRange(1.0, 8.0, log=True)),
+        ({"low": 2, "high": 8, "step": 2, "log": False}, IntRange(2, 8, 2)),  # every key at once
     ],
 )
 def test_override_forms(override: Any, expected: Any) -> None:
@@ -122,7 +123,8 @@ def test_override_adds_a_field_the_space_does_not_have() -> None:
     ("overrides", "message"),
     [
         ({"n_blockz": 2}, r"^override 'n_blockz': unknown config field; expected one of \["),
-        ({"n_blocks": {"low": 1}}, r"^override n_blocks=\{'low': 1\}: expected a value, \{low, high\}"),
+        ({"n_blocks": {"low": 1}}, r"^override n_blocks=\{'low': 1\}: expected a value, \{low, high\}, "
+                                   r"\{choices: \[\.\.\.\]\} or \{add: \[\.\.\.\]\}$"),
         ({"n_blocks": {"choices": [1], "add": [2]}}, r"^override n_blocks=.*: expected a value"),
         ({"n_blocks": {"low": 1, "high": 2, "by": 1}}, r"^override n_blocks=.*: expected a value"),
         ({"n_blocks": {"low": 3, "high": 1}}, r"^IntRange\(low=3, high=1, step=1\): empty range$"),

@@ -167,6 +167,7 @@ def test_the_yaml_dict_round_trips(data: Path) -> None:
     ("changes", "message"),
     [
         ({"budget": 3}, "budget: expected a mapping, got 3"),
+        ({"budget": {"artifact_bytes": "big"}}, "spec: '<' not supported between instances of 'str' and 'int'"),
         ({"search": {"seeds": 2}},
          "search.seeds: unknown field; expected one of ['algorithm', 'num_samples', 'objectives', 'seed']"),
         ({"resources": {"cpus": 2}}, "resources.cpus: unknown field; expected one of ['cpu', 'gpu', 'workers']"),
