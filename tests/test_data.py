@@ -322,6 +322,7 @@ def test_shard_names() -> None:
 def test_a_stream_of_one_token_has_no_bytes() -> None:
     table = ByteTable(np.array([1, 2, 3]), np.array([False, True, True]), np.array([True, False, False]))
     assert stream_bytes(np.array([2]), table) == 0 and stream_bytes(np.array([], dtype=np.int64), table) == 0
+    assert stream_bytes(np.array([0, 2]), table) == 3  # after a boundary: no space byte
     assert stream_bytes(np.array([0, 2, 1, 2]), table) == 3 + (2 + 1) + (3 + 1)
     assert table.vocab_size == 3
 
