@@ -80,8 +80,8 @@ MODEL_REJECTED = [
     ({"lora_rank": 0}, "ModelConfig.lora_rank=0: expected an integer >= 1"),
     ({"refine_target": 0.0}, "ModelConfig.refine_target=0.0: expected a fraction in (0, 1]"),
     ({"refine_target": 1.5}, "ModelConfig.refine_target=1.5: expected a fraction in (0, 1]"),
-    ({"refine_cap": 0.0}, "ModelConfig.refine_cap=0.0: expected a fraction in (0, 1]"),
-    ({"refine_cap": 1.5}, "ModelConfig.refine_cap=1.5: expected a fraction in (0, 1]"),
+    ({"refine_cap": 0.2}, "ModelConfig.refine_cap=0.2: expected a fraction in [refine_target=0.25, 1]"),
+    ({"refine_cap": 1.5}, "ModelConfig.refine_cap=1.5: expected a fraction in [refine_target=0.25, 1]"),
     ({"aux_loss": -0.1}, "ModelConfig.aux_loss=-0.1: expected >= 0"),
 ]
 
@@ -103,6 +103,7 @@ MODEL_ACCEPTED = [
     {"loop_start": 0.99},
     {"lora_rank": 1},
     {"refine_target": 1.0, "refine_cap": 1.0},
+    {"refine_target": 0.3, "refine_cap": 0.3},
     {"refine_target": 0.01, "refine_cap": 0.01},
     {"aux_loss": 0.0},
 ]

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from loopgolf.search_spaces.budget import solve_width, width_grid
+from loopgolf.search_spaces.budget import attention_design, solve_width
 from loopgolf.search_spaces.spaces import (
     SPACES,
     Choice,
@@ -31,7 +31,7 @@ from loopgolf.search_spaces.spaces import (
     suggest,
 )
 from loopgolf.trial.config import TrialConfig, preset
-from loopgolf.trial.estimate import bytes_with_margin, predict_artifact_bytes
+from loopgolf.trial.estimate import predict_artifact_bytes
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -141,10 +141,10 @@ def test_bad_overrides(overrides: dict, message: str) -> None:
 def test_derive_takes_heads_from_the_width_and_protect_from_a_string() -> None:
     base = preset("tiny")
     config = derive({"d_model": 256, "n_blocks": 3, "protect": "tok_emb.weight,blocks.0.*"}, base, False, 0)
-    assert (config.model.d_model, config.model.n_heads, config.model.n_kv_heads) == (256, 4, 2)
+    assert (config.model.d_model, config.model.n_heads, config.model.n_kv_heads) == (256, 8, 4)  # tiny: 32 / head, 2:1
     assert config.model.n_blocks == 3 and config.compress.protect == ("tok_emb.weight", "blocks.0.*")
     assert derive({"protect": ""}, base.replace(protect=("x",)), False, 0).compress.protect == ()
-    assert derive({"d_model": 64}, base, False, 0).model.n_heads == 4  # narrow: min_heads of 16
+    assert derive({"d_model": 64}, base, False, 0).model.n_heads == 2
 
 
 def test_derive_with_equal_bytes_spends_the_budget() -> None:
@@ -152,14 +152,13 @@ def test_derive_with_equal_bytes_spends_the_budget() -> None:
     budget_bytes = 1_500_000
     config = derive({"n_blocks": 2}, base, equal_bytes=True, byte_budget=budget_bytes)
     assert config == solve_width(base.replace(n_blocks=2), budget_bytes)
-    assert bytes_with_margin(config) <= budget_bytes
-    wider = width_grid()[width_grid().index(config.model.d_model) + 1]
-    assert bytes_with_margin(config.replace(d_model=wider, n_heads=4, n_kv_heads=2)) > budget_bytes
+    assert config.model.d_model > base.model.d_model
 
 
 def test_derive_with_equal_bytes_and_nothing_fitting_takes_the_narrowest() -> None:
     config = derive({"n_blocks": 2}, preset("tiny"), equal_bytes=True, byte_budget=1)
-    assert config.model.d_model == width_grid()[0]
+    head_dim, kv_ratio = attention_design(preset("tiny"))
+    assert config.model.d_model == head_dim * kv_ratio
     assert predict_artifact_bytes(config) > 1
 
 
@@ -183,15 +182,6 @@ def test_smallest_predicted_bytes_matches_enumerating_the_space(seed: int) -> No
         space["n_prelude"] = IntRange(0, 1)
     base = preset("tiny")
     assert smallest_predicted_bytes(space, base, equal_bytes=False) == _brute_force_smallest(space, base)
-
-
-def test_smallest_predicted_bytes_with_equal_bytes_uses_the_narrowest_width() -> None:
-    space = {"d_model": Choice((256, 512)), "n_blocks": Choice((3, 1))}
-    base = preset("tiny")
-    narrowest = base.replace(d_model=width_grid()[0])
-    expected = _brute_force_smallest({"n_blocks": Choice((3, 1))}, narrowest)
-    assert smallest_predicted_bytes(space, base, equal_bytes=True) == expected
-    assert smallest_predicted_bytes({"n_blocks": Choice((3, 1))}, base, equal_bytes=True) == expected
 
 
 # ------------------------------------------------------------------------ identity
