@@ -1,6 +1,6 @@
 """orchestrator/spec.py: every rule of a sweep spec, its YAML layout, `--set` overrides, the space check.
 
-In-process and without Ray: a spec needs only a directory holding a manifest.json. The
+In-process and without Ray: a spec needs only a prepared data directory. The
 CLI's side of the same errors (one line on stderr, no sweep directory) is in test_sweep.py.
 """
 
@@ -19,11 +19,9 @@ from loopgolf.trial.config import ConfigError, TrialConfig
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    path.mkdir()
-    (path / "manifest.json").write_text("{}")
-    return path
+def data(corpus_data: Path) -> Path:
+    """A prepared data directory (the suite's built-in corpus): specs check its manifest and shards."""
+    return corpus_data
 
 
 def spec(data: Path, **fields: Any) -> SweepSpec:
@@ -35,9 +33,9 @@ ONE_GPU = "expected 0 or 1 (GPUs per worker; each data-parallel rank drives one 
 
 # One row per rule of SweepSpec.__post_init__: the first bad value and the whole message.
 REJECTED = [
-    ({"name": ""}, "name='': expected letters, digits, '-', '_' or '.'"),
-    ({"name": "a b"}, "name='a b': expected letters, digits, '-', '_' or '.'"),
-    ({"name": "a/b"}, "name='a/b': expected letters, digits, '-', '_' or '.'"),
+    ({"name": ""}, "name='': expected letters, digits, '-', '_' or '.' (not only dots)"),
+    ({"name": "a b"}, "name='a b': expected letters, digits, '-', '_' or '.' (not only dots)"),
+    ({"name": "a/b"}, "name='a/b': expected letters, digits, '-', '_' or '.' (not only dots)"),
     ({"algorithm": "cma"}, "search.algorithm='cma': expected one of tpe, nsga2, random, grid"),
     ({"objectives": {}}, f"search.objectives: expected at least one of {ALL_METRICS}"),
     ({"objectives": {"bpb": "min"}}, f"search.objectives: unknown metric 'bpb'; expected one of {ALL_METRICS}"),
@@ -167,7 +165,7 @@ def test_the_yaml_dict_round_trips(data: Path) -> None:
     ("changes", "message"),
     [
         ({"budget": 3}, "budget: expected a mapping, got 3"),
-        ({"budget": {"artifact_bytes": "big"}}, "spec: '<' not supported between instances of 'str' and 'int'"),
+        ({"budget": {"artifact_bytes": "big"}}, "artifact_bytes='big': expected a number"),
         ({"search": {"seeds": 2}},
          "search.seeds: unknown field; expected one of ['algorithm', 'num_samples', 'objectives', 'seed']"),
         ({"resources": {"cpus": 2}}, "resources.cpus: unknown field; expected one of ['cpu', 'gpu', 'workers']"),
