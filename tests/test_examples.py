@@ -47,15 +47,10 @@ def test_every_example_is_covered() -> None:
     assert {p.name for p in EXAMPLES} >= {"routing.yaml", "smoke.yaml", "shared_vs_unique.yaml", "trial_tiny.yaml"}
 
 
-NSGA2_UNPICKLABLE = pytest.mark.xfail(
-    strict=True, reason="optuna's NSGAIISampler holds a thread lock and Ray's Tuner pickles the searcher"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "example",
-    [pytest.param(p, marks=NSGA2_UNPICKLABLE) if "nsga2" in p.read_text(encoding="utf-8") else p for p in EXAMPLES],
+    EXAMPLES,
     ids=lambda p: p.stem,
 )
 def test_example_runs_with_zero_failed_trials(example: Path, corpus_data: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,17 @@ def test_a_rejected_configuration_scores_worst_in_each_objectives_direction(tmp_
     search.on_trial_complete("t0", {"status": "rejected", "byte_violation": 10.0})
     (rejected,) = search.study.trials
     assert rejected.values == [REJECTED_SENTINEL, -REJECTED_SENTINEL]
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "nsga2", "random", "grid"])
+def test_every_algorithm_survives_tunes_pickling_of_the_searcher(algorithm: str, tmp_path: Path) -> None:
+    # Tuner pickles its search algorithm when it starts; NSGA-II's sampler holds a lock.
+    grid = {"n_blocks": [1, 2, 3], "n_passes": [1, 2], "d_model": [32, 64]}
+    search = searcher(tmp_path, sampler=make_sampler(algorithm, seed=1, grid=grid))
+    copy = pickle.loads(pickle.dumps(search))
+    assert copy.study is None and copy.total_trials == search.total_trials
+    config = search.suggest("t0")
+    assert isinstance(config, dict) and config["trial_config"]["n_blocks"] in (1, 2, 3)
 
 
 def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> None:

@@ -178,6 +178,15 @@ class SweepSearch(Searcher):
 
     # ------------------------------------------------------------------ resume
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its search algorithm into its own experiment files (tuner.pkl). The
+        study cannot go there (NSGA-II's sampler holds a thread lock) and need not: resume
+        never reads those files, it opens the study again. The pickled copy is inert."""
+        state = self.__dict__.copy()
+        state["study"] = None
+        state["live"] = {}
+        return state
+
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the study is the state, and resume never reads Tune's searcher files."""
 
