@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import lzma
 import math
@@ -356,6 +357,32 @@ CODECS: Mapping[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] 
     "zstd": (_zstd_compress, _zstd_decompress),
     "brotli": (_brotli_compress, _brotli_decompress),
 }
+
+
+# The codecs beyond the standard library, and the package each one needs. They are
+# imported only when used, so a machine without them (a bare GPU box) runs zlib and lzma.
+CODEC_PACKAGES: Mapping[str, str] = {"zstd": "zstandard", "brotli": "brotli"}
+
+
+def codec_available(codec: str) -> bool:
+    package = CODEC_PACKAGES.get(codec)
+    if package is None:
+        return codec in CODECS
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
+def require_codec(codec: str) -> None:
+    """Fail before any training when this machine cannot write `codec` (one line)."""
+    if not codec_available(codec):
+        here = sorted(c for c in CODECS if codec_available(c))
+        raise ArtifactError(
+            f"CompressConfig.codec={codec!r} needs the Python package {CODEC_PACKAGES.get(codec, codec)!r}, "
+            f"which is not importable here: expected one of the codecs available here {here}"
+        )
 
 
 def compress_bytes(raw: bytes, codec: str) -> bytes:

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from loopgolf.atomic import atomic_write_json
-from loopgolf.trial.artifact import load_artifact, save_artifact
+from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import DataError, TrainBatches
 from loopgolf.trial.distributed import DataParallel, check_divisible
@@ -464,6 +464,7 @@ def run_trial(
         parallel = None
     world = parallel.world_size if parallel else 1
     check_divisible(config, world)
+    require_codec(config.compress.codec)  # before training: a missing codec package is known now
     is_main = parallel is None or parallel.is_main
     wall_start = time.perf_counter()
     out = Path(out_dir)

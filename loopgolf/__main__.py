@@ -1,0 +1,7 @@
+"""`python -m loopgolf ...`: the `loopgolf` command, from a source tree with no install."""
+
+import sys
+
+from loopgolf.orchestrator.cli import main
+
+sys.exit(main())
