@@ -109,6 +109,40 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(corpus_da
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
+def test_micro_batches_and_ranks_follow_the_one_batch_loss_trajectory(corpus_data: Path, tmp_path: Path) -> None:
+    """batch_size is the global batch whatever the split: 16 at once, 4 x 4 micro-batches, 2 ranks x 2 x 4."""
+    whole = fixed_steps(optimizer="adamw", batch_size=16, micro_batch_size=16)
+    seen: dict[str, list[dict[str, Any]]] = {"whole": [], "micro4": []}
+    curves = {}
+    for name, config in (("whole", whole), ("micro4", whole.replace(micro_batch_size=4))):
+        metrics = run_trial(config, corpus_data, tmp_path / name, reporter=lambda p, s, n=name: seen[n].append(p))
+        assert metrics["train_tokens"] == 8 * 16 * 128
+        curves[name] = losses_by_step(seen[name])
+    ranked = run_ranks(2, {"micro4": whole.replace(micro_batch_size=4)}, corpus_data, tmp_path / "two")
+    curves["ranks2_micro4"] = losses_by_step(ranked["micro4"][0]["reports"])
+    assert ranked["micro4"][0]["metrics"]["train_tokens"] == 8 * 16 * 128
+    for name in ("micro4", "ranks2_micro4"):
+        assert sorted(curves[name]) == sorted(curves["whole"]) and max(curves[name]) == 8, name
+        for step, loss in curves["whole"].items():
+            assert curves[name][step] == pytest.approx(loss, rel=1e-6), f"{name}, step {step}"
+    assert curves["whole"][8] < curves["whole"][1]  # it trained
+
+
+def test_a_micro_batch_that_does_not_split_the_batch_is_one_clear_error(corpus_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        fixed_steps(batch_size=16, micro_batch_size=6)
+    assert str(info.value) == "TrainConfig.micro_batch_size=6: expected a divisor of batch_size=16"
+    with pytest.raises(ConfigError) as info:
+        run_trial(fixed_steps(batch_size=16, micro_batch_size=8), corpus_data, tmp_path / "x",
+                  parallel=DataParallel(0, 4))  # fmt: skip
+    assert str(info.value) == (
+        "TrainConfig.micro_batch_size=8: expected batch_size=16 to be a multiple of "
+        "micro_batch_size x 4 data-parallel worker(s)"
+    )
+    assert not (tmp_path / "x").exists()
+
+
 def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(corpus_data: Path, tmp_path: Path) -> None:
     from loopgolf.trial.train import lr_scale
 

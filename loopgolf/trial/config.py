@@ -205,6 +205,9 @@ class TrainConfig:
     train_seconds: float = 20.0
     max_steps: int = 0  # also stop after this many optimizer steps (0 = no limit): a fixed-step trial
     batch_size: int = 8  # sequences per step (the global batch: data-parallel ranks split it)
+    # Sequences per forward/backward on one rank; a step accumulates batch_size / (micro x ranks)
+    # of them, so a large global batch fits on few devices. 0: a rank's whole share at once.
+    micro_batch_size: int = 0
     optimizer: Optimizer = "muon"
     lr_matrix: float = 0.02  # Muon (or AdamW) lr for 2-D block matrices
     lr_embed: float = 0.03
@@ -239,7 +242,10 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "max_eval_seconds"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), ">= 0")
-        for name in ("max_steps", "warmup_steps", "eval_tokens", "quick_eval_tokens", "calibration_tokens", "seed"):
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            _fail(own, "micro_batch_size", self.micro_batch_size, f"a divisor of batch_size={self.batch_size}")
+        for name in ("max_steps", "micro_batch_size", "warmup_steps", "eval_tokens", "quick_eval_tokens",
+                     "calibration_tokens", "seed"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), "an integer >= 0")
         if not 0.0 <= self.warmdown_frac <= 1.0:

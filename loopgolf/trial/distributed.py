@@ -44,14 +44,31 @@ def backend_for(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def check_divisible(config: TrialConfig, world_size: int) -> None:
-    """One clear error when the global batch does not split evenly over the ranks."""
-    batch = config.train.batch_size
+def grad_accum_steps(config: TrialConfig, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step: batch_size / (micro_batch_size x ranks).
+
+    One clear error when the global batch does not split evenly over the ranks and their
+    micro-batches.
+    """
+    batch, micro = config.train.batch_size, config.train.micro_batch_size
     if world_size > 1 and batch % world_size:
         raise ConfigError(
             f"TrainConfig.batch_size={batch}: expected a multiple of the {world_size} data-parallel workers "
             "(each worker trains on an equal slice of the global batch)"
         )
+    if not micro:
+        return 1
+    if batch % (micro * world_size):
+        raise ConfigError(
+            f"TrainConfig.micro_batch_size={micro}: expected batch_size={batch} to be a multiple of "
+            f"micro_batch_size x {world_size} data-parallel worker(s)"
+        )
+    return batch // (micro * world_size)
+
+
+def check_divisible(config: TrialConfig, world_size: int) -> None:
+    """Fail early (one line) when the batch does not split over `world_size` ranks and micro-batches."""
+    grad_accum_steps(config, world_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ from loopgolf.atomic import atomic_write_json
 from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import DataError, TrainBatches
-from loopgolf.trial.distributed import DataParallel, check_divisible
+from loopgolf.trial.distributed import DataParallel, check_divisible, grad_accum_steps
 from loopgolf.trial.estimate import predict_artifact_bytes
 from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
 from loopgolf.trial.evaluate import ValData, autocast_for, eval_metrics, evaluate, read_val_data, resolve_device
@@ -193,6 +193,7 @@ class _Run:
     forward: Callable[..., Any] = dataclasses.field(init=False)  # the model, or its compiled graph
     params: list[torch.nn.Parameter] = dataclasses.field(init=False)
     buffers: list[torch.Tensor] = dataclasses.field(init=False)
+    grad_accum: int = dataclasses.field(init=False)  # micro-batches per rank per step
     step: int = 0
     elapsed: float = 0.0  # training clock: optimizer steps only
     train_tokens: int = 0
@@ -205,6 +206,7 @@ class _Run:
         self.forward = self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffers = list(self.model.buffers())
+        self.grad_accum = grad_accum_steps(self.config, self.world)
 
     @property
     def world(self) -> int:
@@ -218,6 +220,12 @@ class _Run:
         """This rank's part of global batch `at`."""
         full = self.batches.batch(at)
         return self.parallel.shard(full) if self.parallel is not None else full
+
+    def micro_batch(self, at: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first micro-batch of this rank's part of global batch `at` (the compiled shape)."""
+        x, y = self.batch(at)
+        rows = x.shape[0] // self.grad_accum
+        return x[:rows], y[:rows]
 
     def training_state(self) -> dict[str, Any]:
         """What `resume` needs to continue exactly where this run is."""
@@ -278,11 +286,31 @@ def _set_up(
         parallel.broadcast_module(model)
     if config.train.compile:
         run.forward = torch.compile(model)
-        _prime_compiled(run.forward, model, run.optimizers, run.batch(0), device, config)
+        _prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
         parallel.barrier(device)
     run.startup_seconds = time.perf_counter() - wall_start
     return run
+
+
+def _accumulate(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Forward and backward over this rank's micro-batches; gradients of the mean loss.
+
+    Every micro-batch holds as many tokens, so the mean of their mean losses is the rank's
+    mean loss, and scaling each backward by 1 / accum sums to its gradient. The losses
+    stay on the device (no host sync per micro-batch).
+    """
+    config = run.config
+    accum = run.grad_accum
+    losses, refined = [], 0.0
+    for x, y in zip(x_all.chunk(accum), y_all.chunk(accum), strict=True):
+        with autocast_for(run.device):
+            out = run.forward(x, y)
+            objective = out.loss + config.model.aux_loss * out.base_loss
+        (objective / accum if accum > 1 else objective).backward()
+        losses.append(out.loss.detach())
+        refined += out.stats.refined_fraction / accum
+    return torch.stack(losses).mean(), refined
 
 
 def _step(run: _Run, scale: float) -> float:
@@ -295,10 +323,7 @@ def _step(run: _Run, scale: float) -> float:
     x_np, y_np = run.batch(run.step)
     tick = time.perf_counter()
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
-    with autocast_for(device):
-        out = run.forward(x, y)
-        objective = out.loss + config.model.aux_loss * out.base_loss
-    objective.backward()
+    mean_loss, refine_fraction = _accumulate(run, x, y)
     if run.parallel is not None:
         run.parallel.average_gradients(run.params)
     if config.train.grad_clip:
@@ -306,9 +331,8 @@ def _step(run: _Run, scale: float) -> float:
     for opt in run.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    loss = out.loss.detach().item()  # synchronizes, so the clock below is honest on CUDA
+    loss = mean_loss.item()  # synchronizes, so the clock below is honest on CUDA
     took = time.perf_counter() - tick
-    refine_fraction = out.stats.refined_fraction
     if run.parallel is not None:  # one clock, one loss, one router threshold on every rank
         agreed = run.parallel.agree_step(loss, took, run.buffers, device, means=(refine_fraction,))
         loss, took, (refine_fraction,) = agreed.loss, agreed.seconds, agreed.means
