@@ -79,7 +79,7 @@ def measure(name: str, config: TrialConfig, data: Path, out: Path) -> dict[str, 
     if m["status"] != "complete":
         raise RuntimeError(f"{name}: trial {m['status']}: {m.get('error')}")
     tokens_per_second = m["train_tokens"] / m["train_seconds"]
-    fraction = m.get("refine_fraction", 0.0) if config.model.refine_passes else 0.0
+    fraction = m["train_refine_fraction"]  # the last step's; the target is 0.25
     flops = 3 * flops_per_token(config.model, fraction)
     return {
         "config": name,

@@ -97,3 +97,14 @@ def test_a_codec_whose_package_is_missing_fails_before_training_in_one_line(
         "which is not importable here: expected one of the codecs available here ['lzma', 'zlib']"
     )
     assert not (tmp_path / "t" / "model.lgart").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_smoke_run_needs_no_sweep_stack(bare_env: dict[str, str], tmp_path: Path) -> None:
+    out = run([str(REPO / "bench" / "bench_gpu.py"), "--smoke"], bare_env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = {r["config"]: r for r in json.loads(out.stdout.strip().splitlines()[-1])["rows"]}
+    assert sorted(rows) == ["middle_loop", "middle_loop_routed", "pg_baseline"]
+    assert all(r["steps"] >= 1 and r["tokens_per_second"] > 0 for r in rows.values())
+    assert rows["middle_loop"]["train_flops_per_token"] > rows["pg_baseline"]["train_flops_per_token"]
+    assert 0 < rows["middle_loop_routed"]["refine_fraction"] <= 0.5  # routed, within refine_cap

@@ -178,3 +178,17 @@ def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
     for name in ("core.1.attn.q.weight", "core.0.attn.k.weight", "prelude.0.mlp.fc.weight", "coda.0.attn.proj.weight"):
         assert where[name] == (matrix_opt, "matrix"), name
     assert {role for _, role in where.values()} == {"control", "per_pass", "embedding", "matrix"}
+
+
+def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
+    from loopgolf.trial.config import ConfigError
+    from loopgolf.trial.train import compiles
+
+    assert tiny(compile=True).train.compile == "on" and tiny(compile=False).train.compile == "off"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [compiles(tiny(), d) for d in (cpu, cuda)] == [False, True]
+    assert [compiles(tiny(compile=True), d) for d in (cpu, cuda)] == [True, True]
+    assert [compiles(tiny(compile="off"), d) for d in (cpu, cuda)] == [False, False]
+    assert not compiles(tiny(refine_passes=1), cuda)  # routed shapes vary: compiled only when asked
+    with pytest.raises(ConfigError, match=r"TrainConfig.compile='yes': expected one of \['auto', 'on', 'off'\]"):
+        tiny(compile="yes")

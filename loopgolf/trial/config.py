@@ -31,6 +31,7 @@ QatMode = Literal["none", "noise", "ste"]
 Codec = Literal["zlib", "lzma", "zstd", "brotli"]
 Optimizer = Literal["muon", "adamw"]
 Device = Literal["auto", "cpu", "cuda"]
+Compile = Literal["auto", "on", "off"]
 
 DEFAULT_ARTIFACT_CAP = 16_000_000  # the challenge's cap, decimal bytes
 
@@ -226,9 +227,14 @@ class TrainConfig:
     checkpoint_every_seconds: float = 10.0
     max_eval_seconds: float = 0.0  # eval-cap: a trial whose eval takes longer is infeasible (0 = no cap)
     device: Device = "auto"
-    compile: bool = False
+    # torch.compile: "auto" compiles on CUDA and not on a CPU (true/false read as on/off).
+    # Routed trials compile under "auto" only once refined tokens come in bounded shape
+    # buckets (issue 14, section 3); until then their varying shapes would recompile.
+    compile: Compile = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # YAML's `compile: true`
+            object.__setattr__(self, "compile", "on" if self.compile else "off")
         _check_literals(self)
         own = "TrainConfig"
         if self.train_seconds <= 0:

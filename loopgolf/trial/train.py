@@ -85,6 +85,14 @@ def lr_scale(step: int, elapsed: float, config: TrialConfig) -> float:
     return warm * down
 
 
+def compiles(config: TrialConfig, device: torch.device) -> bool:
+    """Whether the trial runs torch.compile'd: `compile`, with "auto" meaning on CUDA (unrouted)."""
+    choice = config.train.compile
+    if choice == "auto":
+        return device.type == "cuda" and config.model.refine_passes == 0
+    return choice == "on"
+
+
 def parameter_role(model: torch.nn.Module) -> dict[str, str]:
     """Each parameter's role, which picks its optimizer (by role, not by shape).
 
@@ -116,7 +124,8 @@ def build_optimizers(model: torch.nn.Module, config: TrialConfig) -> list[torch.
     by_role: dict[str, list[torch.nn.Parameter]] = {"embedding": [], "matrix": [], "control": [], "per_pass": []}
     for name, param in model.named_parameters():
         by_role[roles[name]].append(param)
-    adam = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0}
+    fused = next(model.parameters()).is_cuda  # one kernel for every Adam tensor on CUDA
+    adam = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "fused": fused}
     groups = [
         {"params": by_role["embedding"], "lr": train.lr_embed, "role": "embedding"},
         {"params": by_role["control"], "lr": train.lr_scalar, "role": "control"},
@@ -284,7 +293,9 @@ def _set_up(
         run.resume(resume_state)
     if parallel is not None:
         parallel.broadcast_module(model)
-    if config.train.compile:
+    if device.type == "cuda":  # TF32 for any fp32 matmul left outside bf16 autocast
+        torch.set_float32_matmul_precision("high")
+    if compiles(config, device):
         run.forward = torch.compile(model)
         _prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
@@ -398,6 +409,7 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
         "train_steps": run.step,
         "train_tokens": run.train_tokens,
         "train_loss": run.loss,
+        "train_refine_fraction": run.refine_fraction,  # of the last step's tokens
         "startup_seconds": run.startup_seconds,
         "tokens_per_second": run.train_tokens / run.elapsed if run.elapsed > 0 else 0.0,
     }
