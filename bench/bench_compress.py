@@ -59,7 +59,7 @@ CALIBRATION_SHAPES: dict[str, dict[str, object]] = {
     "unique9_embed": {**preset("unique9").to_flat(), "phase": "embed"},
 }
 BENCH_SHAPE = {  # pg_baseline's widths (rows of 512 and 1024) with 3 blocks, to train on a CPU
-    **preset("pg_baseline").to_flat(), "n_blocks": 3, "seq_len": 128,
+    **dataclasses.asdict(preset("pg_baseline").model), "n_blocks": 3, "seq_len": 128,
 }
 
 

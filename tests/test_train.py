@@ -48,6 +48,31 @@ def test_lr_schedule_warms_up_then_warms_down_by_elapsed_time() -> None:
     assert lr_scale(100, 10.0, config) == 0.0
 
 
+def test_the_challenge_warmdown_spans_warmdown_steps_at_the_mean_step_time() -> None:
+    config = tiny(train_seconds=60.0, warmup_steps=0, warmdown_steps=40)
+    assert lr_scale(0, 0.0, config) == 1.0
+    assert lr_scale(100, 30.0, config) == 1.0  # 0.3 s a step: the last 12 s decay; 30 s remain
+    assert lr_scale(100, 50.0, config) == pytest.approx(0.5)  # 0.5 s a step: 20 s of warmdown, 10 s left
+    assert lr_scale(100, 60.0, config) == 0.0
+    assert lr_scale(20, 25.0, config) == pytest.approx(0.7)  # slow steps (1.25 s): decaying from the start
+    fixed = tiny(train_seconds=1e6, max_steps=100, warmup_steps=0, warmdown_steps=40)
+    assert [lr_scale(s, 0.001 * s, fixed) for s in (0, 60, 80, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+
+
+def test_pg_baseline_warms_muon_momentum_up_over_500_steps(corpus_data: Path, tmp_path: Path) -> None:
+    from loopgolf.trial.train import muon_momentum
+
+    recipe = preset("pg_baseline")
+    assert [muon_momentum(s, recipe) for s in (0, 250, 500, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    # A real trial sets it on Muon's groups before every step (the state holds the last step's).
+    config = tiny(muon_momentum_start=0.85, muon_momentum_warmup_steps=4, max_steps=3, train_seconds=1e6,
+                  checkpoint_every_seconds=1e-3)  # fmt: skip
+    states: list[dict[str, Any]] = []
+    run_trial(config, corpus_data, tmp_path / "m", reporter=lambda p, s: states.append(s))
+    momenta = [s["optimizers"][0]["param_groups"][0]["momentum"] for s in states]
+    assert momenta == pytest.approx([0.85, 0.875, 0.90])
+
+
 @pytest.mark.slow
 def test_twenty_second_trial_beats_unigram_and_artifact_eval_reproduces_it(
     corpus_data: Path, tmp_path: Path

@@ -216,6 +216,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     warmdown_frac: float = 0.5  # last fraction of train_seconds with linearly decaying LR
+    # > 0: the challenge's warmdown instead: the LR decays linearly to 0 over what the last
+    # `warmdown_steps` steps take at the mean step time so far (ending at the time budget),
+    # or over the last `warmdown_steps` of `max_steps` steps.
+    warmdown_steps: int = 0
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.95  # Muon's momentum rises linearly from this to muon_momentum
+    muon_momentum_warmup_steps: int = 0  # over these first steps (the challenge: 0.85 over 500)
     grad_clip: float = 1.0  # 0 disables
     seed: int = 0
     eval_tokens: int = 0  # val tokens scored at the end; 0: the whole val split, at most its first 1,048,576
@@ -254,6 +261,12 @@ class TrainConfig:
                      "calibration_tokens", "seed"):
             if getattr(self, name) < 0:
                 _fail(own, name, getattr(self, name), "an integer >= 0")
+        for name in ("warmdown_steps", "muon_momentum_warmup_steps"):
+            if getattr(self, name) < 0:
+                _fail(own, name, getattr(self, name), "an integer >= 0")
+        for name in ("muon_momentum", "muon_momentum_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                _fail(own, name, getattr(self, name), "a momentum in [0, 1)")
         if not 0.0 <= self.warmdown_frac <= 1.0:
             _fail(own, "warmdown_frac", self.warmdown_frac, "a fraction in [0, 1]")
         for name in ("report_every_seconds", "checkpoint_every_seconds"):
@@ -378,9 +391,29 @@ def load_trial_config(path: str, overrides: list[str] | tuple[str, ...] = ()) ->
     return TrialConfig.from_flat(values, base=base)
 
 
+# The challenge's training recipe (train_gpt.py): 524,288 tokens per step (512 x 1024;
+# micro-batches of 64 sequences, its per-GPU share on 8 GPUs), Muon lr 0.04 with momentum
+# 0.85 -> 0.95 over 500 steps, Adam lr 0.05 for the tied embedding and 0.04 for control
+# tensors, no LR warm-up (its 20 warm-up steps only prime the compiler, as priming does
+# here), no gradient clipping, and its warmdown: the last 1,200 steps at the mean step time.
+# Differences, each with its reason: torch.optim.Muon keeps momentum as an EMA,
+# buf = m buf + (1 - m) g, where the challenge sums, buf = m buf + g: the same direction
+# when m is constant, since Newton-Schulz normalizes the scale, but during the 500-step
+# momentum warm-up older gradients weigh slightly differently (the public optimizer is
+# used rather than a copy). Weights are fp32 and compute bf16 on CUDA, as there.
+PG_RECIPE: Mapping[str, Any] = types.MappingProxyType(
+    {
+        "batch_size": 512, "micro_batch_size": 64, "optimizer": "muon",
+        "lr_matrix": 0.04, "lr_embed": 0.05, "lr_scalar": 0.04, "weight_decay": 0.0,
+        "warmup_steps": 0, "grad_clip": 0.0, "warmdown_steps": 1200,
+        "muon_momentum": 0.95, "muon_momentum_start": 0.85, "muon_momentum_warmup_steps": 500,
+    }
+)
+
 # Named shapes. `tiny` trains in seconds on a CPU; `pg_baseline` is the challenge's
 # naive baseline (9 unique layers, d=512, 8 heads / 4 KV, MLP 2x ReLU^2, vocab 1024,
-# tied embeddings, U-Net skips): 17,059,912 params in the challenge's log.
+# tied embeddings, U-Net skips): 17,059,912 params in the challenge's log, trained with
+# the challenge's recipe (PG_RECIPE).
 PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
     {
         "tiny": {"d_model": 64, "n_heads": 2, "n_kv_heads": 1, "n_blocks": 2, "n_passes": 2, "seq_len": 128},
@@ -395,6 +428,7 @@ PRESETS: Mapping[str, Mapping[str, Any]] = types.MappingProxyType(
             "vocab_size": 1024, "d_model": 512, "n_heads": 8, "n_kv_heads": 4, "mlp_mult": 2.0,
             "activation": "relu2", "n_prelude": 0, "n_blocks": 9, "n_passes": 1, "n_coda": 0,
             "unet_skips": True, "tie_embeddings": True, "seq_len": 1024,
+            **PG_RECIPE,
         },
     }
 )

@@ -75,6 +75,8 @@ def lr_scale(step: int, elapsed: float, config: TrialConfig) -> float:
     """LR multiplier: warm-up by steps, then a warmdown to 0 over the last part of the budget."""
     train = config.train
     warm = min(1.0, (step + 1) / train.warmup_steps) if train.warmup_steps else 1.0
+    if train.warmdown_steps:
+        return warm * _challenge_warmdown(step, elapsed, config)
     if train.max_steps:  # remaining and warmdown as fractions of the budget
         remaining, warmdown = 1.0 - budget_spent(step, elapsed, config), train.warmdown_frac
         down = 1.0 if warmdown <= 0 or remaining >= warmdown else max(0.0, remaining / warmdown)
@@ -83,6 +85,29 @@ def lr_scale(step: int, elapsed: float, config: TrialConfig) -> float:
     remaining = train.train_seconds - elapsed
     down = 1.0 if warmdown_seconds <= 0 or remaining >= warmdown_seconds else max(0.0, remaining / warmdown_seconds)
     return warm * down
+
+
+def _challenge_warmdown(step: int, elapsed: float, config: TrialConfig) -> float:
+    """train_gpt.py's warmdown: over the time `warmdown_steps` take at the mean step time so far.
+
+    A slow step (mean step time x warmdown_steps > the budget) starts the decay at once, as
+    in the challenge. With `max_steps`, the decay over the last warmdown_steps steps applies
+    too, and the lower of the two wins (the budget nearer its end).
+    """
+    train = config.train
+    warmdown_seconds = train.warmdown_steps * elapsed / max(step, 1)
+    remaining = max(train.train_seconds - elapsed, 0.0)
+    down = remaining / max(warmdown_seconds, 1e-9) if remaining <= warmdown_seconds else 1.0
+    if train.max_steps:
+        down = min(down, max(0.0, (train.max_steps - step) / train.warmdown_steps))
+    return min(down, 1.0)
+
+
+def muon_momentum(step: int, config: TrialConfig) -> float:
+    """Muon's momentum at `step`: linear from muon_momentum_start over the warm-up steps."""
+    train = config.train
+    done = min(step / train.muon_momentum_warmup_steps, 1.0) if train.muon_momentum_warmup_steps else 1.0
+    return (1.0 - done) * train.muon_momentum_start + done * train.muon_momentum
 
 
 def compiles(config: TrialConfig, device: torch.device) -> bool:
@@ -328,9 +353,12 @@ def _step(run: _Run, scale: float) -> float:
     """One optimizer step at LR multiplier `scale`; returns its (agreed) time on the clock."""
     config, model, device = run.config, run.model, run.device
     model.set_looping(budget_spent(run.step, run.elapsed, config) >= config.model.loop_start)
+    momentum = muon_momentum(run.step, config)
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, torch.optim.Muon):
+                group["momentum"] = momentum
     x_np, y_np = run.batch(run.step)
     tick = time.perf_counter()
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
