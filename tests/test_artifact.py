@@ -319,3 +319,52 @@ def test_levels_beyond_qmax_are_rejected_and_qmax_itself_is_read(
         assert int(first.q.reshape(-1)[0]) == level
     for level in (limit + 1, -limit - 1) if bits != 4 else (limit + 1,):  # a nibble holds no level below -7
         _rejected(tmp_path, with_first_level(level), rf"levels outside \[-{limit}, {limit}\]")
+
+
+# ------------------------------------------------------------------ the pg_int8 recipe
+
+PG_CONTROL = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+
+
+def challenge_roundtrip(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The challenge baseline's export and reload of one float parameter, as its facts state:
+    <= 65,536 elements pass through (fp32 for control tensors, fp16 otherwise); larger 2-D
+    tensors become int8 per row, clipped at the 99.99984th percentile of |w|, with scale
+    clip / 127 floored at 1/127, kept as fp16."""
+    t32 = t.detach().float()
+    if t32.numel() <= 65_536:
+        return t32 if any(p in name for p in PG_CONTROL) else t32.half().float()
+    assert t32.ndim == 2, name
+    clip = torch.quantile(t32.abs(), 0.9999984, dim=1)
+    scale = torch.clamp(clip / 127.0, min=1.0 / 127.0)
+    q = torch.round(torch.clamp(t32, -clip[:, None], clip[:, None]) / scale[:, None]).clamp(-127, 127)
+    return q * scale.half().float()[:, None]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pg_int8_reloads_exactly_the_weights_the_challenge_export_reloads(seed: int, tmp_path: Path) -> None:
+    # Wide enough that embedding and MLP matrices pass 65,536 elements (quantized) while
+    # attention matrices stay below (fp16); skips, scales and q gains are control tensors.
+    config = TrialConfig().replace(
+        vocab_size=1024, d_model=256, n_heads=4, n_kv_heads=2, n_blocks=1, n_passes=2, n_prelude=1, n_coda=1,
+        unet_skips=True, seq_len=32, recipe="pg_int8",
+    )  # fmt: skip
+    model = trained_like(config, seed)
+    with torch.no_grad():  # outliers and tiny rows: the clip and the 1/127 floor both act
+        model.tok_emb.weight[3, 7] = 9.0
+        model.core[0].mlp.fc.weight[5].mul_(1e-3)
+    A.save_artifact(model, config, tmp_path / "m.lgart")
+    reloaded = dict(A.load_artifact(tmp_path / "m.lgart").named_parameters())
+    kinds = {"int8": 0, "fp32": 0, "fp16": 0}
+    for name, p in model.named_parameters():
+        expected = challenge_roundtrip(name, p)
+        assert torch.equal(reloaded[name].float(), expected), name
+        kinds["int8" if p.numel() > 65_536 else "fp32" if any(c in name for c in PG_CONTROL) else "fp16"] += 1
+    assert all(kinds.values()), kinds
+
+
+def test_pg_int8_needs_int8_and_zlib() -> None:
+    with pytest.raises(LoopgolfError) as info:
+        CompressConfig(recipe="pg_int8", codec="lzma")
+    expected = "CompressConfig.recipe='pg_int8': expected bits=8 and codec='zlib' (got bits=8, codec='lzma')"
+    assert str(info.value) == expected

@@ -32,6 +32,7 @@ Codec = Literal["zlib", "lzma", "zstd", "brotli"]
 Optimizer = Literal["muon", "adamw"]
 Device = Literal["auto", "cpu", "cuda"]
 Compile = Literal["auto", "on", "off"]
+CompressRecipe = Literal["loopgolf", "pg_int8"]
 
 DEFAULT_ARTIFACT_CAP = 16_000_000  # the challenge's cap, decimal bytes
 
@@ -169,6 +170,10 @@ class CompressConfig:
     # d x d matrix of a d <= 256 model in fp16 and make `bits` meaningless.
     small_tensor_numel: int = 4_096
     qat: QatMode = "none"
+    # "pg_int8": what the challenge baseline's export stores (quantize.py), in this
+    # artifact's container: it fixes its own thresholds and clip, so it needs bits 8 and
+    # zlib, and leaves clip_sigma, protect and small_tensor_numel unused.
+    recipe: CompressRecipe = "loopgolf"
     max_artifact_bytes: int = DEFAULT_ARTIFACT_CAP
     allow_over_cap: bool = False  # train a config predicted over the cap anyway
 
@@ -190,6 +195,8 @@ class CompressConfig:
             _fail(own, "max_artifact_bytes", self.max_artifact_bytes, ">= 1")
         if not all(isinstance(p, str) and p for p in self.protect):
             _fail(own, "protect", self.protect, "a list of parameter-name globs")
+        if self.recipe == "pg_int8" and (self.bits, self.codec) != (8, "zlib"):
+            _fail(own, "recipe", self.recipe, f"bits=8 and codec='zlib' (got bits={self.bits}, codec={self.codec!r})")
 
 
 @dataclasses.dataclass(frozen=True)

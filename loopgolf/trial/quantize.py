@@ -24,6 +24,14 @@ row max, which simply makes the grid coarser); with k = 0 it is the row max |w| 
 clipped). s is stored as fp16, rounded *up* to the next fp16 so that unclipped values keep
 |w - q s| <= s / 2 with the stored s. Dequantization is q * s in fp32.
 
+The `pg_int8` recipe stores what the challenge baseline's export stores (train_gpt.py):
+non-float tensors exactly; float tensors of <= 65,536 elements as fp32 when their name
+holds a control-tensor pattern (attn_scale, mlp_scale, resid_mix, q_gain, skip_weight),
+else as fp16; larger ones as int8 per row, clipped at the row's 99.99984th percentile of
+|w|, with scale max(clip / 127, 1/127) stored as the nearest fp16 (the 1/127 floor is the
+challenge's). Its one difference: a large tensor of more than two dims is quantized per
+row here, per tensor there (the baseline has none; only lora phases make them here).
+
 The artifact (artifact.py) stores what `quantize_model` returns; QAT (qat.py) shows
 training the same export.
 """
@@ -96,6 +104,26 @@ def dequantize_rows(q: Tensor, scales: Tensor, shape: tuple[int, ...]) -> Tensor
     return (q.float() * scales.float()[:, None]).reshape(shape)
 
 
+PG_CLIP_QUANTILE = 0.9999984  # the challenge's INT8_CLIP_PERCENTILE, 99.99984
+PG_SMALL_NUMEL = 65_536  # its INT8_KEEP_FLOAT_MAX_NUMEL
+PG_CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+
+
+def pg_row_scales(w: Tensor) -> Tensor:
+    """The challenge's int8 row scales (rows,) fp16: quantile clip of |w|, floor 1/127."""
+    clip = torch.quantile(as_rows(w).abs(), PG_CLIP_QUANTILE, dim=1)
+    return (clip / 127.0).clamp_min(1.0 / 127.0).half()
+
+
+def pg_quantize_rows(w: Tensor, scales: Tensor) -> Tensor:
+    """Levels of w clipped at each row's quantile; the fp32 scale before rounding to fp16 divides."""
+    rows = as_rows(w)
+    clip = torch.quantile(rows.abs(), PG_CLIP_QUANTILE, dim=1)
+    exact = (clip / 127.0).clamp_min(1.0 / 127.0)
+    clipped = torch.maximum(torch.minimum(rows, clip[:, None]), -clip[:, None])
+    return torch.clamp(torch.round(clipped / exact[:, None]), -127, 127).to(torch.int8)
+
+
 def quantize_dequantize(w: Tensor, bits: int, clip_sigma: float) -> Tensor:
     """w as the artifact will store it (fp32, same shape): the export rule in one call."""
     scales = row_scales(w, bits, clip_sigma)
@@ -116,6 +144,7 @@ class Plan:
     group: Group
     bits: int = 16  # int only
     clip_sigma: float = 0.0  # int only
+    pg_clip: bool = False  # int only: the challenge's quantile clip (pg_int8), not clip_sigma
 
 
 def plan_tensor(
@@ -129,6 +158,11 @@ def plan_tensor(
     """
     if not is_float_param:
         return Plan("exact", "exact")
+    if cfg.recipe == "pg_int8":
+        if numel > PG_SMALL_NUMEL:
+            return Plan("int", "quantized", 8, 0.0, pg_clip=True)
+        control = any(p in n for n in (name, *aliases) for p in PG_CONTROL_PATTERNS)
+        return Plan("exact", "small") if control else Plan("half", "small")
     if numel <= cfg.small_tensor_numel:
         return Plan("half", "small")
     if cfg.per_pass_fp16 and name.startswith(PER_PASS_PREFIX):
@@ -213,7 +247,10 @@ def quantize_tensor(name: str, t: Tensor, plan: Plan) -> QuantizedTensor:
         return QuantizedTensor(name, shape, dtype, plan, data=t.reshape(-1).clone())
     if not torch.isfinite(t).all():
         raise QuantizeError(f"{name}: non-finite weights cannot be quantized")
-    if plan.enc == "int":
+    if plan.enc == "int" and plan.pg_clip:
+        scales = pg_row_scales(t)
+        stored = QuantizedTensor(name, shape, dtype, plan, q=pg_quantize_rows(t, scales), scales=scales)
+    elif plan.enc == "int":
         scales = row_scales(t, plan.bits, plan.clip_sigma)
         stored = QuantizedTensor(name, shape, dtype, plan, q=quantize_rows(t, scales, plan.bits), scales=scales)
     else:
