@@ -48,10 +48,18 @@ def _rank_main(rank: int, world: int, init_file: str, runs: dict[str, TrialConfi
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, runs: dict[str, TrialConfig], data: Path, out: Path) -> dict[str, list[dict[str, Any]]]:
+def _rank_main_float64(rank: int, *args: Any) -> None:
+    torch.set_default_dtype(torch.float64)
+    _rank_main(rank, *args)
+
+
+def run_ranks(
+    world: int, runs: dict[str, TrialConfig], data: Path, out: Path, float64: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """Each trial of `runs` on `world` spawned gloo ranks: {name: [rank 0's record, rank 1's, ...]}."""
     out.mkdir(parents=True)
-    mp.spawn(_rank_main, args=(world, str(out / "pg"), runs, str(data), str(out)), nprocs=world, join=True)
+    main = _rank_main_float64 if float64 else _rank_main
+    mp.spawn(main, args=(world, str(out / "pg"), runs, str(data), str(out)), nprocs=world, join=True)
     return {n: [json.loads((out / f"{n}.rank{r}.json").read_text()) for r in range(world)] for n in runs}
 
 
@@ -111,15 +119,24 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(corpus_da
 
 @pytest.mark.slow
 def test_micro_batches_and_ranks_follow_the_one_batch_loss_trajectory(corpus_data: Path, tmp_path: Path) -> None:
-    """batch_size is the global batch whatever the split: 16 at once, 4 x 4 micro-batches, 2 ranks x 2 x 4."""
+    """batch_size is the global batch whatever the split: 16 at once, 4 x 4 micro-batches, 2 ranks x 2 x 4.
+
+    In float64, so that what is compared is the accumulation, not float32 summation order
+    (AdamW's g / sqrt(v) turns 1e-7 differences of near-zero gradients into ~1e-6 of the loss).
+    """
     whole = fixed_steps(optimizer="adamw", batch_size=16, micro_batch_size=16)
     seen: dict[str, list[dict[str, Any]]] = {"whole": [], "micro4": []}
     curves = {}
-    for name, config in (("whole", whole), ("micro4", whole.replace(micro_batch_size=4))):
-        metrics = run_trial(config, corpus_data, tmp_path / name, reporter=lambda p, s, n=name: seen[n].append(p))
-        assert metrics["train_tokens"] == 8 * 16 * 128
-        curves[name] = losses_by_step(seen[name])
-    ranked = run_ranks(2, {"micro4": whole.replace(micro_batch_size=4)}, corpus_data, tmp_path / "two")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name, config in (("whole", whole), ("micro4", whole.replace(micro_batch_size=4))):
+            metrics = run_trial(config, corpus_data, tmp_path / name, reporter=lambda p, s, n=name: seen[n].append(p))
+            assert metrics["train_tokens"] == 8 * 16 * 128
+            curves[name] = losses_by_step(seen[name])
+    finally:
+        torch.set_default_dtype(default)
+    ranked = run_ranks(2, {"micro4": whole.replace(micro_batch_size=4)}, corpus_data, tmp_path / "two", float64=True)
     curves["ranks2_micro4"] = losses_by_step(ranked["micro4"][0]["reports"])
     assert ranked["micro4"][0]["metrics"]["train_tokens"] == 8 * 16 * 128
     for name in ("micro4", "ranks2_micro4"):

@@ -107,4 +107,5 @@ def test_the_gpu_benchmark_smoke_run_needs_no_sweep_stack(bare_env: dict[str, st
     assert sorted(rows) == ["middle_loop", "middle_loop_routed", "pg_baseline"]
     assert all(r["steps"] >= 1 and r["tokens_per_second"] > 0 for r in rows.values())
     assert rows["middle_loop"]["train_flops_per_token"] > rows["pg_baseline"]["train_flops_per_token"]
-    assert 0 < rows["middle_loop_routed"]["refine_fraction"] <= 0.5  # routed, within refine_cap
+    # Within refine_cap (after two steps an untrained router may select nothing: near-equal scores).
+    assert 0 <= rows["middle_loop_routed"]["refine_fraction"] <= 0.5

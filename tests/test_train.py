@@ -16,6 +16,7 @@ import torch
 
 from loopgolf.trial.config import TrialConfig, preset
 from loopgolf.trial.data import list_shards, read_shard
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.train import lr_scale, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,3 +218,30 @@ def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
     assert not compiles(tiny(refine_passes=1), cuda)  # routed shapes vary: compiled only when asked
     with pytest.raises(ConfigError, match=r"TrainConfig.compile='yes': expected one of \['auto', 'on', 'off'\]"):
         tiny(compile="yes")
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(accum: int) -> None:
+    """The loss curves cannot show it (AdamW and Muon are blind to a gradient's scale): compare gradients."""
+    from types import SimpleNamespace
+
+    from loopgolf.trial.train import _accumulate
+
+    config = tiny(batch_size=8, seq_len=32, aux_loss=0.5, refine_passes=1, signal="uniform")
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 1024, (2, 8, 32))
+    grads = []
+    for n in (1, accum):
+        torch.manual_seed(1)
+        model = RecurrentLM(config.model).train()
+        with torch.no_grad():
+            for p in model.parameters():  # off the zero init, so every tensor gets a gradient
+                p.add_(torch.randn_like(p) * 0.05)
+        run = SimpleNamespace(config=config, device=torch.device("cpu"), forward=model, grad_accum=n)
+        loss, _ = _accumulate(run, x, y)  # type: ignore[arg-type]
+        grads.append(({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, float(loss)))
+    (whole, whole_loss), (split, split_loss) = grads
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert sorted(split) == sorted(whole) and len(whole) > 10
+    for name, g in whole.items():
+        torch.testing.assert_close(split[name], g, rtol=1e-4, atol=1e-7, msg=name)
