@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,8 +93,8 @@ def test_a_failed_write_removes_its_temporary_file_and_keeps_the_old_one(
     path = write_table(_rows(val_bpb=[1.0]), tmp_path / "t.parquet", trials_schema())
     before = path.read_bytes()
 
-    def disk_full(table: pa.Table, where: object) -> None:
-        Path(str(where)).write_bytes(b"PAR1 half a file")
+    def disk_full(table: pa.Table, where: Any) -> None:  # `where` is the open temporary file
+        where.write(b"PAR1 half a file")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(pq, "write_table", disk_full)

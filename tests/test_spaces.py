@@ -30,6 +30,7 @@ from loopgolf.search_spaces.spaces import (
     smallest_predicted_bytes,
     suggest,
 )
+from loopgolf.trial.artifact import code_bytes
 from loopgolf.trial.config import TrialConfig, preset
 from loopgolf.trial.estimate import predict_artifact_bytes
 
@@ -149,7 +150,7 @@ def test_derive_takes_heads_from_the_width_and_protect_from_a_string() -> None:
 
 def test_derive_with_equal_bytes_spends_the_budget() -> None:
     base = preset("tiny").replace(bits=8, codec="zlib")
-    budget_bytes = 1_500_000
+    budget_bytes = code_bytes() + 1_000_000  # the code counts too (and is larger under mutation testing)
     config = derive({"n_blocks": 2}, base, equal_bytes=True, byte_budget=budget_bytes)
     assert config == solve_width(base.replace(n_blocks=2), budget_bytes)
     assert config.model.d_model > base.model.d_model
@@ -252,8 +253,9 @@ def test_config_sampler_seed_index_defaults_to_zero() -> None:
 def test_config_sampler_with_equal_bytes_solves_the_width_for_its_budget() -> None:
     base = preset("tiny").replace(bits=8, codec="zlib")
     trial = _trial()
-    out = ConfigSampler({"n_blocks": Choice((2,))}, base, equal_bytes=True, byte_budget=1_500_000)(trial)
+    budget_bytes = code_bytes() + 1_000_000
+    out = ConfigSampler({"n_blocks": Choice((2,))}, base, equal_bytes=True, byte_budget=budget_bytes)(trial)
     config = TrialConfig.from_flat(out["trial_config"])
-    assert config == solve_width(base.replace(n_blocks=2), 1_500_000)
+    assert config == solve_width(base.replace(n_blocks=2), budget_bytes)
     assert config.model.d_model > base.model.d_model  # the budget buys a wider model than the preset's
-    assert _constraint(trial, "predicted_byte_violation") == out["predicted_artifact_bytes"] - 1_500_000 <= 0
+    assert _constraint(trial, "predicted_byte_violation") == out["predicted_artifact_bytes"] - budget_bytes <= 0

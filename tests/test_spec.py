@@ -129,7 +129,7 @@ def test_base_config_is_the_base_fields_under_the_sweeps_budgets(data: Path) -> 
 def _raw(data: Path, **changes: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "name": "s", "data": str(data), "overrides": {"d_model": [32, 64], "n_blocks": [1, 2]},
-        "base": {"preset": "tiny"}, "budget": {"artifact_bytes": 2_000_000, "train_seconds": 3},
+        "base": {"preset": "tiny"}, "budget": {"artifact_bytes": 16_000_000, "train_seconds": 3},
     }  # fmt: skip
     return raw | changes
 
@@ -233,7 +233,7 @@ def test_load_spec_applies_dotted_overrides_then_fields(data: Path, tmp_path: Pa
     made = load_spec(path, ["budget.train_seconds=5", "search.num_samples=7", "resources.cpu=2", "seeds=2",
                             "base.batch_size=4"], name="other", storage=None)  # fmt: skip
     assert (made.train_seconds, made.num_samples, made.cpu, made.seeds, made.name) == (5, 7, 2, 2, "other")
-    assert made.artifact_bytes == 2_000_000 and made.storage == "runs/sweeps"  # untouched; None is no change
+    assert made.artifact_bytes == 16_000_000 and made.storage == "runs/sweeps"  # untouched; None is no change
     assert made.base_config().train.batch_size == 4
 
 
@@ -257,8 +257,8 @@ def test_a_set_override_may_create_a_section(data: Path, tmp_path: Path) -> None
     del raw["budget"]
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
-    made = load_spec(path, ["budget.artifact_bytes=3000000"])
-    assert made.artifact_bytes == 3_000_000 and made.train_seconds == 20.0
+    made = load_spec(path, ["budget.artifact_bytes=15000000"])
+    assert made.artifact_bytes == 15_000_000 and made.train_seconds == 20.0
 
 
 def test_a_missing_spec_file(tmp_path: Path) -> None:
