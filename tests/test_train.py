@@ -147,7 +147,8 @@ def test_non_finite_loss_ends_as_a_failed_trial_with_a_reason(
         return out
 
     monkeypatch.setattr(model_module.RecurrentLM, "forward", poisoned)
-    metrics = run_trial(tiny(train_seconds=5.0), corpus_data, tmp_path / "nan")
+    # a budget in steps, not seconds: a loaded machine must still reach the poisoned third forward
+    metrics = run_trial(tiny(train_seconds=600.0, max_steps=10), corpus_data, tmp_path / "nan")
     assert metrics["status"] == "failed" and not metrics["feasible"]
     assert "non-finite training loss" in metrics["error"] and "step 3" in metrics["error"]
     assert not (tmp_path / "nan" / "model.lgart").exists()
