@@ -210,7 +210,7 @@ TRAIN_REJECTED = [
     ({"report_every_seconds": 0.0}, "TrainConfig.report_every_seconds=0.0: expected > 0"),
     ({"checkpoint_every_seconds": 0.0}, "TrainConfig.checkpoint_every_seconds=0.0: expected > 0"),
     ({"batch_size": 8.0}, "TrainConfig.batch_size=8.0: expected an integer"),
-    ({"compile": "false"}, "TrainConfig.compile='false': expected true or false"),
+    ({"compile": "false"}, "TrainConfig.compile='false': expected one of ['auto', 'on', 'off']"),
 ]
 TRAIN_ACCEPTED = [
     {"train_seconds": 0.001}, {"batch_size": 1},
