@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from loopgolf.trial.data import val_windows
 from loopgolf.trial.evaluate import autocast_for
 from loopgolf.trial.model import FIXED_SIGNALS, RecurrentLM
 from loopgolf.trial.routing import calibrate_threshold
@@ -25,20 +24,22 @@ def needs_calibration(model: RecurrentLM) -> bool:
 
 
 @torch.inference_mode()
-def calibrate_router(model: RecurrentLM, tokens: np.ndarray, *, batch_size: int, device: torch.device) -> float:
-    """Set `model.router_threshold` from scores on `tokens` (held-out training text); return it.
+def calibrate_router(model: RecurrentLM, windows: np.ndarray, *, batch_size: int, device: torch.device) -> float:
+    """Set `model.router_threshold` from scores on `windows` (held-out training text, rows of
+    seq_len + 1 tokens: `TrainBatches.heldout_windows`); return it.
 
-    Scores are read in eval mode, under the autocast evaluation uses, in the same
-    non-overlapping seq_len windows evaluation scores.
+    Scores are read in eval mode, under the autocast evaluation uses, on windows of the
+    length evaluation scores.
     """
     if not needs_calibration(model):
         raise ValueError(f"calibrate_router: signal={model.config.signal!r} has no threshold to calibrate")
     was_training = model.training
     model.eval()
     scores = []
-    for x_np, _ in val_windows(tokens, model.config.seq_len, batch_size):
+    for first in range(0, len(windows), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(windows[first : first + batch_size, :-1]))
         with autocast_for(device):
-            scores.append(model.router_scores(torch.from_numpy(x_np).to(device)).float())
+            scores.append(model.router_scores(x.to(device)).float())
     model.train(was_training)
     c = model.config
     threshold = calibrate_threshold(torch.cat(scores).cpu(), c.refine_target, c.refine_cap)

@@ -234,8 +234,8 @@ class TrainConfig:
     seed: int = 0
     eval_tokens: int = 0  # val tokens scored at the end; 0: the whole val split, at most its first 1,048,576
     quick_eval_tokens: int = 8_192  # val tokens scored at each progress report
-    # Training tokens held out of every trial's training (the tail of the last train shard,
-    # at most half of it) to calibrate a routed threshold after training; never val tokens.
+    # Training tokens held out of every trial's training (whole windows spread over the train
+    # split, at most half of it) to calibrate a routed threshold after training; never val tokens.
     calibration_tokens: int = 32_768
     report_every_seconds: float = 5.0
     checkpoint_every_seconds: float = 10.0

@@ -168,6 +168,52 @@ def stream_bytes(tokens: np.ndarray, table: ByteTable) -> int:
 # ------------------------------------------------------------------------------ loaders
 
 
+HOLDOUT_SLICES = 16  # a topic-sorted corpus's tail is no sample of it: hold out across the split
+
+
+def holdout_spans(lengths: list[int], holdout: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(shard, start, stop) of the held-out windows of seq_len + 1 tokens: about `holdout`
+    tokens (at most half the split) in up to HOLDOUT_SLICES runs of whole windows, the runs
+    centred at evenly spaced points of the concatenated split, each inside one shard."""
+    width = seq_len + 1
+    n_windows = min(holdout // width, sum(lengths) // 2 // width) if holdout > 0 else 0
+    if n_windows == 0:
+        return []
+    n_runs = min(HOLDOUT_SLICES, n_windows)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    spans: list[tuple[int, int, int]] = []
+    for run, count in enumerate(np.diff(np.linspace(0, n_windows, n_runs + 1).round().astype(int))):
+        centre = (run + 0.5) * starts[-1] / n_runs
+        shard = min(int(np.searchsorted(starts, centre, side="right")) - 1, len(lengths) - 1)
+        count = min(int(count), lengths[shard] // width)
+        first = int(centre - starts[shard]) - count * width // 2
+        first = max(0, min(first, lengths[shard] - count * width))
+        spans += [(shard, first + k * width, first + (k + 1) * width) for k in range(count)]
+    return _without_overlaps(spans)
+
+
+def _without_overlaps(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Drop a window that overlaps an earlier one (runs pushed together inside a short shard)."""
+    kept: list[tuple[int, int, int]] = []
+    for span in sorted(spans):
+        if not kept or kept[-1][0] != span[0] or kept[-1][2] <= span[1]:
+            kept.append(span)
+    return kept
+
+
+def training_segments(shards: list[np.ndarray], spans: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """The shards with the held-out spans cut out, as contiguous segments (a training window
+    never bridges a cut, so it never sees held-out text or joins text that was not adjacent)."""
+    segments: list[np.ndarray] = []
+    for index, shard in enumerate(shards):
+        at = 0
+        for _, a, b in (span for span in spans if span[0] == index):
+            segments.append(shard[at:a])
+            at = b
+        segments.append(shard[at:])
+    return [s for s in segments if len(s)]
+
+
 class TrainBatches:
     """Seeded training batches: batch `step` is a pure function of (seed, step).
 
@@ -180,14 +226,16 @@ class TrainBatches:
         self, data_dir: str | os.PathLike[str], batch_size: int, seq_len: int, seed: int, holdout: int = 0,
         vocab_size: int = 1 << 16,
     ) -> None:
-        self.shards = [read_shard(p) for p in list_shards(data_dir, "train")]
+        shards = [np.asarray(read_shard(p)) for p in list_shards(data_dir, "train")]
         self.batch_size, self.seq_len, self.seed, self.vocab_size = batch_size, seq_len, seed, vocab_size
-        # Held out: the last `holdout` tokens of the last shard (at most half of it), never
-        # in a training window; the router's threshold is calibrated on them after training.
-        take = min(holdout, len(self.shards[-1]) // 2)
-        self.heldout = np.asarray(self.shards[-1][len(self.shards[-1]) - take :]).astype(np.int64)
-        if take:
-            self.shards[-1] = self.shards[-1][: len(self.shards[-1]) - take]
+        # Held out: whole windows spread evenly over the split, never inside a training window;
+        # the router's threshold is calibrated on them after training (trial/calibrate.py).
+        spans = holdout_spans([len(s) for s in shards], holdout, seq_len)
+        self.heldout_windows = (
+            np.stack([shards[i][a:b] for i, a, b in spans]).astype(np.int64)
+            if spans else np.zeros((0, seq_len + 1), dtype=np.int64)
+        )
+        self.shards = training_segments(shards, spans)
         windows = np.array([max(0, len(s) - seq_len - 1) for s in self.shards], dtype=np.int64)
         if windows.sum() == 0:
             raise DataError(f"data dir {str(data_dir)!r}: train shards are shorter than seq_len+1={seq_len + 1}")

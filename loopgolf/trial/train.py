@@ -450,16 +450,16 @@ def _calibrate(run: _Run, model: RecurrentLM) -> dict[str, Any]:
     """
     from loopgolf.trial.calibrate import calibrate_router, needs_calibration
 
-    config, heldout = run.config, run.batches.heldout
+    config, windows = run.config, run.batches.heldout_windows
     if not needs_calibration(model):
         return {}
-    if len(heldout) <= config.model.seq_len:
+    if len(windows) == 0:
         raise DataError(
-            f"calibration_tokens={config.train.calibration_tokens}: held out {len(heldout)} training tokens, "
-            f"fewer than seq_len+1={config.model.seq_len + 1} to calibrate signal={config.model.signal!r}"
+            f"calibration_tokens={config.train.calibration_tokens}: held out no window of "
+            f"seq_len+1={config.model.seq_len + 1} training tokens to calibrate signal={config.model.signal!r}"
         )
-    threshold = calibrate_router(model, heldout, batch_size=config.train.batch_size, device=run.device)
-    return {"refine_threshold": threshold, "calibration_tokens": len(heldout)}
+    threshold = calibrate_router(model, windows, batch_size=config.train.batch_size, device=run.device)
+    return {"refine_threshold": threshold, "calibration_tokens": int(windows[:, :-1].size)}
 
 
 def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
