@@ -18,10 +18,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +96,26 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int, model_path: Path
     import sentencepiece as spm
 
     prefix = str(model_path.with_suffix(""))
+    try:
+        _train_bpe(spm, train_docs, vocab_size, prefix, byte_fallback)
+    except RuntimeError as exc:  # SentencePiece reports bad settings as a multi-line internal error
+        raise DataError(f"--vocab-size {vocab_size}: {_trainer_problem(str(exc))}") from exc
+    Path(prefix + ".vocab").unlink(missing_ok=True)
+    sp = load_tokenizer(model_path)
+    if sp.piece_to_id("\u2581") == sp.unk_id():  # type: ignore[attr-defined]
+        raise DataError("prepare: trained tokenizer has no standalone space-marker piece; bpb would be wrong")
+
+
+def _trainer_problem(message: str) -> str:
+    """One line from SentencePiece's trainer error: the minimum vocabulary when it says one."""
+    needed = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if needed:
+        return f"the text has {needed.group(2)} characters and special pieces; expected a vocabulary of at least that"
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return f"SentencePiece could not train a tokenizer ({lines[-1] if lines else 'no message'})"
+
+
+def _train_bpe(spm: Any, train_docs: Sequence[str], vocab_size: int, prefix: str, byte_fallback: bool) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(train_docs),
         model_prefix=prefix,
@@ -113,10 +135,6 @@ def train_tokenizer(train_docs: Sequence[str], vocab_size: int, model_path: Path
         num_threads=1,  # deterministic merges
         minloglevel=2,
     )
-    Path(prefix + ".vocab").unlink(missing_ok=True)
-    sp = load_tokenizer(model_path)
-    if sp.piece_to_id("\u2581") == sp.unk_id():  # type: ignore[attr-defined]
-        raise DataError("prepare: trained tokenizer has no standalone space-marker piece; bpb would be wrong")
 
 
 def _write_split(tokens: np.ndarray, split: str, shard_tokens: int, out: Path) -> list[str]:
