@@ -161,6 +161,25 @@ def test_a_config_predicted_over_the_cap_is_rejected_without_training(corpus_dat
     assert "train_steps" not in metrics and not (tmp_path / "r" / "model.lgart").exists()
 
 
+@pytest.mark.parametrize(("eval_cap", "byte_cap", "feasible"), [
+    (0.0, 10_000_000, True),  # no eval cap
+    (1e-6, 10_000_000, False),  # evaluation always takes longer than a microsecond
+    (3600.0, 10_000_000, True),
+    (3600.0, 10_000, False),  # trained anyway (allow_over_cap), measured over the byte cap
+])  # fmt: skip
+def test_a_trial_is_feasible_only_within_both_caps(
+    eval_cap: float, byte_cap: int, feasible: bool, corpus_data: Path, tmp_path: Path
+) -> None:
+    config = tiny(train_seconds=600.0, max_steps=2, max_eval_seconds=eval_cap, max_artifact_bytes=byte_cap,
+                  allow_over_cap=True)  # fmt: skip
+    metrics = run_trial(config, corpus_data, tmp_path / "t")
+    assert metrics["status"] == "complete" and metrics["feasible"] is feasible
+    assert (metrics["eval_violation"] > 0) == (eval_cap == 1e-6)
+    assert (metrics["byte_violation"] > 0) == (byte_cap == 10_000)
+    if eval_cap:  # the violation is the measured eval time over the cap, in seconds
+        assert metrics["eval_violation"] == pytest.approx(metrics["eval_seconds"] - eval_cap, abs=0.05)
+
+
 def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_data: Path, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "loopgolf.orchestrator.cli", "trial", str(REPO / "examples" / "trial_tiny.yaml"),
            "--data", str(corpus_data), "--out", str(tmp_path / "cli")]  # fmt: skip
