@@ -129,6 +129,22 @@ def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
     )  # fmt: skip
 
 
+def _scheduler(spec: SweepSpec, sweep_dir: Path) -> Any:
+    """The early-stopping scheduler; Pareto-aware halving rebuilds its rungs from the trial directories."""
+    from ray import tune
+
+    if spec.early_stopping == "asha":
+        return tune.schedulers.ASHAScheduler(
+            metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
+            max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
+        )  # fmt: skip
+    if spec.early_stopping == "pareto_halving":
+        from loopgolf.orchestrator.scheduler import ParetoHalving
+
+        return ParetoHalving(sweep_dir, list(spec.objectives), spec.halving_rungs(), spec.halving_eta)
+    return None
+
+
 def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     """A fresh Tuner, the same for a new sweep and a resume; its files go to tune/<session>/."""
     from ray import tune
@@ -137,12 +153,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
 
     total = spec.num_samples * spec.seeds
-    scheduler = None
-    if spec.early_stopping == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(
-            metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
-            max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
-        )  # fmt: skip
+    scheduler = _scheduler(spec, sweep_dir)
     (metric, mode), = list(spec.objectives.items())[:1]
     callbacks = [
         ledger_callback(ledger),
