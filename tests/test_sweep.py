@@ -357,3 +357,75 @@ def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
         assert violation is not None
         config_rejected = t.params["n_blocks"] == 4 or t.params["d_model"] == 64
         assert (violation > 0) == config_rejected
+
+
+# ------------------------------------------------------------------ extending a sweep (resume --set)
+
+REFUSED_LATER = "so the trials so far would not be comparable with the new ones (start a new sweep)"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["budget.train_seconds=5"], "--set budget.train_seconds=5: refused: it changes the budgets (bytes, train and "
+         f"eval seconds), {REFUSED_LATER}"),
+        (["budget.artifact_bytes=1000"], "refused: it changes the budgets"),
+        (["data=/elsewhere"], "--set data='/elsewhere': refused: it changes the data, "),
+        (["base.batch_size=4"], "refused: it changes the base configuration, "),
+        (["seeds=3"], "refused: it changes the seeds per configuration, "),
+        (["resources.cpu=2"], "refused: it changes the hardware a trial trains on (budgets are seconds), "),
+        (["search.objectives=[val_bpb]"], "refused: it changes the objectives the study ranks"),
+        (["tracking_uri=x"], "--set tracking_uri: a resume may change only search.num_samples, max_concurrent and "
+         "overrides.<field>"),
+        (["search.num_samples=3"], "--set search.num_samples=3: expected an integer above the sweep's 3 (a resume "
+         "extends a sweep, it never shrinks it)"),
+        (["search.num_samples=2"], "expected an integer above the sweep's 3"),
+        (["search.num_samples=4.5"], "expected an integer above the sweep's 3"),
+        (["overrides.d_model=[32]"], "overrides.d_model: [32, 64] -> [32]: a resume may only narrow a numeric range "
+         "(Optuna fixes a categorical's choices and a dimension's kind for the whole study)"),
+        (["overrides.refine_target={low: 0.2, high: 0.4}"],
+         "overrides.refine_target: adds a dimension the sweep did not search; a resume may only narrow"),
+        (["search.num_samples=5", "overrides.n_blocks=[1, 2, 3]"], "overrides.n_blocks: [1, 2] -> [1, 2, 3]"),
+        (["max_concurrent=0"], "max_concurrent=0: expected an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_resume_set_refuses_what_makes_trials_incomparable(
+    corpus_data: Path, tmp_path: Path, sets: list[str], message: str
+) -> None:
+    from loopgolf.orchestrator.extend import extended_raw
+
+    stored = yaml.safe_load(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "s").read_text())
+    before = json.dumps(stored, sort_keys=True)
+    with pytest.raises(LoopgolfError) as info:
+        extended_raw(stored, sets)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert json.dumps(stored, sort_keys=True) == before  # the stored mapping is not touched
+
+
+def test_resume_set_narrows_a_range_and_records_it(corpus_data: Path, tmp_path: Path) -> None:
+    from loopgolf.orchestrator.extend import extended_raw, with_history
+
+    routing = {"space": "routing", "overrides": {"refine_target": {"low": 0.1, "high": 0.5}, "refine_passes": [0, 1]}}
+    stored = yaml.safe_load(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "s", **routing).read_text())
+    sets = ["search.num_samples=8", "overrides.refine_target={low: 0.2, high: 0.3}", "max_concurrent=1"]
+    raw = extended_raw(stored, sets)
+    assert raw["search"]["num_samples"] == 8 and raw["max_concurrent"] == 1
+    assert raw["overrides"] == {"refine_target": {"low": 0.2, "high": 0.3}, "refine_passes": [0, 1]}
+    first = with_history(raw, stored, sets, "v1")
+    second = with_history(extended_raw(first, ["search.num_samples=9"]), first, ["search.num_samples=9"], "v2")
+    assert [h["set"] for h in second["history"]] == [sets, ["search.num_samples=9"]]
+    assert [h["code_version"] for h in second["history"]] == ["v1", "v2"]
+    with pytest.raises(LoopgolfError, match=r"widens the range"):
+        extended_raw(first, ["overrides.refine_target={low: 0.1, high: 0.3}"])
+
+
+def test_resume_set_refused_on_the_command_line_changes_nothing(corpus_data: Path, tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
+    sweep_dir = Path(spec.sweep_dir)
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+    before = sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()
+    proc = cli("resume", str(sweep_dir), "--set", "budget.train_seconds=5")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "refused: it changes the budgets" in proc.stderr
+    assert (sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()) == before
