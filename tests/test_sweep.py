@@ -429,3 +429,68 @@ def test_resume_set_refused_on_the_command_line_changes_nothing(corpus_data: Pat
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "refused: it changes the budgets" in proc.stderr
     assert (sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()) == before
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_extended_from_4_to_8_trials_keeps_the_first_4(corpus_data: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, seeds=1, search={
+        "algorithm": "tpe", "objectives": {"val_bpb": "min", "artifact_bytes": "min"}, "num_samples": 4})  # fmt: skip
+    sweep_dir = storage / "t"
+    first = cli("sweep", str(spec))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(sweep_dir / "trials")
+    old_ids = sorted(pd.read_parquet(sweep_dir / "results" / "trials.parquet")["trial_id"])
+    assert len(old_ids) == 4
+    more = cli("resume", str(sweep_dir), "--set", "search.num_samples=8")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert more.stdout.strip().splitlines()[-1] == "8/8 trials finished, 0 raised an error"
+    trials = _check_ledger_and_study(sweep_dir, expected=8, seeds=1)
+    new_ids = sorted(set(trials["trial_id"]) - set(old_ids))
+    assert len(new_ids) == 4 and min(new_ids) > max(old_ids)  # numbered after the old ones
+    assert {k: v for k, v in _digest(sweep_dir / "trials").items() if k.split("/")[0] in old_ids} == before
+    assert len(final_trials(_study(sweep_dir))) == 8  # one study: the sampler saw all eight
+    stored = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
+    assert stored["search"]["num_samples"] == 8 and [h["set"] for h in stored["history"]] == [["search.num_samples=8"]]
+
+
+@pytest.mark.slow
+def test_pareto_halving_sweep_killed_and_resumed_judges_each_trial_once_per_rung(
+    corpus_data: Path, tmp_path: Path
+) -> None:
+    from loopgolf.analysis.pareto import pareto_front
+    from loopgolf.analysis.results import load_results
+    from loopgolf.orchestrator.scheduler import read_logs
+
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, seeds=1, max_concurrent=2,
+                      budget={"artifact_bytes": 2_000_000, "train_seconds": 6},
+                      search={"algorithm": "random", "objectives": {"val_bpb": "min", "artifact_bytes": "min"},
+                              "num_samples": 8},
+                      early_stopping={"algorithm": "pareto_halving", "eta": 2, "min_seconds": 1.5})  # fmt: skip
+    sweep_dir = storage / "t"
+    driver = _start(tmp_path / "driver.log", "sweep", str(spec))
+    try:  # kill -9 once some trial has been judged and stopped
+        _wait_for(lambda: any(not d.keep for log in read_logs(sweep_dir).values() for d in log), driver, "a stop")
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    resumed = cli("resume", str(sweep_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = load_results(sweep_dir).set_index("trial_id")
+    logs = read_logs(sweep_dir)
+    for key, log in logs.items():
+        rungs = [d.rung for d in log]
+        assert rungs == sorted(set(rungs)), (key, rungs)  # never judged twice at a rung
+        assert all(d.keep for d in log[:-1]), (key, log)  # nothing after a stop
+        assert (trials.loc[key, "status"] == "stopped") == (not log[-1].keep), key
+    stopped = set(trials.index[trials["status"] == "stopped"])
+    assert stopped and stopped == {k for k, log in logs.items() if not log[-1].keep}
+    assert trials.loc[sorted(stopped), "quick_val_bpb"].notna().all()
+    study = {key: t.state for key, t in final_trials(_study(sweep_dir)).items()}
+    assert {k for k, s in study.items() if s == optuna.trial.TrialState.PRUNED} == stopped
+    front = pareto_front(trials.reset_index(), {"val_bpb": "min", "artifact_bytes": "min"})
+    assert len(front) and not set(front["trial_id"]) & stopped
