@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -494,3 +495,16 @@ def test_pareto_halving_sweep_killed_and_resumed_judges_each_trial_once_per_rung
     assert {k for k, s in study.items() if s == optuna.trial.TrialState.PRUNED} == stopped
     front = pareto_front(trials.reset_index(), {"val_bpb": "min", "artifact_bytes": "min"})
     assert len(front) and not set(front["trial_id"]) & stopped
+
+
+def test_a_spec_with_history_reads_as_its_spec(corpus_data: Path, tmp_path: Path) -> None:
+    from loopgolf.orchestrator.extend import extended_raw, with_history
+    from loopgolf.orchestrator.sweep import read_sweep_spec
+
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
+    stored = spec.to_yaml_dict()
+    extended = with_history(extended_raw(stored, ["search.num_samples=7"]), stored, ["search.num_samples=7"], "v")
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(extended, sort_keys=False), encoding="utf-8")
+    assert read_sweep_spec(sweep_dir) == dataclasses.replace(spec, num_samples=7)
