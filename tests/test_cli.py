@@ -48,6 +48,7 @@ SURFACE = [
     ("sweep", "--set", "append", None),
     ("resume", "sweep_dir", "store", None),
     ("resume", "--address", "store", None),
+    ("resume", "--set", "append", None),
     ("status", "sweep_dir", "store", None),
     ("status", "--watch", "store_true", False),
     ("status", "--interval", "store:float", 2.0),

@@ -55,7 +55,8 @@ REJECTED = [
     ({"workers": 2.0}, "resources.workers=2.0: expected an integer >= 1"),
     ({"workers": 2, "gpu": 0.5}, f"resources.gpu=0.5 with workers=2: {ONE_GPU}"),
     ({"workers": 2, "gpu": 2.0}, f"resources.gpu=2.0 with workers=2: {ONE_GPU}"),
-    ({"early_stopping": "hyperband"}, "early_stopping='hyperband': expected null or asha"),
+    ({"early_stopping": "hyperband"},
+     "early_stopping='hyperband': expected null, asha or {algorithm: pareto_halving, ...}"),
     ({"early_stopping": "asha", "objectives": {"val_bpb": "min", "artifact_bytes": "min"}},
      "early_stopping=asha is refused with several objectives: ASHA ranks trials on one metric, and the trials it "
      "stops would enter the multi-objective study with truncated values"),
@@ -270,3 +271,69 @@ def test_a_base_error_is_a_config_error_reported_as_a_spec_error(data: Path) -> 
     with pytest.raises(SpecError) as info:
         spec_from_dict(_raw(data, base={"codec": "zzz"}))
     assert not isinstance(info.value, ConfigError) and str(info.value).startswith("base: CompressConfig.codec='zzz'")
+
+
+HALVING = {"early_stopping": "pareto_halving"}
+HALVING_OBJECTIVE = (
+    "cannot be ranked at a rung; expected val_bpb, artifact_bytes, eval_flops_per_token minimised (quick bpb, "
+    "predicted bytes, analytic eval FLOPs)"
+)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (HALVING | {"halving_eta": 1}, "early_stopping.eta=1: expected an integer >= 2"),
+        (HALVING | {"halving_eta": 2.5}, "early_stopping.eta=2.5: expected an integer >= 2"),
+        (HALVING | {"halving_eta": True}, "early_stopping.eta=True: expected an integer >= 2"),
+        (HALVING | {"halving_min_seconds": 0}, "early_stopping.min_seconds=0: expected a number of seconds > 0"),
+        (HALVING | {"halving_min_seconds": "soon"},
+         "early_stopping.min_seconds='soon': expected a number of seconds > 0"),
+        (HALVING | {"train_seconds": 9.0, "halving_min_seconds": 3.5},
+         "early_stopping.min_seconds=3.5: expected <= budget.train_seconds / eta = 3 (the last rung), or no trial "
+         "would ever be stopped"),
+        (HALVING | {"objectives": {"val_bpb": "min", "params": "min"}},
+         f"early_stopping=pareto_halving: objective params: min {HALVING_OBJECTIVE}"),
+        (HALVING | {"objectives": {"val_bpb": "max"}},
+         f"early_stopping=pareto_halving: objective val_bpb: max {HALVING_OBJECTIVE}"),
+        (HALVING | {"objectives": {"artifact_bytes": "min", "eval_flops_per_token": "min"}},
+         "early_stopping=pareto_halving needs val_bpb among the objectives: it is the one learned over time; the "
+         "others are known before training"),
+    ],
+)  # fmt: skip
+def test_pareto_halving_rules(data: Path, fields: dict, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        spec(data, **fields)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"algorithm": "pareto_halving", "rungs": 3}, "early_stopping.rungs: unknown field; expected one of "
+         "['algorithm', 'eta', 'min_seconds']"),
+        ({"eta": 3}, "early_stopping: expected an algorithm (asha or pareto_halving)"),
+        ({"algorithm": "asha", "eta": 3}, "early_stopping: eta and min_seconds are pareto_halving's; algorithm='asha'"),
+        ({"algorithm": "median"}, "early_stopping='median': expected null, asha or {algorithm: pareto_halving, ...}"),
+    ],
+)  # fmt: skip
+def test_early_stopping_mapping_is_checked(data: Path, raw: dict, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({"name": "s", "data": str(data), "early_stopping": raw})
+    assert str(info.value) == message
+
+
+def test_pareto_halving_yaml_roundtrip_and_rungs(data: Path) -> None:
+    raw = {"name": "s", "data": str(data), "budget": {"train_seconds": 27},
+           "search": {"objectives": {"val_bpb": "min", "artifact_bytes": "min", "eval_flops_per_token": "min"}},
+           "early_stopping": {"algorithm": "pareto_halving", "eta": "3", "min_seconds": "1e0"}}  # fmt: skip
+    made = spec_from_dict(raw)
+    assert (made.early_stopping, made.halving_eta, made.halving_min_seconds) == ("pareto_halving", 3, 1.0)
+    assert made.halving_rungs() == pytest.approx((1.0, 3.0, 9.0))
+    again = spec_from_dict(yaml.safe_load(yaml.safe_dump(made.to_yaml_dict())))
+    assert again == made
+    default = spec_from_dict(raw | {"early_stopping": {"algorithm": "pareto_halving"}})
+    assert default.halving_min_seconds is None and default.halving_rungs() == pytest.approx((3.0, 9.0))
+    assert spec_from_dict(raw | {"early_stopping": "pareto_halving"}) == default
+    asha = spec_from_dict(raw | {"early_stopping": {"algorithm": "asha"}, "search": {"objectives": ["val_bpb"]}})
+    assert asha.early_stopping == "asha" and asha.to_yaml_dict()["early_stopping"] == "asha"

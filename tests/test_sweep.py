@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -357,3 +358,153 @@ def test_over_cap_configs_never_train_and_the_sampler_sees_them_infeasible(
         assert violation is not None
         config_rejected = t.params["n_blocks"] == 4 or t.params["d_model"] == 64
         assert (violation > 0) == config_rejected
+
+
+# ------------------------------------------------------------------ extending a sweep (resume --set)
+
+REFUSED_LATER = "so the trials so far would not be comparable with the new ones (start a new sweep)"
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["budget.train_seconds=5"], "--set budget.train_seconds=5: refused: it changes the budgets (bytes, train and "
+         f"eval seconds), {REFUSED_LATER}"),
+        (["budget.artifact_bytes=1000"], "refused: it changes the budgets"),
+        (["data=/elsewhere"], "--set data='/elsewhere': refused: it changes the data, "),
+        (["base.batch_size=4"], "refused: it changes the base configuration, "),
+        (["seeds=3"], "refused: it changes the seeds per configuration, "),
+        (["resources.cpu=2"], "refused: it changes the hardware a trial trains on (budgets are seconds), "),
+        (["search.objectives=[val_bpb]"], "refused: it changes the objectives the study ranks"),
+        (["tracking_uri=x"], "--set tracking_uri: a resume may change only search.num_samples, max_concurrent and "
+         "overrides.<field>"),
+        (["search.num_samples=3"], "--set search.num_samples=3: expected an integer above the sweep's 3 (a resume "
+         "extends a sweep, it never shrinks it)"),
+        (["search.num_samples=2"], "expected an integer above the sweep's 3"),
+        (["search.num_samples=4.5"], "expected an integer above the sweep's 3"),
+        (["overrides.d_model=[32]"], "overrides.d_model: [32, 64] -> [32]: a resume may only narrow a numeric range "
+         "(Optuna fixes a categorical's choices and a dimension's kind for the whole study)"),
+        (["overrides.refine_target={low: 0.2, high: 0.4}"],
+         "overrides.refine_target: adds a dimension the sweep did not search; a resume may only narrow"),
+        (["search.num_samples=5", "overrides.n_blocks=[1, 2, 3]"], "overrides.n_blocks: [1, 2] -> [1, 2, 3]"),
+        (["max_concurrent=0"], "max_concurrent=0: expected an integer >= 1"),
+    ],
+)  # fmt: skip
+def test_resume_set_refuses_what_makes_trials_incomparable(
+    corpus_data: Path, tmp_path: Path, sets: list[str], message: str
+) -> None:
+    from loopgolf.orchestrator.extend import extended_raw
+
+    stored = yaml.safe_load(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "s").read_text())
+    before = json.dumps(stored, sort_keys=True)
+    with pytest.raises(LoopgolfError) as info:
+        extended_raw(stored, sets)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert json.dumps(stored, sort_keys=True) == before  # the stored mapping is not touched
+
+
+def test_resume_set_narrows_a_range_and_records_it(corpus_data: Path, tmp_path: Path) -> None:
+    from loopgolf.orchestrator.extend import extended_raw, with_history
+
+    routing = {"space": "routing", "overrides": {"refine_target": {"low": 0.1, "high": 0.5}, "refine_passes": [0, 1]}}
+    stored = yaml.safe_load(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "s", **routing).read_text())
+    sets = ["search.num_samples=8", "overrides.refine_target={low: 0.2, high: 0.3}", "max_concurrent=1"]
+    raw = extended_raw(stored, sets)
+    assert raw["search"]["num_samples"] == 8 and raw["max_concurrent"] == 1
+    assert raw["overrides"] == {"refine_target": {"low": 0.2, "high": 0.3}, "refine_passes": [0, 1]}
+    first = with_history(raw, stored, sets, "v1")
+    second = with_history(extended_raw(first, ["search.num_samples=9"]), first, ["search.num_samples=9"], "v2")
+    assert [h["set"] for h in second["history"]] == [sets, ["search.num_samples=9"]]
+    assert [h["code_version"] for h in second["history"]] == ["v1", "v2"]
+    with pytest.raises(LoopgolfError, match=r"widens the range"):
+        extended_raw(first, ["overrides.refine_target={low: 0.1, high: 0.3}"])
+
+
+def test_resume_set_refused_on_the_command_line_changes_nothing(corpus_data: Path, tmp_path: Path) -> None:
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
+    sweep_dir = Path(spec.sweep_dir)
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False), encoding="utf-8")
+    before = sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()
+    proc = cli("resume", str(sweep_dir), "--set", "budget.train_seconds=5")
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "refused: it changes the budgets" in proc.stderr
+    assert (sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()) == before
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_extended_from_4_to_8_trials_keeps_the_first_4(corpus_data: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, seeds=1, search={
+        "algorithm": "tpe", "objectives": {"val_bpb": "min", "artifact_bytes": "min"}, "num_samples": 4})  # fmt: skip
+    sweep_dir = storage / "t"
+    first = cli("sweep", str(spec))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _digest(sweep_dir / "trials")
+    old_ids = sorted(pd.read_parquet(sweep_dir / "results" / "trials.parquet")["trial_id"])
+    assert len(old_ids) == 4
+    more = cli("resume", str(sweep_dir), "--set", "search.num_samples=8")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert more.stdout.strip().splitlines()[-1] == "8/8 trials finished, 0 raised an error"
+    trials = _check_ledger_and_study(sweep_dir, expected=8, seeds=1)
+    new_ids = sorted(set(trials["trial_id"]) - set(old_ids))
+    assert len(new_ids) == 4 and min(new_ids) > max(old_ids)  # numbered after the old ones
+    assert {k: v for k, v in _digest(sweep_dir / "trials").items() if k.split("/")[0] in old_ids} == before
+    assert len(final_trials(_study(sweep_dir))) == 8  # one study: the sampler saw all eight
+    stored = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
+    assert stored["search"]["num_samples"] == 8 and [h["set"] for h in stored["history"]] == [["search.num_samples=8"]]
+
+
+@pytest.mark.slow
+def test_pareto_halving_sweep_killed_and_resumed_judges_each_trial_once_per_rung(
+    corpus_data: Path, tmp_path: Path
+) -> None:
+    from loopgolf.analysis.pareto import pareto_front
+    from loopgolf.analysis.results import load_results
+    from loopgolf.orchestrator.scheduler import read_logs
+
+    storage = tmp_path / "sweeps"
+    spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, seeds=1, max_concurrent=2,
+                      budget={"artifact_bytes": 2_000_000, "train_seconds": 6},
+                      search={"algorithm": "random", "objectives": {"val_bpb": "min", "artifact_bytes": "min"},
+                              "num_samples": 8},
+                      early_stopping={"algorithm": "pareto_halving", "eta": 2, "min_seconds": 1.5})  # fmt: skip
+    sweep_dir = storage / "t"
+    driver = _start(tmp_path / "driver.log", "sweep", str(spec))
+    try:  # kill -9 once some trial has been judged and stopped
+        _wait_for(lambda: any(not d.keep for log in read_logs(sweep_dir).values() for d in log), driver, "a stop")
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    resumed = cli("resume", str(sweep_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = load_results(sweep_dir).set_index("trial_id")
+    logs = read_logs(sweep_dir)
+    for key, log in logs.items():
+        rungs = [d.rung for d in log]
+        assert rungs == sorted(set(rungs)), (key, rungs)  # never judged twice at a rung
+        assert all(d.keep for d in log[:-1]), (key, log)  # nothing after a stop
+        assert (trials.loc[key, "status"] == "stopped") == (not log[-1].keep), key
+    stopped = set(trials.index[trials["status"] == "stopped"])
+    assert stopped and stopped == {k for k, log in logs.items() if not log[-1].keep}
+    assert trials.loc[sorted(stopped), "quick_val_bpb"].notna().all()
+    study = {key: t.state for key, t in final_trials(_study(sweep_dir)).items()}
+    assert {k for k, s in study.items() if s == optuna.trial.TrialState.PRUNED} == stopped
+    front = pareto_front(trials.reset_index(), {"val_bpb": "min", "artifact_bytes": "min"})
+    assert len(front) and not set(front["trial_id"]) & stopped
+
+
+def test_a_spec_with_history_reads_as_its_spec(corpus_data: Path, tmp_path: Path) -> None:
+    from loopgolf.orchestrator.extend import extended_raw, with_history
+    from loopgolf.orchestrator.sweep import read_sweep_spec
+
+    spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
+    stored = spec.to_yaml_dict()
+    extended = with_history(extended_raw(stored, ["search.num_samples=7"]), stored, ["search.num_samples=7"], "v")
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(extended, sort_keys=False), encoding="utf-8")
+    assert read_sweep_spec(sweep_dir) == dataclasses.replace(spec, num_samples=7)

@@ -100,7 +100,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from loopgolf.orchestrator.sweep import read_sweep_spec, resume_sweep
 
-    outcome = resume_sweep(args.sweep_dir, address=args.address)
+    outcome = resume_sweep(args.sweep_dir, address=args.address, sets=args.set or ())
     return _summarize(outcome, read_sweep_spec(args.sweep_dir).objectives)
 
 
@@ -228,6 +228,8 @@ def _add_sweep_commands(sub: Any) -> None:
     resume = sub.add_parser("resume", help="continue an interrupted sweep")
     resume.add_argument("sweep_dir", metavar="SWEEP_DIR")
     resume.add_argument("--address", metavar="ADDR")
+    extend = "extend the sweep: search.num_samples=N, max_concurrent, or narrow a range (overrides.F={low, high})"
+    resume.add_argument("--set", action="append", metavar="KEY=VALUE", help=extend)
     resume.set_defaults(run=_cmd_resume)
 
     status = sub.add_parser("status", help="progress of a sweep and of its running trials, without Ray")

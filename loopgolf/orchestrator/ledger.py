@@ -367,13 +367,31 @@ class Ledger:
         _upsert(old_curves, curve_rows(self.sweep, directory), trial_id, self.curves_file, curves_schema())
 
     def record_failure(self, trial_id: str, config: dict[str, Any], error: str, raised: bool) -> None:
-        """A trial that ended without final metrics of its own: it raised (after its retries),
-        or the scheduler stopped it early. The driver writes its final metrics."""
+        """A trial that raised (after its retries), without final metrics of its own: the driver writes them."""
         directory = trial_dir(self.sweep_dir, trial_id)
         if read_json(directory / TRIAL_FILE) is None:
             write_json(directory / TRIAL_FILE, config)
         write_json(directory / METRICS_FILE, {"status": "failed", "error": error, "raised": raised})
         self.record(trial_id)
+
+    def record_stopped(self, trial_id: str, config: dict[str, Any]) -> None:
+        """A trial the scheduler stopped: its last quick metrics, status `stopped` (never compared)."""
+        directory = trial_dir(self.sweep_dir, trial_id)
+        if read_json(directory / TRIAL_FILE) is None:
+            write_json(directory / TRIAL_FILE, config)
+        write_json(directory / METRICS_FILE, stopped_metrics(directory))
+        self.record(trial_id)
+
+
+def stopped_metrics(directory: Path) -> dict[str, Any]:
+    """A stopped trial's record: status `stopped` and where its curve ended (last quick bpb,
+    the training seconds and steps it spent), so the compute it took is counted."""
+    last = next((p for p in reversed(progress_lines(directory)) if "elapsed_seconds" in p), {})
+    return {
+        "status": "stopped", "error": "stopped before its final metrics (early stopping)", "raised": False,
+        "quick_val_bpb": last.get("quick_val_bpb"), "train_seconds": last.get("elapsed_seconds", 0.0),
+        "train_steps": last.get("step", 0), "train_tokens": last.get("train_tokens", 0),
+    }  # fmt: skip
 
 
 def _read_table(path: Path) -> pd.DataFrame | None:
@@ -407,9 +425,8 @@ def ledger_callback(ledger: Ledger) -> Any:
             try:
                 if error is not None:
                     ledger.record_failure(trial_id, _config_record(trial.config), error, raised=True)
-                elif final_metrics(trial_dir(ledger.sweep_dir, trial_id)) is None:  # stopped early (ASHA)
-                    message = "stopped before its final metrics (early stopping)"
-                    ledger.record_failure(trial_id, _config_record(trial.config), message, raised=False)
+                elif final_metrics(trial_dir(ledger.sweep_dir, trial_id)) is None:  # stopped early
+                    ledger.record_stopped(trial_id, _config_record(trial.config))
                 else:
                     ledger.record(trial_id)
             except Exception as exc:  # the trial is over; the ledger is rebuilt when the sweep ends

@@ -13,7 +13,8 @@
     max_concurrent: 2
     resources: {cpu: 1, gpu: 0, workers: 1}   # workers > 1: data parallel (Ray Train), cpu/gpu per worker
     tracking_uri: null              # default: sqlite:///<sweep>/mlflow.db
-    early_stopping: null            # or asha (single objective only)
+    early_stopping: null            # or asha (single objective only), or
+                                    # {algorithm: pareto_halving, eta: 3, min_seconds: 2} (halving.py)
 
 Every bad value is one LoopgolfError naming it, raised before a directory is made.
 """
@@ -38,6 +39,10 @@ from loopgolf.trial.config import (
 )
 
 Algorithm = Literal["tpe", "nsga2", "random", "grid"]
+EarlyStopping = Literal["asha", "pareto_halving"]
+# What Pareto-aware halving can rank at a rung: quick val bpb stands for val_bpb; bytes and
+# eval FLOPs are predicted from the configuration before training (scheduler.py).
+HALVING_OBJECTIVES = ("val_bpb", "artifact_bytes", "eval_flops_per_token")
 METRICS = tuple(m for m in LEDGER_METRICS if m != "feasible")  # what an objective may name: the numeric metrics
 # Numeric spec fields and their type: YAML 1.1 reads `1e6` as a string, so text is converted.
 _NUMERIC = {"artifact_bytes": int, "train_seconds": float, "eval_seconds": float, "num_samples": int,
@@ -70,7 +75,9 @@ class SweepSpec:
     gpu: float = 0.0  # per trial; per worker when workers > 1 (then 0 or 1: one GPU per rank)
     workers: int = 1  # data-parallel ranks per trial; > 1 runs the trial through Ray Train's TorchTrainer
     tracking_uri: str | None = None
-    early_stopping: Literal["asha"] | None = None
+    early_stopping: EarlyStopping | None = None
+    halving_eta: int = 3  # pareto_halving: keep the best 1/eta at each rung
+    halving_min_seconds: float | None = None  # pareto_halving: the first rung; None = train_seconds / eta^2
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or set(self.name) == {"."}:
@@ -106,8 +113,12 @@ class SweepSpec:
                 f"resources.gpu={self.gpu} with workers={self.workers}: expected 0 or 1 (GPUs per worker; each "
                 "data-parallel rank drives one whole GPU)"
             )
-        if self.early_stopping not in (None, "asha"):
-            raise SpecError(f"early_stopping={self.early_stopping!r}: expected null or asha")
+        if self.early_stopping not in (None, "asha", "pareto_halving"):
+            raise SpecError(
+                f"early_stopping={self.early_stopping!r}: expected null, asha or {{algorithm: pareto_halving, ...}}"
+            )
+        if self.early_stopping == "pareto_halving":
+            self._check_halving()
         if self.early_stopping == "asha" and len(self.objectives) > 1:
             raise SpecError(
                 "early_stopping=asha is refused with several objectives: ASHA ranks trials on one metric, and the "
@@ -115,6 +126,35 @@ class SweepSpec:
             )
         if self.early_stopping == "asha" and list(self.objectives) != ["val_bpb"]:
             raise SpecError("early_stopping=asha needs objectives {val_bpb: min}: it compares quick val bpb over time")
+
+    def _check_halving(self) -> None:
+        eta = self.halving_eta
+        if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
+            raise SpecError(f"early_stopping.eta={eta!r}: expected an integer >= 2")
+        low = self.halving_min_seconds
+        if low is not None and (isinstance(low, bool) or not isinstance(low, (int, float)) or low <= 0):
+            raise SpecError(f"early_stopping.min_seconds={low!r}: expected a number of seconds > 0")
+        if low is not None and low > self.train_seconds / eta:
+            raise SpecError(
+                f"early_stopping.min_seconds={low}: expected <= budget.train_seconds / eta = "
+                f"{self.train_seconds / eta:g} (the last rung), or no trial would ever be stopped"
+            )
+        for metric, mode in self.objectives.items():
+            if metric not in HALVING_OBJECTIVES or mode != "min":
+                raise SpecError(
+                    f"early_stopping=pareto_halving: objective {metric}: {mode} cannot be ranked at a rung; expected "
+                    f"{', '.join(HALVING_OBJECTIVES)} minimised (quick bpb, predicted bytes, analytic eval FLOPs)"
+                )
+        if "val_bpb" not in self.objectives:
+            raise SpecError("early_stopping=pareto_halving needs val_bpb among the objectives: it is the one learned "
+                            "over time; the others are known before training")  # fmt: skip
+
+    def halving_rungs(self) -> tuple[float, ...]:
+        """Pareto-aware halving's rungs in elapsed training seconds (halving.py)."""
+        from loopgolf.orchestrator.halving import rung_seconds
+
+        low = self.halving_min_seconds or self.train_seconds / self.halving_eta**2
+        return rung_seconds(self.train_seconds, self.halving_eta, low)
 
     @property
     def sweep_dir(self) -> str:
@@ -160,8 +200,13 @@ class SweepSpec:
             "max_concurrent": self.max_concurrent,
             "resources": {"cpu": self.cpu, "gpu": self.gpu, "workers": self.workers},
             "tracking_uri": self.tracking_uri,
-            "early_stopping": self.early_stopping,
+            "early_stopping": self._early_stopping_yaml(),
         }
+
+    def _early_stopping_yaml(self) -> str | dict[str, Any] | None:
+        if self.early_stopping != "pareto_halving":
+            return self.early_stopping
+        return {"algorithm": "pareto_halving", "eta": self.halving_eta, "min_seconds": self.halving_min_seconds}
 
 
 # YAML layout -> SweepSpec field names.
@@ -196,6 +241,8 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
                 if sub not in _NESTED[key]:
                     raise SpecError(f"{key}.{sub}: unknown field; expected one of {sorted(_NESTED[key])}")
                 values[_NESTED[key][sub]] = sub_value
+        elif key == "early_stopping" and isinstance(value, Mapping):
+            values |= _early_stopping_fields(value)
         elif key in _TOP:
             values[key] = value
         else:
@@ -218,6 +265,25 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
         raise SpecError(f"spec: {exc}") from None
     _check_space(spec)
     return spec
+
+
+_EARLY_STOPPING = {"algorithm": "early_stopping", "eta": "halving_eta", "min_seconds": "halving_min_seconds"}
+
+
+def _early_stopping_fields(value: Mapping[str, Any]) -> dict[str, Any]:
+    """`early_stopping: {algorithm: pareto_halving, eta: 3, min_seconds: 2}` -> SweepSpec fields."""
+    for sub in value:
+        if sub not in _EARLY_STOPPING:
+            raise SpecError(f"early_stopping.{sub}: unknown field; expected one of {sorted(_EARLY_STOPPING)}")
+    if "algorithm" not in value:
+        raise SpecError("early_stopping: expected an algorithm (asha or pareto_halving)")
+    if value["algorithm"] != "pareto_halving" and set(value) - {"algorithm"}:
+        raise SpecError(f"early_stopping: eta and min_seconds are pareto_halving's; algorithm={value['algorithm']!r}")
+    fields = {_EARLY_STOPPING[k]: v for k, v in value.items()}
+    for key in ("halving_eta", "halving_min_seconds"):  # `eta: "3"` from --set; a float eta stays one, refused
+        if isinstance(fields.get(key), str):
+            fields[key] = number_from_text(fields[key])
+    return fields
 
 
 def _numeric(key: str, value: Any, kind: type) -> Any:

@@ -26,6 +26,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,22 @@ def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
     )  # fmt: skip
 
 
+def _scheduler(spec: SweepSpec, sweep_dir: Path) -> Any:
+    """The early-stopping scheduler; Pareto-aware halving rebuilds its rungs from the trial directories."""
+    from ray import tune
+
+    if spec.early_stopping == "asha":
+        return tune.schedulers.ASHAScheduler(
+            metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
+            max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
+        )  # fmt: skip
+    if spec.early_stopping == "pareto_halving":
+        from loopgolf.orchestrator.scheduler import ParetoHalving
+
+        return ParetoHalving(sweep_dir, list(spec.objectives), spec.halving_rungs(), spec.halving_eta)
+    return None
+
+
 def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     """A fresh Tuner, the same for a new sweep and a resume; its files go to tune/<session>/."""
     from ray import tune
@@ -137,12 +154,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
 
     total = spec.num_samples * spec.seeds
-    scheduler = None
-    if spec.early_stopping == "asha":
-        scheduler = tune.schedulers.ASHAScheduler(
-            metric="quick_val_bpb", mode="min", time_attr="elapsed_seconds",
-            max_t=spec.train_seconds, grace_period=max(1.0, spec.train_seconds / 4),
-        )  # fmt: skip
+    scheduler = _scheduler(spec, sweep_dir)
     (metric, mode), = list(spec.objectives.items())[:1]
     callbacks = [
         ledger_callback(ledger),
@@ -280,6 +292,15 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
 
 
 def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
+    from loopgolf.orchestrator.extend import HISTORY
+
+    raw = read_sweep_raw(sweep_dir)
+    raw.pop(HISTORY, None)  # what `resume --set` changed, and when (extend.py)
+    return spec_from_dict(raw)
+
+
+def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """spec.yaml as written: the spec's fields and its history."""
     path = Path(sweep_dir) / SPEC_FILE
     if not path.is_file():
         raise SweepError(f"{str(sweep_dir)!r} is not a sweep directory (no {SPEC_FILE})")
@@ -290,18 +311,29 @@ def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
         raise SweepError(f"{path}: not a readable sweep spec ({first})") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping of spec fields")
-    return spec_from_dict(raw)
+    return raw
 
 
-def resume_sweep(sweep_dir: str | os.PathLike[str], address: str | None = None) -> SweepOutcome:
+def resume_sweep(
+    sweep_dir: str | os.PathLike[str], address: str | None = None, sets: Sequence[str] = ()
+) -> SweepOutcome:
     """Continue an interrupted sweep where its directory is now: finished trials kept, the
-    ones a dead driver left running re-run from their newest checkpoint."""
+    ones a dead driver left running re-run from their newest checkpoint. `sets` extend it
+    (more samples, a narrower space: extend.py), recorded in spec.yaml's history."""
+    from loopgolf.orchestrator.extend import extended_raw, with_history
+
     sweep_dir = Path(sweep_dir).resolve()
     read_sweep_spec(sweep_dir)  # a clear error before taking the lock of a directory that is no sweep
+    if sets:
+        extended_raw(read_sweep_raw(sweep_dir), sets)  # a refused change fails before the lock is taken
     with sweep_lock(sweep_dir):
-        spec = read_sweep_spec(sweep_dir)
         if not (sweep_dir / "optuna.db").is_file():
             raise SweepError(f"{str(sweep_dir)!r} has no study (optuna.db) yet: start it again with `loopgolf sweep`")
+        if sets:
+            stored = read_sweep_raw(sweep_dir)
+            new = with_history(extended_raw(stored, sets), stored, sets, code_version())
+            atomic_write_text(sweep_dir / SPEC_FILE, yaml.safe_dump(new, sort_keys=False))
+        spec = read_sweep_spec(sweep_dir)
         _write_eval_stream(spec, sweep_dir)  # kept if there: a sweep killed before writing it gets it now
         return _drive(spec, sweep_dir, address)
 

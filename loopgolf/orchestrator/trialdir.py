@@ -19,7 +19,8 @@ from typing import Any
 from loopgolf.atomic import atomic_write_json
 from loopgolf.errors import LoopgolfError
 
-STATUSES = ("complete", "rejected", "failed")  # rejected: predicted over the byte cap, never trained
+# rejected: predicted over the byte cap, never trained; stopped: by early stopping, before its final metrics
+STATUSES = ("complete", "rejected", "failed", "stopped")
 TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 METRICS_FILE = "metrics.json"
