@@ -100,6 +100,20 @@ class MlflowTracking(Callback):
         self.client.set_terminated(run_id, status=status)
 
 
+def trial_outcome(result: dict[str, Any], metric: str, errored: bool) -> str:
+    """How a trial ended, in a few words: its metric, or why it has none."""
+    value = result.get(metric)
+    if errored:
+        return "error"
+    if value is not None:
+        return f"{metric}={float(value):.4f}"
+    if result.get("status"):  # rejected (over the cap, never trained) or failed (diverged)
+        return str(result["status"])
+    # the scheduler stopped it: its last result is a progress report, with no status
+    elapsed = result.get("elapsed_seconds")
+    return "stopped early" + (f" at {float(elapsed):.0f} s" if elapsed is not None else "")
+
+
 class ProgressPrinter(Callback):
     """One line per trial event (start, end, error): the sweep's counts and ETA, read from the
     trial directories exactly as `loopgolf status` reads them, then the trial and the best value
@@ -125,7 +139,7 @@ class ProgressPrinter(Callback):
         if result.get("status") == "complete" and result.get("feasible") and value is not None:
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
             self.best = (float(value), _key(trial)) if better else self.best
-        this = f"{self.metric}={value:.4f}" if value is not None else ("error" if errored else result.get("status"))
+        this = trial_outcome(result, self.metric, errored)
         best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         self._line(f"trial {_key(trial)}: {this}{best}")
 
