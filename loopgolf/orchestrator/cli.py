@@ -81,7 +81,8 @@ def _cmd_artifact_eval(args: argparse.Namespace) -> int:
     from loopgolf.trial.evaluate import evaluate_artifact
 
     metrics = evaluate_artifact(args.artifact, args.data, eval_tokens=args.eval_tokens, device=args.device)
-    print(f"val_bpb {metrics['val_bpb']:.6f} over {metrics['eval_tokens']:,} tokens ({metrics['eval_bytes']:,} bytes)")
+    scored, nbytes = metrics["eval_tokens_scored"], metrics["eval_bytes"]
+    print(f"val_bpb {metrics['val_bpb']:.6f} over {scored:,} tokens ({nbytes:,} bytes)")
     print_json_line(metrics)
     return 0
 
