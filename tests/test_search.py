@@ -220,7 +220,7 @@ def expected_runs(study: optuna.Study, seeds: int) -> set[tuple[str, str, int]]:
     out = set()
     for key, proposal in proposals(study).items():
         first = proposal.user_attrs["seed_index"]
-        for arm in ("routed", *proposal.user_attrs["controls"]):
+        for arm in ("proposal", *proposal.user_attrs["controls"]):
             out |= {(key, arm, i) for i in range(first, first + seeds)}
     return out
 
@@ -343,7 +343,7 @@ def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_p
     study = search.study
     final = final_trials(study)
     assert all(t.state == TrialState.COMPLETE for t in final.values())
-    ran = [(t.user_attrs.get("follows", key), t.user_attrs.get("arm", "routed"), t.user_attrs["seed_index"])
+    ran = [(t.user_attrs.get("follows", key), t.user_attrs.get("arm", "proposal"), t.user_attrs["seed_index"])
            for key, t in final.items()]  # fmt: skip
     assert len(ran) == len(set(ran))  # exactly once
     assert set(ran) == expected_runs(study, seeds)  # nothing missing

@@ -68,6 +68,7 @@ from loopgolf.search_spaces.spaces import FIXED, Dimension
 CONSTRAINTS = ("byte_violation", "eval_violation")
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
 _KEPT_ATTRS = (SEED_INDEX, FOLLOWS, CONTROLS, ARM, PAIR, FIXED, KEY)  # what a re-run of an orphan keeps
+OWN = "proposal"  # in a proposal's queue, beside its arms: a replicate of the proposal's own configuration
 
 
 def make_sampler(algorithm: str, seed: int, grid: Mapping[str, list] | None = None) -> optuna.samplers.BaseSampler:
@@ -163,11 +164,11 @@ class SweepSearch(Searcher):
         first, pair = int(attrs[SEED_INDEX]), attrs.get(PAIR)
         added = 0
         for index in range(first, first + self.seeds):  # seed by seed: a pair's trials run close together
-            for arm in ("routed", *attrs.get(CONTROLS, ())):
-                if (arm, index) in queued or (arm == "routed" and index == first):
+            for arm in (OWN, *attrs.get(CONTROLS, ())):
+                if (arm, index) in queued or (arm == OWN and index == first):
                     continue
                 follower = {SEED_INDEX: index, FOLLOWS: attrs[KEY]} | ({PAIR: pair} if pair else {})
-                if arm == "routed":  # a replicate of the proposal itself, routed or not
+                if arm == OWN:  # a replicate of the proposal itself, routed or not
                     self.study.enqueue_trial(params, user_attrs=follower)
                 else:
                     fixed = {ARM: arm, FIXED: arm_values(arm)}
@@ -263,7 +264,7 @@ class SweepSearch(Searcher):
         for t in self.study.get_trials(deepcopy=False):
             if FOLLOWS in t.user_attrs:  # an orphan and its re-run are one (arm, seed)
                 queued.setdefault(t.user_attrs[FOLLOWS], set()).add(
-                    (t.user_attrs.get(ARM, "routed"), int(t.user_attrs[SEED_INDEX]))
+                    (t.user_attrs.get(ARM, OWN), int(t.user_attrs[SEED_INDEX]))
                 )
         added = 0
         for key, proposal in proposals(self.study).items():
