@@ -6,20 +6,24 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
+import optuna
 import pytest
 
 from loopgolf.orchestrator.arms import (
     ARMS,
     ArmsError,
     arm_of,
+    arm_params,
+    arm_values,
     control_config,
     is_routed,
     parse_controls,
     space_can_route,
     supported_controls,
 )
-from loopgolf.search_spaces.spaces import Choice, FloatRange, config_id
+from loopgolf.search_spaces.spaces import FIXED, Choice, ConfigSampler, FloatRange, IntRange, config_id, contains
 from loopgolf.trial.config import TrialConfig, preset
 
 
@@ -66,3 +70,43 @@ def test_space_can_route() -> None:
     assert not space_can_route({"refine_passes": Choice((0, 1)), "signal": Choice(("uniform", "random"))}, base)
     assert not space_can_route({"signal": Choice(("kl",)), "refine_target": FloatRange(0.1, 0.5)}, base)
     assert space_can_route({"signal": Choice(("kl",))}, {**base, "refine_passes": 1})
+
+
+def test_arm_params_hold_the_arms_routing_only_where_the_space_can() -> None:
+    space = {"refine_passes": Choice((0, 1)), "signal": Choice(("entropy", "kl")), "d_model": Choice((32, 64))}
+    routed = {"refine_passes": 1, "signal": "kl", "d_model": 64}
+    assert arm_params(space, routed, "no_refine") == {"refine_passes": 0, "signal": "kl", "d_model": 64}
+    for arm in ("uniform", "stride", "random"):  # not a choice of `signal`: left out, set by `fixed`
+        assert arm_params(space, routed, arm) == {"refine_passes": 1, "d_model": 64}
+    wide = {**space, "signal": Choice(("entropy", "kl", "uniform"))}
+    assert arm_params(wide, routed, "uniform") == {"refine_passes": 1, "signal": "uniform", "d_model": 64}
+    narrow = {**space, "refine_passes": IntRange(1, 2)}
+    assert arm_params(narrow, routed, "no_refine") == {"signal": "kl", "d_model": 64}
+
+
+@pytest.mark.parametrize(
+    ("dim", "inside", "outside"),
+    [
+        (Choice(("entropy", "kl")), ["kl"], ["uniform", 0]),
+        (Choice((0, 1, 2)), [0, 2], [3, False, 1.5, "1"]),
+        (IntRange(1, 5, step=2), [1, 3, 5], [0, 2, 6, 3.0, True]),
+        (FloatRange(0.1, 0.5), [0.1, 0.25, 0.5], [0.05, 0.6, "0.2"]),
+    ],
+)  # fmt: skip
+def test_contains_is_what_optuna_can_hold_as_the_dimensions_param(dim: Any, inside: list, outside: list) -> None:
+    assert all(contains(dim, v) for v in inside) and not any(contains(dim, v) for v in outside)
+
+
+def test_the_sampler_sets_fixed_values_and_suggests_only_those_the_space_holds() -> None:
+    space = {"refine_passes": Choice((1,)), "signal": Choice(("entropy", "kl")), "aux_loss": Choice((0.0, 0.1))}
+    base = preset("tiny").replace(bits=8, codec="zlib")
+    sampler = ConfigSampler(space, base, equal_bytes=False, byte_budget=2_000_000)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    routed = {"refine_passes": 1, "signal": "kl", "aux_loss": 0.1}
+    for arm in ("no_refine", "uniform"):
+        study.enqueue_trial(arm_params(space, routed, arm), user_attrs={FIXED: arm_values(arm), "seed_index": 1})
+    for arm in ("no_refine", "uniform"):
+        trial = study.ask()
+        flat = sampler(trial)["trial_config"]
+        assert flat == control_config({**base.replace(seed=base.train.seed + 1).to_flat(), **routed}, arm)
+        assert trial.params == arm_params(space, routed, arm)  # what the sampler learns this trial is

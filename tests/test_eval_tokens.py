@@ -86,7 +86,7 @@ def test_trials_score_the_same_tokens_and_write_them_beside_the_artifact(corpus_
         assert path.parent == Path(metrics["artifact_path"]).parent
         files[name] = pd.read_parquet(path)
         frame = files[name]
-        assert len(frame) == metrics["eval_tokens"] and int(frame["bytes"].sum()) == metrics["eval_bytes"]
+        assert len(frame) == metrics["eval_tokens_scored"] and int(frame["bytes"].sum()) == metrics["eval_bytes"]
         assert math.isclose(frame["ce"].astype(float).mean(), metrics["val_loss"], rel_tol=1e-5)
         assert frame["ce"].dtype == np.float32 and frame["refined"].dtype == bool
     assert files["plain"]["router_score"].isna().all() and not files["plain"]["refined"].any()

@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from loopgolf.orchestrator.arms import ARMS
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 REDUCED = {  # dotted spec fields: the budget, never the configurations
@@ -68,3 +70,9 @@ def test_example_runs_with_zero_failed_trials(example: Path, corpus_data: Path, 
     assert len(trials) >= REDUCED["search.num_samples"]
     failed = trials[trials["status"] == "failed"]
     assert failed.empty, failed[["trial_id", "error"]].to_string()
+    for pair_id, pair in trials[trials["pair_id"].notna()].groupby("pair_id"):  # every pair complete, once
+        slots = sorted(zip(pair["arm"], pair["seed"], strict=True))
+        routed_seeds = sorted(pair.loc[pair["arm"] == "routed", "seed"])
+        assert slots == sorted((arm, s) for arm in ARMS for s in routed_seeds), (pair_id, slots)
+    if spec.get("space") == "routing":  # every proposal of the routing example is routed: all paired
+        assert len(trials) == REDUCED["search.num_samples"] * len(ARMS) and trials["pair_id"].notna().all()

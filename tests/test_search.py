@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import pickle
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,9 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
+from loopgolf.orchestrator.study import planned_trials, proposals
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
 from loopgolf.trial.config import preset
 
@@ -22,17 +26,22 @@ SPACE = {"n_blocks": Choice((1, 2, 3)), "n_passes": Choice((1, 2)), "d_model": C
 
 
 def searcher(
-    tmp_path: Path, seeds: int = 2, total: int = 6, sampler: Any = None, space: Any = None, objectives: Any = None
+    tmp_path: Path, seeds: int = 2, total: int = 6, sampler: Any = None, space: Any = None, objectives: Any = None,
+    controls: tuple[str, ...] = (), base: Any = None,
 ) -> SweepSearch:
-    base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000)
+    """`total` counts trials of unrouted proposals: num_samples = total / seeds."""
+    base = base or preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000)
+    space = space or SPACE
     return SweepSearch(
-        ConfigSampler(space or SPACE, base, equal_bytes=False, byte_budget=2_000_000),
+        ConfigSampler(space, base, equal_bytes=False, byte_budget=2_000_000),
         objectives or OBJECTIVES,
         seeds=seeds,
-        total_trials=total,
+        num_samples=total // seeds,
         storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
         study_name="s",
         sampler=sampler or make_sampler("random", seed=0),
+        space=space,
+        controls=controls,
     )
 
 
@@ -177,7 +186,7 @@ def test_every_algorithm_survives_tunes_pickling_of_the_searcher(algorithm: str,
     grid = {"n_blocks": [1, 2, 3], "n_passes": [1, 2], "d_model": [32, 64]}
     search = searcher(tmp_path, sampler=make_sampler(algorithm, seed=1, grid=grid))
     copy = pickle.loads(pickle.dumps(search))
-    assert copy.study is None and copy.total_trials == search.total_trials
+    assert copy.study is None and copy.num_samples == search.num_samples
     config = search.suggest("t0")
     assert isinstance(config, dict) and config["trial_config"]["n_blocks"] in (1, 2, 3)
 
@@ -187,3 +196,165 @@ def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> N
     configs = [search.suggest(f"t{i}") for i in range(6)]
     assert len({c["config_id"] for c in configs}) == 1  # the space holds one configuration
     assert sorted(c["trial_config"]["seed"] for c in configs) == [0, 1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------ paired control arms
+
+ARMS5 = ("routed", "no_refine", "uniform", "stride", "random")
+# Routed signals only: the controls' signals are outside the space; refine_passes 0 is inside it.
+ROUTING_SPACE = {
+    "refine_passes": Choice((0, 1)),
+    "signal": Choice(("entropy", "margin")),
+    "aux_loss": Choice((0.0, 0.1)),
+    "n_passes": Choice((1, 2)),
+}
+
+
+def routing_searcher(tmp_path: Path, num_samples: int, seeds: int, sampler: Any = None, space: Any = None) -> Any:
+    return searcher(tmp_path, seeds=seeds, total=num_samples * seeds, sampler=sampler, space=space or ROUTING_SPACE,
+                    controls=CONTROLS)  # fmt: skip
+
+
+def expected_runs(study: optuna.Study, seeds: int) -> set[tuple[str, str, int]]:
+    """(proposal key, arm, seed index) of every trial the proposals plan, from the study."""
+    out = set()
+    for key, proposal in proposals(study).items():
+        first = proposal.user_attrs["seed_index"]
+        for arm in ("proposal", *proposal.user_attrs["controls"]):
+            out |= {(key, arm, i) for i in range(first, first + seeds)}
+    return out
+
+
+def test_each_routed_proposal_runs_every_arm_at_every_seed_and_nothing_else(tmp_path: Path) -> None:
+    search = routing_searcher(tmp_path, num_samples=4, seeds=2)
+    assert search.max_trials == 4 * 2 * 5 == planned_trials(search.study, 4, 2, len(CONTROLS))
+    configs = []
+    while (config := search.suggest(f"t{len(configs)}")) != Searcher.FINISHED:
+        configs.append(config)
+    routed = [c for c in configs if c["arm"] == "routed"]
+    unrouted = [c for c in configs if c["pair_id"] is None]
+    assert routed and unrouted  # this sampler seed proposes both kinds
+    assert all(not is_routed(c["trial_config"]) for c in unrouted)
+    # Each proposal brings its seeds, a routed one its 4 arms' seeds too (a re-proposal continues the seeds).
+    assert len(configs) == planned_trials(search.study, 4, 2, len(CONTROLS)) == 2 * 4 + 4 * len(routed)
+    by_pair: dict[str, dict[tuple[str, int], dict]] = {}
+    for c in configs:
+        assert c["arm"] == arm_of(c["trial_config"])
+        if c["pair_id"] is not None:
+            slot = (c["arm"], c["trial_config"]["seed"])
+            assert slot not in by_pair.setdefault(c["pair_id"], {})  # exactly once
+            by_pair[c["pair_id"]][slot] = c["trial_config"]
+    assert sorted(by_pair) == sorted({c["config_id"] for c in routed})
+    for pair_id, arms in by_pair.items():  # every arm is control_config of its routed configuration, seed by seed
+        seeds = {seed for arm, seed in arms if arm == "routed"}
+        assert set(arms) == {(arm, seed) for arm in ARMS5 for seed in seeds}, pair_id
+        for (arm, seed), flat in arms.items():
+            oracle = arms[("routed", seed)] if arm == "routed" else control_config(arms[("routed", seed)], arm)
+            assert flat == oracle
+    # What the study holds: an arm's routing value is a param where the space can hold it.
+    by_key = {t.user_attrs[KEY]: t for t in search.study.trials}
+    for c in configs:
+        params, flat = by_key[c[KEY]].params, c["trial_config"]
+        if c["pair_id"] is not None and c["arm"] != "routed":
+            assert by_key[c[KEY]].user_attrs["arm"] == c["arm"]
+        if c["arm"] == "no_refine" and c["pair_id"] is not None:
+            assert params["refine_passes"] == 0 and params["signal"] == flat["signal"]
+        if c["arm"] in ("uniform", "stride", "random"):
+            assert "signal" not in params and params["refine_passes"] == 1
+
+
+def test_a_routing_grid_queues_arms_as_fully_fixed_trials(tmp_path: Path) -> None:
+    # GridSampler refuses a queued trial that suggests a param it does not fix.
+    space = {"signal": Choice(("entropy", "kl")), "aux_loss": Choice((0.0, 0.1))}
+    grid = make_sampler("grid", seed=0, grid={"signal": ["entropy", "kl"], "aux_loss": [0.0, 0.1]})
+    base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000, refine_passes=1)
+    search = SweepSearch(
+        ConfigSampler(space, base, equal_bytes=False, byte_budget=2_000_000), OBJECTIVES, seeds=1, num_samples=4,
+        storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", sampler=grid, space=space,
+        controls=("no_refine", "uniform"),
+    )  # fmt: skip
+    configs = []
+    while (config := search.suggest(f"t{len(configs)}")) != Searcher.FINISHED:
+        configs.append(config)
+        search.on_trial_complete(f"t{len(configs) - 1}", complete(config))
+    assert search.error is None and search.grid_exhausted()
+    routed = {(c["trial_config"]["signal"], c["trial_config"]["aux_loss"]) for c in configs if c["arm"] == "routed"}
+    assert routed == {("entropy", 0.0), ("entropy", 0.1), ("kl", 0.0), ("kl", 0.1)}
+    assert sorted(c["arm"] for c in configs) == sorted(["routed", "no_refine", "uniform"] * 4)
+
+
+def dies_on_the_third(enqueue: Any, calls: list[int]) -> Any:
+    """`enqueue_trial` of a driver killed at its third call."""
+
+    def enqueue_or_die(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed while queuing")
+        enqueue(*args, **kwargs)
+
+    return enqueue_or_die
+
+
+def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_path: Path) -> None:
+    """A fake Tune loop (no Ray): trials start and end in random order; four times the driver
+    is killed (its running trials left RUNNING), the first while queuing a proposal's arms;
+    a fresh searcher on the study continues. Every (proposal, arm, seed) ends exactly once,
+    and a re-run is handed the same configuration as the lost run."""
+    import random
+
+    rng, seeds = random.Random(0), 2
+    search = routing_searcher(tmp_path, num_samples=4, seeds=seeds)
+    requeued: list[int] = []  # per resume: orphans queued again
+    completed: list[int] = []  # per resume: followers a killed driver had not queued
+    handed: dict[str, list[dict]] = {}  # key -> every config handed to Tune for it
+    running: list[str] = []
+    kills, broken_queue, names = 0, False, iter(f"t{i}" for i in range(10_000))
+    for event in itertools.count():  # running trials stay RUNNING when the driver dies
+        if kills < 4 and event >= 9 * kills + 4 and (kills == 0 or len(running) >= 2):  # the driver dies
+            if kills == 0:  # this time in the middle of queuing a proposal's followers
+                calls: list[int] = []
+                search.study.enqueue_trial = dies_on_the_third(search.study.enqueue_trial, calls)  # type: ignore
+                while len(calls) < 3:  # suggest until a proposal queues (its trials start, then the kill)
+                    with contextlib.suppress(KeyboardInterrupt):
+                        config = search.suggest(next(names))
+                        if isinstance(config, dict):
+                            handed.setdefault(config[KEY], []).append(config)
+                broken_queue = True
+            kills += 1
+            search = routing_searcher(tmp_path, num_samples=4, seeds=seeds)
+            requeued.append(search.requeued)
+            completed.append(search.completed)
+            running = []
+            continue
+        if running and (len(running) >= 3 or rng.random() < 0.5):
+            trial_id = running.pop(rng.randrange(len(running)))
+            search.on_trial_complete(trial_id, complete({}, bpb=rng.uniform(1, 3)))
+            continue
+        trial_id = next(names)
+        config = search.suggest(trial_id)
+        if config == Searcher.FINISHED:
+            if not running:
+                break
+            continue
+        handed.setdefault(config[KEY], []).append(config)
+        running.append(trial_id)
+    assert kills == 4 and broken_queue and search.error is None
+    assert completed[0] > 0 and completed[1:] == [0, 0, 0] and all(n > 0 for n in requeued), (completed, requeued)
+    study = search.study
+    final = final_trials(study)
+    assert all(t.state == TrialState.COMPLETE for t in final.values())
+    ran = [(t.user_attrs.get("follows", key), t.user_attrs.get("arm", "proposal"), t.user_attrs["seed_index"])
+           for key, t in final.items()]  # fmt: skip
+    assert len(ran) == len(set(ran))  # exactly once
+    assert set(ran) == expected_runs(study, seeds)  # nothing missing
+    assert len(ran) == planned_trials(study, 4, seeds, len(CONTROLS))
+    assert len(proposals(study)) == 4
+    for key, configs in handed.items():  # a re-run runs the very same configuration, in the same directory
+        assert all(c == configs[0] for c in configs), key
+    pairs = {}
+    for key in final:
+        config = handed[key][0]
+        if config["pair_id"] is not None:
+            slot = (config["pair_id"], config["arm"], config["trial_config"]["seed"])
+            assert slot not in pairs
+            pairs[slot] = key

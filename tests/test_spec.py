@@ -62,6 +62,10 @@ REJECTED = [
      "stops would enter the multi-objective study with truncated values"),
     ({"early_stopping": "asha", "objectives": {"artifact_bytes": "min"}},
      "early_stopping=asha needs objectives {val_bpb: min}: it compares quick val bpb over time"),
+    ({"controls": ["dense"]},
+     "controls: unknown arm 'dense'; expected a subset of ['no_refine', 'uniform', 'stride', 'random']"),
+    ({"controls": "random"}, "controls='random': expected a list, a subset of ['no_refine', 'uniform', 'stride', "
+     "'random']"),
 ]  # fmt: skip
 
 # The bound of each rule, accepted.
@@ -76,6 +80,7 @@ ACCEPTED = [
     {"workers": 1, "gpu": 0.5},  # fractional GPUs are fine for one process
     {"workers": 2, "gpu": 1.0}, {"workers": 2, "gpu": 0.0},
     {"early_stopping": None}, {"early_stopping": "asha"},
+    {"controls": None}, {"controls": ()}, {"controls": ("no_refine", "random")},
 ]  # fmt: skip
 
 
@@ -171,8 +176,9 @@ def test_the_yaml_dict_round_trips(data: Path) -> None:
          "search.seeds: unknown field; expected one of ['algorithm', 'num_samples', 'objectives', 'seed']"),
         ({"resources": {"cpus": 2}}, "resources.cpus: unknown field; expected one of ['cpu', 'gpu', 'workers']"),
         ({"sead": 2},
-         "unknown spec field 'sead'; expected one of ['base', 'budget', 'data', 'early_stopping', 'equal_bytes', "
-         "'max_concurrent', 'name', 'overrides', 'resources', 'search', 'seeds', 'space', 'storage', 'tracking_uri']"),
+         "unknown spec field 'sead'; expected one of ['base', 'budget', 'controls', 'data', 'early_stopping', "
+         "'equal_bytes', 'max_concurrent', 'name', 'overrides', 'resources', 'search', 'seeds', 'space', 'storage', "
+         "'tracking_uri']"),
         ({"overrides": [1, 2]}, "overrides: expected a mapping of config field: value"),
         ({"base": "tiny"}, "base: expected a mapping of config field: value"),
         ({"base": {"n_blockz": 1}}, "base: unknown config field 'n_blockz'"),
@@ -337,3 +343,16 @@ def test_pareto_halving_yaml_roundtrip_and_rungs(data: Path) -> None:
     assert spec_from_dict(raw | {"early_stopping": "pareto_halving"}) == default
     asha = spec_from_dict(raw | {"early_stopping": {"algorithm": "asha"}, "search": {"objectives": ["val_bpb"]}})
     assert asha.early_stopping == "asha" and asha.to_yaml_dict()["early_stopping"] == "asha"
+
+
+def test_controls_default_to_every_arm_when_the_space_routes(data: Path) -> None:
+    routes = {"space": "routing", "overrides": {"refine_passes": 1, "signal": ["entropy", "kl"]}}
+    assert spec_from_dict(_raw(data, **routes)).control_arms() == ("no_refine", "uniform", "stride", "random")
+    assert spec_from_dict(_raw(data, **routes, controls=["random", "no_refine"])).control_arms() == (
+        "no_refine", "random")  # fmt: skip
+    assert spec_from_dict(_raw(data, **routes, controls=[])).control_arms() == ()
+    assert spec_from_dict(_raw(data)).control_arms() == ()  # shared_vs_unique never routes
+    made = spec_from_dict(_raw(data, **routes, controls=["uniform"]))
+    assert spec_from_dict(yaml.safe_load(yaml.safe_dump(made.to_yaml_dict()))) == made
+    with pytest.raises(SpecError, match=r"^controls=\['uniform'\]: space 'shared_vs_unique' never proposes a routed "):
+        spec_from_dict(_raw(data, controls=["uniform"]))

@@ -229,6 +229,12 @@ def test_real_sweep_one_row_and_run_per_trial_on_loopback_only(corpus_data: Path
         assert not Path(path).is_absolute() and (sweep_dir / path).stat().st_size == size
     curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
     assert set(curves["trial_id"]) == set(trials["trial_id"])
+    # unrouted (shared_vs_unique): no pairs; the report's grouping columns filled on every row
+    assert (trials["arm"] == "no_refine").all() and trials["pair_id"].isna().all()
+    manifest = json.loads((corpus_data / "manifest.json").read_text())
+    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    assert (trials["data_fingerprint"] == fingerprint).all()
+    assert (trials["train_budget_seconds"] == 3.0).all() and trials["hardware"].str.startswith("1 cpu ").all()
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{sweep_dir / 'mlflow.db'}")
@@ -508,3 +514,26 @@ def test_a_spec_with_history_reads_as_its_spec(corpus_data: Path, tmp_path: Path
     sweep_dir.mkdir()
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(extended, sort_keys=False), encoding="utf-8")
     assert read_sweep_spec(sweep_dir) == dataclasses.replace(spec, num_samples=7)
+
+
+def test_the_ledger_row_keeps_arm_pair_budget_and_both_eval_token_counts(tmp_path: Path) -> None:
+    from loopgolf.orchestrator.ledger import Ledger
+    from loopgolf.orchestrator.trialdir import write_json
+    from loopgolf.trial.config import preset
+
+    flat = preset("tiny").replace(refine_passes=1, signal="uniform", train_seconds=60.0, eval_tokens=4096).to_flat()
+    metrics = {"status": "complete", "val_bpb": 2.0, "train_seconds": 2.5, "eval_tokens_scored": 4000}
+    records = {
+        "trial_00000": {"arm": "uniform", "pair_id": "abc", "data_fingerprint": "f" * 16, "hardware": "1 cpu x"},
+        "trial_00001": {},  # a trial.json from before arms: the arm follows from the config
+    }
+    for key, extra in records.items():
+        write_json(tmp_path / "trials" / key / "trial.json", {"trial_key": key, "trial_config": flat} | extra)
+        write_json(tmp_path / "trials" / key / "metrics.json", metrics)
+    Ledger(tmp_path, "s", "v").rebuild()
+    rows = pd.read_parquet(tmp_path / "results" / "trials.parquet").set_index("trial_id")
+    assert rows.loc["trial_00000", ["arm", "pair_id", "data_fingerprint", "hardware"]].tolist() == [
+        "uniform", "abc", "f" * 16, "1 cpu x"]  # fmt: skip
+    assert rows.loc["trial_00001", "arm"] == "uniform" and pd.isna(rows.loc["trial_00001", "pair_id"])
+    assert (rows["train_budget_seconds"] == 60.0).all() and (rows["train_seconds"] == 2.5).all()
+    assert (rows["eval_tokens"] == 4096).all() and (rows["eval_tokens_scored"] == 4000).all()

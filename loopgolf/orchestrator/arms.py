@@ -10,8 +10,16 @@ tokens, the same byte cap. Each control arm changes the routing alone:
 - `stride`: a fixed causal pattern at refine_target;
 - `random`: i.i.d. tokens at refine_target, seeded by the trial seed.
 
-Arms of one routed configuration share its `pair_id` (the routed configuration's id);
-trials the sampler proposes that are not routed have no pair.
+Arms of one routed configuration share its `pair_id`: the routed configuration's
+`config_id` (its identity without the seed), so every seed of the routed configuration
+and of each of its arms carries the same pair id, and seeds pair by their value. Trials
+the sampler proposes that are not routed, or routed ones in a sweep without controls,
+have no pair.
+
+How the searcher queues arms in the Optuna study (search.py) is built from two pure
+pieces here: `arm_values`, the routing fields an arm sets, and `arm_params`, the fixed
+Optuna params of an arm trial (an arm's routing value goes into them only where the
+search space can hold it; Optuna refuses a fixed categorical value outside its choices).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, get_args
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.search_spaces.spaces import Choice, Dimension
+from loopgolf.search_spaces.spaces import Choice, Dimension, contains
 from loopgolf.trial.config import RouterSignal
 
 ROUTED_SIGNALS = ("entropy", "margin", "resid_norm", "kl")
@@ -66,16 +74,31 @@ def arm_of(flat: Mapping[str, Any]) -> str:
     return "routed" if flat.get("signal") in ROUTED_SIGNALS else str(flat["signal"])
 
 
+def arm_values(arm: str) -> dict[str, Any]:
+    """The routing fields a control arm sets; everything else stays the routed configuration's."""
+    if arm == "no_refine":
+        return {"refine_passes": 0}
+    if arm not in CONTROLS:
+        raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROLS)}")
+    return {"signal": arm}
+
+
 def control_config(flat: Mapping[str, Any], arm: str) -> dict[str, Any]:
     """The routed configuration `flat` with only its routing changed to `arm`."""
     if not is_routed(flat):
         raise ArmsError(f"control arm {arm!r} of a configuration that is not routed "
                         f"(signal={flat.get('signal')!r}, refine_passes={flat.get('refine_passes')!r})")
-    if arm == "no_refine":
-        return {**flat, "refine_passes": 0}
-    if arm not in CONTROLS:
-        raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROLS)}")
-    return {**flat, "signal": arm}
+    return {**flat, **arm_values(arm)}
+
+
+def arm_params(space: Mapping[str, Dimension], routed_params: Mapping[str, Any], arm: str) -> dict[str, Any]:
+    """The fixed Optuna params of an arm trial: the routed trial's params, with each routing
+    field the arm sets replaced where the space holds the arm's value, and dropped where it
+    does not (the sampler then sets it without suggesting it: ConfigSampler's `fixed`)."""
+    values = arm_values(arm)
+    params = {k: v for k, v in routed_params.items() if k not in values}
+    params |= {k: v for k, v in values.items() if k in space and contains(space[k], v)}
+    return params
 
 
 def _reachable(dim: Dimension | None, default: Any) -> list[Any]:

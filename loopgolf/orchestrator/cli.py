@@ -81,7 +81,8 @@ def _cmd_artifact_eval(args: argparse.Namespace) -> int:
     from loopgolf.trial.evaluate import evaluate_artifact
 
     metrics = evaluate_artifact(args.artifact, args.data, eval_tokens=args.eval_tokens, device=args.device)
-    print(f"val_bpb {metrics['val_bpb']:.6f} over {metrics['eval_tokens']:,} tokens ({metrics['eval_bytes']:,} bytes)")
+    scored, nbytes = metrics["eval_tokens_scored"], metrics["eval_bytes"]
+    print(f"val_bpb {metrics['val_bpb']:.6f} over {scored:,} tokens ({nbytes:,} bytes)")
     print_json_line(metrics)
     return 0
 
@@ -91,7 +92,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from loopgolf.orchestrator.sweep import run_sweep
 
     spec = load_spec(args.spec, args.set or (), storage=args.storage, name=args.name, data=args.data)
-    print(f"sweep {spec.name}: {spec.num_samples} configurations x {spec.seeds} seed(s), space {spec.space!r}, "
+    controls = spec.control_arms()
+    arms = f" (each routed one with its arms: {', '.join(controls)})" if controls else ""
+    print(f"sweep {spec.name}: {spec.num_samples} configurations{arms} x {spec.seeds} seed(s), space {spec.space!r}, "
           f"{spec.train_seconds:g} s per trial -> {spec.sweep_dir}", file=sys.stderr)
     outcome = run_sweep(spec, address=args.address)
     return _summarize(outcome, spec.objectives)

@@ -30,11 +30,13 @@ import pyarrow.parquet as pq
 
 from loopgolf.atomic import atomic_write
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.arms import arm_of
 from loopgolf.orchestrator.trialdir import (  # noqa: F401  (STATUSES and the file names are part of the ledger's API)
     METRICS_FILE,
     PROGRESS_FILE,
     STATUSES,
     TRIAL_FILE,
+    TRIAL_RECORD,
     TRIALS_DIR,
     final_metrics,
     progress_lines,
@@ -65,6 +67,15 @@ IDENTITY_FIELDS: tuple[pa.Field, ...] = (
     pa.field("ended_at", _TIMESTAMP),
     pa.field("code_version", pa.string()),
     pa.field("raised", pa.bool_()),  # the trial raised an exception: an error, not a research outcome
+    # paired control arms (orchestrator/arms.py): routed, no_refine, uniform, stride or random, and the
+    # routed configuration's config_id shared by a pair's trials (null for an unpaired trial)
+    pa.field("arm", pa.string()),
+    pa.field("pair_id", pa.string()),
+    # what the report groups by (trials compare only within one): the prepared data, the spec's
+    # training budget (the column train_seconds is the measured time) and where the trial ran
+    pa.field("data_fingerprint", pa.string()),
+    pa.field("train_budget_seconds", pa.float64()),
+    pa.field("hardware", pa.string()),
 )
 
 METRIC_FIELDS: tuple[pa.Field, ...] = (
@@ -79,6 +90,7 @@ METRIC_FIELDS: tuple[pa.Field, ...] = (
     pa.field("train_tokens", pa.int64()),
     pa.field("train_steps", pa.int64()),
     pa.field("eval_seconds", pa.float64()),
+    pa.field("eval_tokens_scored", pa.int64()),  # val tokens the final evaluation scored (config eval_tokens 0: auto)
     pa.field("eval_passes_per_token", pa.float64()),
     pa.field("eval_flops_per_token", pa.float64()),
     pa.field("refine_fraction", pa.float64()),  # measured in eval from the artifact
@@ -275,6 +287,11 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
         "code_version": code_version,
         "predicted_artifact_bytes": metrics.get("predicted_artifact_bytes", config.get("predicted_artifact_bytes")),
         "raised": bool(metrics.get("raised", False)),
+        "arm": config.get("arm") or (arm_of(flat) if flat else None),
+        "pair_id": config.get("pair_id"),
+        "data_fingerprint": config.get("data_fingerprint"),
+        "train_budget_seconds": flat.get("train_seconds"),
+        "hardware": config.get("hardware"),
     }
     for field in trials_schema():  # a list column a trial lacks is null, not NaN (Arrow casts no float to a list)
         if pa.types.is_list(field.type) and row.get(field.name) is None:
@@ -436,8 +453,7 @@ def ledger_callback(ledger: Ledger) -> Any:
 
 
 def _config_record(config: dict[str, Any]) -> dict[str, Any]:
-    keys = ("trial_key", "trial_config", "config_id", "predicted_artifact_bytes")
-    return {k: config[k] for k in keys if k in config}
+    return {k: config[k] for k in TRIAL_RECORD if k in config}
 
 
 def _error_line(trial: Any) -> str:

@@ -49,7 +49,7 @@ class TrialProgress:
 @dataclasses.dataclass(frozen=True)
 class SweepProgress:
     sweep: str
-    total: int  # trials the sweep will run: configurations x seeds
+    total: int  # trials the sweep will run: (configurations + their control arms) x seeds
     done: int  # ended as complete or rejected
     failed: int
     running: tuple[TrialProgress, ...]
@@ -185,10 +185,10 @@ def sweep_progress(sweep_dir: str | os.PathLike[str], name: str, total: int, max
 
 def live_progress(sweep_dir: str | os.PathLike[str]) -> SweepProgress:
     """The progress of the sweep in `sweep_dir`, sized by its saved spec."""
-    from loopgolf.orchestrator.sweep import read_sweep_spec
+    from loopgolf.orchestrator.sweep import planned_total, read_sweep_spec
 
     spec = read_sweep_spec(sweep_dir)
-    return sweep_progress(sweep_dir, spec.name, spec.num_samples * spec.seeds, spec.max_concurrent)
+    return sweep_progress(sweep_dir, spec.name, planned_total(sweep_dir, spec), spec.max_concurrent)
 
 
 def as_dict(progress: SweepProgress) -> dict[str, Any]:

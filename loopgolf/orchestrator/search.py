@@ -4,10 +4,20 @@ The study in `<sweep>/optuna.db` is the sweep's search state; the searcher holds
 nothing that is not in it, so a resumed sweep builds a fresh searcher on the same
 study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
 
-- Seeds. A sampled configuration enqueues its other replicates (`enqueue_trial` with
-  the same params and a `seed_index` user attribute), so every seed is its own Tune
-  trial and its own Optuna trial. A configuration the sampler proposes again
-  continues its seeds rather than repeating one.
+- Proposals, seeds and arms. A configuration the sampler proposes enqueues what belongs
+  behind it, each its own Tune trial and its own Optuna trial, with a `follows` user
+  attribute naming the proposal's key: its other replicates (`enqueue_trial` with the
+  same params and a `seed_index`), and, when it is routed (orchestrator/arms.py) and
+  the sweep lists control arms, each arm at each of its seeds. An arm trial carries
+  `arm`, `pair_id` (the routed configuration's config_id), `seed_index` and the routed
+  trial's params with only the routing changed (`arm_params`); the routing values the
+  space cannot hold go in the `fixed` attribute, which ConfigSampler applies without
+  suggesting them. So the sampler learns from an arm trial its value at every
+  non-routing param, and at the routing params the space can hold. A configuration the
+  sampler proposes again continues its seeds rather than repeating one.
+- Accounting. `num_samples` counts proposals: the searcher proposes that many, runs
+  everything queued behind them, then returns FINISHED, so a pair is never left
+  incomplete. Trials = (proposals + arms of the routed ones) x seeds (`planned_trials`).
 - Trial keys. Each trial gets a `trial_key` user attribute when it first runs; it
   names the trial's directory (`<sweep>/trials/<key>/`: checkpoints, artifact,
   metrics.json) and its ledger row, and stays the same when the trial is re-run.
@@ -19,8 +29,10 @@ study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
   trials (diverged) and trials that raised as FAIL; trials stopped early by ASHA (no
   final metrics) as PRUNED. A trial is told once.
 - Resume. Trials left RUNNING by a dead driver (the sweep lock guarantees it is dead)
-  are failed and re-enqueued with their params, seed and key, so the re-run finds its
-  directory and checkpoints. The total is counted from the study: distinct keys.
+  are failed and re-enqueued with their params and user attributes (key, seed, arm,
+  pair), so the re-run finds its directory and checkpoints; then every proposal's queue
+  is completed (a driver killed while queuing left some out), by (arm, seed): each
+  runs exactly once.
 - Errors. An exception inside Optuna (e.g. GridSampler calling `study.stop()` when the
   grid is exhausted, which raises outside `optimize`) stops new suggestions; the
   running trials finish and are recorded, and the sweep reports the error.
@@ -29,24 +41,34 @@ study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from loopgolf.orchestrator.arms import arm_of, arm_params, arm_values, is_routed
 from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's API too)
+    ARM,
+    CONTROLS,
+    FOLLOWS,
     KEY,
+    PAIR,
     REPLAY_OF,
+    SEED_INDEX,
     counted_keys,
     final_trials,
+    planned_trials,
+    proposals,
     trial_key,
 )
+from loopgolf.search_spaces.spaces import FIXED, Dimension
 
 CONSTRAINTS = ("byte_violation", "eval_violation")
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
-_KEPT_ATTRS = ("seed_index", "replicate_of", KEY)
+_KEPT_ATTRS = (SEED_INDEX, FOLLOWS, CONTROLS, ARM, PAIR, FIXED, KEY)  # what a re-run of an orphan keeps
+OWN = "proposal"  # in a proposal's queue, beside its arms: a replicate of the proposal's own configuration
 
 
 def make_sampler(algorithm: str, seed: int, grid: Mapping[str, list] | None = None) -> optuna.samplers.BaseSampler:
@@ -68,16 +90,20 @@ class SweepSearch(Searcher):
         objectives: Mapping[str, str],
         *,
         seeds: int,
-        total_trials: int,
+        num_samples: int,
         storage_url: str,
         study_name: str,
         sampler: optuna.samplers.BaseSampler,
+        space: Mapping[str, Dimension] | None = None,
+        controls: Collection[str] = (),
     ) -> None:
         super().__init__()  # Tune's metric/mode stay unset: the study holds the directions
         self.sample = sample
         self.objectives = dict(objectives)
         self.seeds = seeds
-        self.total_trials = total_trials
+        self.num_samples = num_samples
+        self.space = dict(space or {})  # the sampler's space: which arm values an arm trial's params can hold
+        self.controls = tuple(controls)
         self.study = optuna.create_study(
             storage=optuna.storages.RDBStorage(storage_url),
             study_name=study_name,
@@ -88,6 +114,12 @@ class SweepSearch(Searcher):
         self.live: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial (asked, not yet told)
         self.error: str | None = None  # the first exception raised inside Optuna; no suggestions after it
         self.requeued = self.requeue_orphans()
+        self.completed = self.complete_queues()
+
+    @property
+    def max_trials(self) -> int:
+        """The most trials the sweep can run (Tune's num_samples): every proposal routed."""
+        return planned_trials(None, self.num_samples, self.seeds, len(self.controls))
 
     # ------------------------------------------------------------------ suggest
 
@@ -102,30 +134,53 @@ class SweepSearch(Searcher):
 
     def _suggest(self, trial_id: str) -> dict | None:
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        replays = any(KEY in t.user_attrs for t in waiting)
-        if not replays and len(counted_keys(self.study)) >= self.total_trials:
-            return Searcher.FINISHED
-        if not waiting and self.grid_exhausted():  # every grid point ran; queued seeds above still do
-            return Searcher.FINISHED
-        trial = self.study.ask()
-        config = self.sample(trial)
-        if "seed_index" not in trial.user_attrs:  # sampled, not a queued replicate
-            first = self._earlier_runs_of(trial.params, exclude=trial.number)
-            trial.set_user_attr("seed_index", first)
-            config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
-            for index in range(first + 1, first + self.seeds):
-                self.study.enqueue_trial(trial.params, user_attrs={"seed_index": index, "replicate_of": trial.number})
+        if not waiting and (len(proposals(self.study)) >= self.num_samples or self.grid_exhausted()):
+            return Searcher.FINISHED  # everything queued behind the proposals has run (or runs now)
+        trial = self.study.ask()  # a queued trial first, if any
         if KEY not in trial.user_attrs:
             trial.set_user_attr(KEY, trial_key(trial.number))
-        config[KEY] = trial.user_attrs[KEY]
+        config = self.sample(trial)
+        if SEED_INDEX not in trial.user_attrs:  # proposed by the sampler, not queued
+            self._propose(trial, config)
+        arm = arm_of(config["trial_config"])
+        config |= {KEY: trial.user_attrs[KEY], "arm": arm, "pair_id": trial.user_attrs.get(PAIR)}
         self.live[trial_id] = trial
         return config
 
-    def _earlier_runs_of(self, params: dict, exclude: int) -> int:
-        """Earlier trials of the same configuration, queued included; a key's re-runs count once."""
+    def _propose(self, trial: optuna.Trial, config: dict[str, Any]) -> None:
+        """Plan a proposal's queue in its user attributes (seed index last), then queue it."""
+        first = self._earlier_runs_of(trial.params, trial.user_attrs[KEY])
+        controls = self.controls if is_routed(config["trial_config"]) else ()
+        trial.set_user_attr(CONTROLS, list(controls))
+        if controls:
+            trial.set_user_attr(PAIR, config["config_id"])
+        trial.set_user_attr(SEED_INDEX, first)  # set last: a proposal with a seed index has its plan
+        config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
+        self._queue_behind(trial, queued=set())
+
+    def _queue_behind(self, proposal: optuna.Trial | optuna.trial.FrozenTrial, queued: set[tuple[str, int]]) -> int:
+        """Enqueue the proposal's replicates and arms that are not in `queued` ((arm, seed index))."""
+        attrs, params = proposal.user_attrs, proposal.params
+        first, pair = int(attrs[SEED_INDEX]), attrs.get(PAIR)
+        added = 0
+        for index in range(first, first + self.seeds):  # seed by seed: a pair's trials run close together
+            for arm in (OWN, *attrs.get(CONTROLS, ())):
+                if (arm, index) in queued or (arm == OWN and index == first):
+                    continue
+                follower = {SEED_INDEX: index, FOLLOWS: attrs[KEY]} | ({PAIR: pair} if pair else {})
+                if arm == OWN:  # a replicate of the proposal itself, routed or not
+                    self.study.enqueue_trial(params, user_attrs=follower)
+                else:
+                    fixed = {ARM: arm, FIXED: arm_values(arm)}
+                    self.study.enqueue_trial(arm_params(self.space, params, arm), user_attrs=follower | fixed)
+                added += 1
+        return added
+
+    def _earlier_runs_of(self, params: dict, key: str) -> int:
+        """Earlier trials of the same configuration; a key's re-runs count once, this one's not at all."""
         keys, unkeyed = set(), 0
         for t in self.study.get_trials(deepcopy=False):
-            if t.number == exclude or t.params != params:
+            if t.params != params or t.user_attrs.get(KEY) == key:
                 continue
             if KEY in t.user_attrs:
                 keys.add(t.user_attrs[KEY])
@@ -202,3 +257,17 @@ class SweepSearch(Searcher):
             self.study.tell(trial.number, state=TrialState.FAIL)
             self.study.enqueue_trial(trial.params, user_attrs=attrs | {REPLAY_OF: trial.number})
         return len(orphans)
+
+    def complete_queues(self) -> int:
+        """Enqueue what a driver killed while queuing left out: every proposal's (arm, seed) once."""
+        queued: dict[str, set[tuple[str, int]]] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            if FOLLOWS in t.user_attrs:  # an orphan and its re-run are one (arm, seed)
+                queued.setdefault(t.user_attrs[FOLLOWS], set()).add(
+                    (t.user_attrs.get(ARM, OWN), int(t.user_attrs[SEED_INDEX]))
+                )
+        added = 0
+        for key, proposal in proposals(self.study).items():
+            if SEED_INDEX in proposal.user_attrs:  # else it is proposed afresh when its re-run starts
+                added += self._queue_behind(proposal, queued.get(key, set()))
+        return added

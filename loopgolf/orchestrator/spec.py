@@ -10,6 +10,8 @@
     budget: {artifact_bytes: 16000000, train_seconds: 20, eval_seconds: 0}
     search: {algorithm: tpe, objectives: {val_bpb: min, artifact_bytes: min}, num_samples: 6, seed: 0}
     seeds: 1                        # replicates per configuration
+    controls: null                  # arms run beside each routed configuration (orchestrator/arms.py);
+                                    # null: all of no_refine, uniform, stride, random when the space routes
     max_concurrent: 2
     resources: {cpu: 1, gpu: 0, workers: 1}   # workers > 1: data parallel (Ray Train), cpu/gpu per worker
     tracking_uri: null              # default: sqlite:///<sweep>/mlflow.db
@@ -17,6 +19,13 @@
                                     # {algorithm: pareto_halving, eta: 3, min_seconds: 2} (halving.py)
 
 Every bad value is one LoopgolfError naming it, raised before a directory is made.
+
+Accounting: `num_samples` counts the configurations the sampler proposes. Each routed one
+(signal entropy, margin, resid_norm or kl, refine_passes > 0) also runs each control arm,
+so a sweep runs (num_samples + routed proposals x len(controls)) x seeds trials: at most
+num_samples x (1 + len(controls)) x seeds, exactly that when every proposal is routed (a
+routing grid). A pair is never left incomplete: the sweep ends when the last proposal's
+arms have run.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.arms import ArmsError, parse_controls, space_can_route
 from loopgolf.orchestrator.ledger import METRICS as LEDGER_METRICS
 from loopgolf.trial.config import (
     ConfigError,
@@ -78,8 +88,14 @@ class SweepSpec:
     early_stopping: EarlyStopping | None = None
     halving_eta: int = 3  # pareto_halving: keep the best 1/eta at each rung
     halving_min_seconds: float | None = None  # pareto_halving: the first rung; None = train_seconds / eta^2
+    controls: tuple[str, ...] | None = None  # None: every supported arm when the space can route
 
     def __post_init__(self) -> None:
+        if self.controls is not None:
+            try:  # the normal form: a tuple in the fixed order (a resume queues arms the same way)
+                object.__setattr__(self, "controls", parse_controls(self.controls))
+            except ArmsError as exc:
+                raise SpecError(str(exc)) from None
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or set(self.name) == {"."}:
             raise SpecError(f"name={self.name!r}: expected letters, digits, '-', '_' or '.' (not only dots)")
         if self.is_local and Path(self.storage).exists() and not Path(self.storage).is_dir():
@@ -164,6 +180,19 @@ class SweepSpec:
     def is_local(self) -> bool:
         return "://" not in self.storage
 
+    def search_space(self) -> dict[str, Any]:
+        """The named space with the spec's overrides applied."""
+        from loopgolf.search_spaces.spaces import apply_overrides, named_space
+
+        return apply_overrides(named_space(self.space), self.overrides)
+
+    def control_arms(self) -> tuple[str, ...]:
+        """The arms queued beside every routed configuration the sampler proposes."""
+        if self.controls is not None:
+            return self.controls
+        routes = space_can_route(self.search_space(), self.base_config().to_flat())
+        return parse_controls(None) if routes else ()
+
     def base_config(self) -> TrialConfig:
         """The fixed part of every trial: base fields plus the sweep's budgets."""
         values = dict(self.base)
@@ -201,6 +230,7 @@ class SweepSpec:
             "resources": {"cpu": self.cpu, "gpu": self.gpu, "workers": self.workers},
             "tracking_uri": self.tracking_uri,
             "early_stopping": self._early_stopping_yaml(),
+            "controls": list(self.controls) if self.controls is not None else None,
         }
 
     def _early_stopping_yaml(self) -> str | dict[str, Any] | None:
@@ -217,7 +247,7 @@ _NESTED = {
     "resources": {"cpu": "cpu", "gpu": "gpu", "workers": "workers"},
 }  # fmt: skip
 _TOP = {"name", "data", "storage", "space", "overrides", "base", "equal_bytes", "seeds", "max_concurrent",
-        "tracking_uri", "early_stopping"}  # fmt: skip
+        "tracking_uri", "early_stopping", "controls"}  # fmt: skip
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -314,6 +344,11 @@ def _check_space(spec: SweepSpec) -> None:
     space = apply_overrides(named_space(spec.space), spec.overrides)
     if spec.algorithm == "grid":
         grid_values(space)
+    if spec.controls and not space_can_route(space, base.to_flat()):
+        raise SpecError(
+            f"controls={list(spec.controls)}: space {spec.space!r} never proposes a routed configuration (signal "
+            "entropy, margin, resid_norm or kl with refine_passes > 0), so no arm would run; remove `controls`"
+        )
     smallest = smallest_predicted_bytes(space, base, spec.equal_bytes)
     if smallest > spec.artifact_bytes:
         raise SpecError(

@@ -11,6 +11,11 @@ from optuna.trial import TrialState
 
 KEY = "trial_key"  # user attr: the trial's directory and ledger id, kept across re-runs
 REPLAY_OF = "replay_of"  # user attr of a re-enqueued trial: the number of the orphan it repeats
+SEED_INDEX = "seed_index"  # user attr: which replicate a trial is (its seed is the base seed plus this)
+FOLLOWS = "follows"  # user attr of a queued replicate or arm: the key of the proposal it belongs to
+CONTROLS = "controls"  # user attr of a proposal: the control arms queued beside it ([] when unpaired)
+ARM = "arm"  # user attr of a queued arm trial: its control arm
+PAIR = "pair_id"  # user attr of a paired trial (routed or arm): the routed configuration's config_id
 
 
 def trial_key(number: int) -> str:
@@ -21,6 +26,28 @@ def counted_keys(study: optuna.Study) -> set[str]:
     """Keys of the trials that count toward the total: every trial that ran, once per key."""
     trials = study.get_trials(deepcopy=False)
     return {t.user_attrs[KEY] for t in trials if t.state != TrialState.WAITING and KEY in t.user_attrs}
+
+
+def proposals(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """The configurations the sampler proposed, by key (each with its replicates and arms
+    queued behind it); a proposal re-run after a crash is one proposal."""
+    found: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        if t.state != TrialState.WAITING and KEY in t.user_attrs and FOLLOWS not in t.user_attrs:
+            found.setdefault(t.user_attrs[KEY], t)
+    return found
+
+
+def planned_trials(study: optuna.Study | None, num_samples: int, seeds: int, controls: int) -> int:
+    """The trials a sweep runs: each proposal with its seeds and its arms' seeds, plus, for
+    the proposals still to come, as many as a routed one brings (`controls` arms each).
+
+    Exact once the sampler has proposed `num_samples` configurations; before that an upper
+    bound that shrinks when a proposal is not routed.
+    """
+    made = proposals(study) if study is not None else {}
+    known = sum(seeds * (1 + len(t.user_attrs.get(CONTROLS, ()))) for t in made.values())
+    return known + max(0, num_samples - len(made)) * seeds * (1 + controls)
 
 
 def final_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:

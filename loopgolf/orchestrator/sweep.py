@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import stat
 import subprocess
@@ -101,11 +102,30 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         ConfigSampler(space, spec.base_config(), spec.equal_bytes, spec.artifact_bytes),
         spec.objectives,
         seeds=spec.seeds,
-        total_trials=spec.num_samples * spec.seeds,
+        num_samples=spec.num_samples,
         storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
         study_name=spec.name,
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
+        space=space,
+        controls=spec.control_arms(),
     )
+
+
+def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
+    """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
+    has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
+    import optuna
+
+    from loopgolf.orchestrator.study import planned_trials
+
+    study = None
+    if (Path(sweep_dir) / "optuna.db").is_file():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{Path(sweep_dir) / 'optuna.db'}")
+        except KeyError:  # the database exists, the study not yet
+            study = None
+    return planned_trials(study, spec.num_samples, spec.seeds, len(spec.control_arms()))
 
 
 def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
@@ -153,20 +173,21 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     from loopgolf.orchestrator.ledger import ledger_callback
     from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
 
-    total = spec.num_samples * spec.seeds
     scheduler = _scheduler(spec, sweep_dir)
     (metric, mode), = list(spec.objectives.items())[:1]
     callbacks = [
         ledger_callback(ledger),
         MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
                        upload=spec.tracking_uri is not None),
-        ProgressPrinter(str(sweep_dir), total, spec.max_concurrent, metric, mode),
+        ProgressPrinter(str(sweep_dir), functools.partial(planned_total, str(sweep_dir), spec), spec.max_concurrent,
+                        metric, mode),
     ]  # fmt: skip
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     return tune.Tuner(
         _trainable(spec, sweep_dir),
         tune_config=tune.TuneConfig(
-            search_alg=search, scheduler=scheduler, num_samples=total, max_concurrent_trials=spec.max_concurrent,
+            search_alg=search, scheduler=scheduler, num_samples=search.max_trials,
+            max_concurrent_trials=spec.max_concurrent,
             # A data-parallel trial's actor owns its Ray Train run (controller, workers): never hand
             # it to the next trial, so a stopped trial (ASHA) takes its run down with it.
             reuse_actors=spec.workers == 1,
@@ -236,6 +257,9 @@ def _drive(spec: SweepSpec, sweep_dir: Path, address: str | None) -> SweepOutcom
     if search.requeued:
         print(f"loopgolf: {search.requeued} trial(s) left running by the last driver will run again, "
               "from their newest checkpoint", file=sys.stderr)  # fmt: skip
+    if search.completed:
+        print(f"loopgolf: {search.completed} replicate or arm trial(s) the last driver had not queued are queued",
+              file=sys.stderr)  # fmt: skip
     ledger = Ledger(sweep_dir, spec.name, code_version())
     _tuner(spec, sweep_dir, search, ledger).fit()
     return outcome(spec, sweep_dir, ledger, search.error)
@@ -253,7 +277,7 @@ def outcome(spec: SweepSpec, sweep_dir: Path, ledger: Any, searcher_error: str |
     unfinished = {t.user_attrs.get(KEY, t.number) for t in study.get_trials(deepcopy=False, states=open_states)}
     return SweepOutcome(
         sweep_dir=sweep_dir,
-        total=spec.num_samples * spec.seeds,
+        total=planned_total(sweep_dir, spec),
         finished=len(finished),
         raised=sum(bool(metrics.get("raised")) for _, metrics in finished),
         unfinished=len(unfinished),
@@ -348,7 +372,7 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)
-    total = spec.num_samples * spec.seeds
+    total = planned_total(sweep_dir, spec)
     ledger = Ledger(sweep_dir, spec.name, "")
     ledger_problem = None
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune import Callback
@@ -119,7 +120,9 @@ class ProgressPrinter(Callback):
     trial directories exactly as `loopgolf status` reads them, then the trial and the best value
     of the first objective so far."""
 
-    def __init__(self, sweep_dir: str, total: int, max_concurrent: int, metric: str, mode: str) -> None:
+    def __init__(
+        self, sweep_dir: str, total: int | Callable[[], int], max_concurrent: int, metric: str, mode: str
+    ) -> None:
         self.sweep_dir, self.total, self.max_concurrent = sweep_dir, total, max_concurrent
         self.metric, self.mode = metric, mode
         self.best: tuple[float, str] | None = None
@@ -146,5 +149,6 @@ class ProgressPrinter(Callback):
     def _line(self, event: str) -> None:
         # the trial's own files are written before Tune reports the event (the ledger callback,
         # earlier in the list, records an error), so the counts include this trial
-        p = sweep_progress(self.sweep_dir, "", self.total, self.max_concurrent)
+        total = self.total() if callable(self.total) else self.total  # a sweep with arms learns its total
+        p = sweep_progress(self.sweep_dir, "", total, self.max_concurrent)
         print(counts_line(p.done, len(p.running), p.queued, p.failed, p.total, p.eta_seconds) + " " + event, flush=True)

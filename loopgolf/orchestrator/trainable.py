@@ -36,9 +36,11 @@ Tuner, `Tuner(trainer)`, is the V1 API, deprecated, and refuses V2 trainers.)
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import pickle
+import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,6 +55,7 @@ from loopgolf.orchestrator.trialdir import (
     METRICS_FILE,
     PROGRESS_FILE,
     TRIAL_FILE,
+    TRIAL_RECORD,
     final_metrics,
     read_json,
     trial_dir,
@@ -60,6 +63,7 @@ from loopgolf.orchestrator.trialdir import (
 )
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.distributed import DataParallel, backend_for, check_divisible
+from loopgolf.trial.prepare import MANIFEST
 from loopgolf.trial.train import _json_default, run_trial
 
 STATE_FILE = "training_state.pt"
@@ -128,10 +132,33 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat()
 
 
-def _start(directory: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def data_fingerprint(data_dir: str | os.PathLike[str]) -> str:
+    """The prepared data's identity: a hash of its manifest (sources' and tokenizer's sha256,
+    token and document counts; no paths), so a moved copy has the same fingerprint."""
+    manifest = read_json(Path(data_dir) / MANIFEST)
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hardware(cpus: float, gpus: float, workers: int = 1) -> str:
+    """Where a trial runs, as the report groups it: accelerator, CPU model and counts."""
+    model = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    except OSError:
+        pass  # not Linux: platform's name stands
+    text = f"{cpus:g} cpu {model}"
+    if gpus and torch.cuda.is_available():
+        text = f"{gpus:g} gpu {torch.cuda.get_device_name(0)}, {text}"
+    return f"{workers} workers x ({text})" if workers > 1 else text
+
+
+def _start(directory: Path, config: dict[str, Any], data_dir: str, where: str) -> dict[str, Any] | None:
     """Record the trial's config; its final metrics if it had already finished (never train twice)."""
     if read_json(directory / TRIAL_FILE) is None:
-        record = {k: config[k] for k in ("trial_key", "trial_config", "config_id", "predicted_artifact_bytes")}
+        record = {k: config.get(k) for k in TRIAL_RECORD}
+        record |= {"data_fingerprint": data_fingerprint(data_dir), "hardware": where}
         write_json(directory / TRIAL_FILE, record)
     return final_metrics(directory)
 
@@ -150,7 +177,7 @@ def train_trial(
     `workers > 1`: a data-parallel trial through Ray Train, `cpus` and `gpus` per worker.
     """
     directory = trial_directory(sweep_dir, config)
-    finished = _start(directory, config)
+    finished = _start(directory, config, data_dir, hardware(cpus, gpus, workers))
     if finished is not None:  # it finished before the driver died: report it, do not train again
         tune.report(finished)
         return

@@ -25,6 +25,8 @@ TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.jsonl"
+# The keys of the Tune config (the searcher's) that trial.json keeps; the trainable adds where it ran.
+TRIAL_RECORD = ("trial_key", "trial_config", "config_id", "predicted_artifact_bytes", "arm", "pair_id")
 
 
 def trial_dir(sweep_dir: str | os.PathLike[str], trial_id: str) -> Path:

@@ -24,6 +24,7 @@ from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import FIELD_SECTION, TrialConfig, coerce_field
 
 Scalar = bool | int | float | str
+FIXED = "fixed"  # user attr of an enqueued trial: field values set outside the space (ConfigSampler)
 
 
 class SpaceError(LoopgolfError):
@@ -201,6 +202,17 @@ def config_id(config: TrialConfig) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def contains(dim: Dimension, value: Any) -> bool:
+    """Can Optuna hold `value` as this dimension's param (a fixed, enqueued value included)?"""
+    if isinstance(dim, Choice):
+        return any(type(value) is type(v) and value == v for v in dim.values)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dim, IntRange):
+        return isinstance(value, int) and dim.low <= value <= dim.high and (value - dim.low) % dim.step == 0
+    return dim.low <= value <= dim.high
+
+
 def suggest(trial: Any, name: str, dim: Dimension) -> Scalar:
     if isinstance(dim, Choice):
         return trial.suggest_categorical(name, list(dim.values))
@@ -225,6 +237,16 @@ class ConfigSampler:
 
     The returned dict is the Tune trial's config: the flat TrialConfig (`trial_config`),
     its `config_id`, and the analytic byte prediction that rejects it before training.
+
+    An enqueued trial may carry a `fixed` user attribute: field values set from outside
+    the space's suggestions (a control arm's routing, orchestrator/arms.py). A fixed value
+    the space can hold is suggested (the enqueued params fix it), so the study records it
+    as the trial's param; one it cannot hold (`signal: uniform` when the space's signals
+    are the routed ones, `refine_passes: 0` when the space fixes 1) is set without being
+    suggested, because Optuna refuses a fixed categorical value outside its choices. So
+    what a sampler learns from such a trial is its value at the params it has: every
+    non-routing field of the space, and the routing fields the space can hold; a routing
+    field the space cannot hold is absent from that trial's params.
     """
 
     space: Mapping[str, Dimension]
@@ -235,7 +257,13 @@ class ConfigSampler:
     def __call__(self, trial: Any) -> dict[str, Any]:
         from loopgolf.trial.estimate import predict_artifact_bytes
 
-        values = {name: suggest(trial, name, dim) for name, dim in self.space.items()}
+        fixed = dict(trial.user_attrs.get(FIXED, {}))
+        values = {
+            name: suggest(trial, name, dim)
+            for name, dim in self.space.items()
+            if name not in fixed or contains(dim, fixed[name])
+        }
+        values |= fixed
         seed = self.base.train.seed + int(trial.user_attrs.get("seed_index", 0))
         config = derive(values, self.base, self.equal_bytes, self.byte_budget).replace(seed=seed)
         predicted = predict_artifact_bytes(config)

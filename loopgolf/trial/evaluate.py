@@ -205,4 +205,5 @@ def evaluate_artifact(
     torch_device = resolve_device(device)
     result = evaluate(model.to(torch_device), data.val, data.table, batch_size=config.train.batch_size,
                       device=torch_device)
-    return eval_metrics(result) | {"eval_tokens": result.tokens, "eval_bytes": result.bytes, "artifact": str(artifact)}
+    scored = {"eval_tokens_scored": result.tokens, "eval_bytes": result.bytes}
+    return eval_metrics(result) | scored | {"artifact": str(artifact)}

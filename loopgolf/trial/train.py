@@ -492,7 +492,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
         "val_loss_prequant": prequant.val_loss,
         "refine_fraction_prequant": prequant.refine_fraction,
         "eval_flops_per_token_prequant": prequant.flops_per_token,
-        "eval_tokens": final.tokens,
+        "eval_tokens_scored": final.tokens,  # not `eval_tokens`: that is the config field (0 = auto)
         "eval_bytes": final.bytes,
         "artifact_path": str(path),
         "eval_tokens_path": str(tokens_path),
