@@ -19,6 +19,7 @@ from loopgolf.orchestrator.arms import (
     arm_values,
     control_config,
     is_routed,
+    pair_key,
     parse_controls,
     space_can_route,
     supported_controls,
@@ -33,9 +34,21 @@ def test_controls_change_the_routing_and_nothing_else() -> None:
         control = control_config(routed, arm)
         TrialConfig.from_flat(control)  # a valid configuration
         changed = {k for k in routed if control[k] != routed[k]}
-        assert changed == ({"refine_passes"} if arm == "no_refine" else {"signal"})
+        # no_refine also sets the signal it no longer uses to one value (NO_REFINE_SIGNAL)
+        assert changed == ({"refine_passes", "signal"} if arm == "no_refine" else {"signal"})
         assert arm_of(control) == arm and not is_routed(control)
     assert arm_of(routed) == "routed"
+
+
+def test_routed_configurations_that_differ_only_in_signal_share_their_pair_and_arms() -> None:
+    base = preset("small").replace(refine_passes=1, refine_target=0.2, seed=7)
+    by_signal = {s: base.replace(signal=s).to_flat() for s in ("entropy", "margin", "resid_norm", "kl")}
+    assert len({pair_key(flat) for flat in by_signal.values()}) == 1
+    assert pair_key(by_signal["kl"]) == pair_key({**by_signal["kl"], "seed": 8})  # seeds pair by value
+    for arm in supported_controls():  # one configuration per arm, whichever signal it controls
+        assert len({config_id(TrialConfig.from_flat(control_config(f, arm))) for f in by_signal.values()}) == 1
+    for other in ({"refine_target": 0.3}, {"aux_loss": 0.1}, {"n_passes": 3}):  # anything else: another pair
+        assert pair_key(base.replace(signal="kl", **other).to_flat()) != pair_key(by_signal["kl"])
 
 
 def test_which_configurations_are_routed() -> None:
@@ -75,13 +88,15 @@ def test_space_can_route() -> None:
 def test_arm_params_hold_the_arms_routing_only_where_the_space_can() -> None:
     space = {"refine_passes": Choice((0, 1)), "signal": Choice(("entropy", "kl")), "d_model": Choice((32, 64))}
     routed = {"refine_passes": 1, "signal": "kl", "d_model": 64}
-    assert arm_params(space, routed, "no_refine") == {"refine_passes": 0, "signal": "kl", "d_model": 64}
+    assert arm_params(space, routed, "no_refine") == {"refine_passes": 0, "signal": "entropy", "d_model": 64}
     for arm in ("uniform", "stride", "random"):  # not a choice of `signal`: left out, set by `fixed`
         assert arm_params(space, routed, arm) == {"refine_passes": 1, "d_model": 64}
     wide = {**space, "signal": Choice(("entropy", "kl", "uniform"))}
     assert arm_params(wide, routed, "uniform") == {"refine_passes": 1, "signal": "uniform", "d_model": 64}
     narrow = {**space, "refine_passes": IntRange(1, 2)}
-    assert arm_params(narrow, routed, "no_refine") == {"signal": "kl", "d_model": 64}
+    assert arm_params(narrow, routed, "no_refine") == {"signal": "entropy", "d_model": 64}
+    only_kl = {**space, "signal": Choice(("kl", "margin"))}  # no_refine's signal outside the space: left out
+    assert arm_params(only_kl, routed, "no_refine") == {"refine_passes": 0, "d_model": 64}
 
 
 @pytest.mark.parametrize(

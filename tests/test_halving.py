@@ -183,8 +183,23 @@ def test_a_stopped_pair_is_remembered() -> None:
     state = RungState((1.0,), eta=2)
     state.judge("r1", 1.0, (1.0,), pair=("cfg", 0))
     stop = state.judge("r2", 1.0, (2.0,), pair=("cfg", 1))
-    assert not stop.keep and state.stopped_pairs == {("cfg", 1)}
-    assert rebuild_state((1.0,), 2, {"r1": [], "r2": [stop]}).stopped_pairs == {("cfg", 1)}
+    assert not stop.keep and state.pair_stopped(("cfg", 1))
+    assert rebuild_state((1.0,), 2, {"r1": [], "r2": [stop]}).pair_stopped(("cfg", 1))
+
+
+def test_a_pair_shared_by_two_routed_configurations_dies_with_the_last_of_them() -> None:
+    """Routed configurations that differ only in signal share one pair: its controls live
+    while any of its routed trials (at that seed) does."""
+    state = RungState((1.0, 3.0), eta=2)
+    state.join(("cfg", 0), "entropy")  # both have reported; neither judged yet
+    state.join(("cfg", 0), "margin")
+    assert not state.pair_stopped(("cfg", 0)) and not state.pair_stopped(("other", 0))
+    state.judge("x", 1.0, (0.0,))
+    assert not state.judge("entropy", 1.0, (5.0,), pair=("cfg", 0)).keep
+    assert not state.pair_stopped(("cfg", 0))  # margin still runs
+    state.judge("y", 1.0, (0.1,))
+    assert not state.judge("margin", 1.0, (6.0,), pair=("cfg", 0)).keep
+    assert state.pair_stopped(("cfg", 0)) and not state.pair_stopped(("cfg", 1)) and not state.pair_stopped(None)
 
 
 # ------------------------------------------------------------------ the Ray Tune scheduler (no Ray started)
@@ -241,7 +256,7 @@ def test_predicted_objectives_are_the_configs_bytes_and_flops() -> None:
     assert rung_point(["eval_flops_per_token", "val_bpb"], 2.5, two) == (flops_per_token(model), 2.5)
 
 
-def test_control_arms_are_never_ranked_and_die_with_their_routed_trial(tmp_path: Path) -> None:
+def test_control_arms_are_never_ranked_and_die_with_their_routed_trials(tmp_path: Path) -> None:
     scheduler = ParetoHalving(tmp_path, ["val_bpb"], (1.0,), eta=2)
     first = _trial(_config("r0", arm="routed", pair_id="p"))
     routed = _trial(_config("r1", arm="routed", pair_id="p", **{"trial_config": preset("tiny").to_flat()}))
@@ -252,11 +267,16 @@ def test_control_arms_are_never_ranked_and_die_with_their_routed_trial(tmp_path:
     assert _report(scheduler, first, 1.0, 1.0) == TrialScheduler.CONTINUE
     assert scheduler.state.points[1.0] == {"r0": (1.0,)}
     assert _report(scheduler, routed, 1.0, 2.0) == TrialScheduler.STOP  # 1 of 2 continues; r1 is worse
-    # r0 and r1 are the same pair and seed here (a re-sampled routed config): the pair died with r1
-    assert _report(scheduler, control, 2.0, 0.1) == TrialScheduler.STOP
+    # r0 and r1 share the pair and seed (two signals of one pair): r0 still runs, so its controls do
+    assert _report(scheduler, control, 2.0, 0.1) == TrialScheduler.CONTINUE
+    lone = _trial(_config("s0", arm="routed", pair_id="q"))
+    lone_control = _trial(_config("v0", arm="uniform", pair_id="q"))
+    assert _report(scheduler, lone, 1.0, 3.0) == TrialScheduler.STOP  # the worst of three: 2 continue
+    assert _report(scheduler, lone_control, 2.0, 0.1) == TrialScheduler.STOP  # its only routed trial died
     assert _report(scheduler, other_seed, 2.0, 0.1) == TrialScheduler.CONTINUE  # another seed's pair lives
     rebuilt = ParetoHalving(tmp_path, ["val_bpb"], (1.0,), eta=2)
-    assert rebuilt.state == scheduler.state and "u0" in rebuilt.state.stopped
+    assert "v0" in rebuilt.state.stopped and rebuilt.state.stopped == scheduler.state.stopped
+    assert rebuilt.state.pair_stopped(("q", preset("tiny").train.seed))
 
 
 # ------------------------------------------------------------------ a stopped trial's accounting

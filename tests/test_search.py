@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed
+from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed, pair_key
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
 from loopgolf.orchestrator.study import planned_trials, proposals
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
@@ -200,7 +200,6 @@ def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> N
 
 # ------------------------------------------------------------------ paired control arms
 
-ARMS5 = ("routed", "no_refine", "uniform", "stride", "random")
 # Routed signals only: the controls' signals are outside the space; refine_passes 0 is inside it.
 ROUTING_SPACE = {
     "refine_passes": Choice((0, 1)),
@@ -235,22 +234,26 @@ def test_each_routed_proposal_runs_every_arm_at_every_seed_and_nothing_else(tmp_
     unrouted = [c for c in configs if c["pair_id"] is None]
     assert routed and unrouted  # this sampler seed proposes both kinds
     assert all(not is_routed(c["trial_config"]) for c in unrouted)
-    # Each proposal brings its seeds, a routed one its 4 arms' seeds too (a re-proposal continues the seeds).
-    assert len(configs) == planned_trials(search.study, 4, 2, len(CONTROLS)) == 2 * 4 + 4 * len(routed)
-    by_pair: dict[str, dict[tuple[str, int], dict]] = {}
+    routed_at: dict[str, dict[tuple[str, int], dict]] = {}  # pair -> (routed config_id, seed) -> flat
+    arms_at: dict[str, dict[tuple[str, int], dict]] = {}  # pair -> (arm, seed) -> flat
     for c in configs:
         assert c["arm"] == arm_of(c["trial_config"])
         if c["pair_id"] is not None:
-            slot = (c["arm"], c["trial_config"]["seed"])
-            assert slot not in by_pair.setdefault(c["pair_id"], {})  # exactly once
-            by_pair[c["pair_id"]][slot] = c["trial_config"]
-    assert sorted(by_pair) == sorted({c["config_id"] for c in routed})
-    for pair_id, arms in by_pair.items():  # every arm is control_config of its routed configuration, seed by seed
-        seeds = {seed for arm, seed in arms if arm == "routed"}
-        assert set(arms) == {(arm, seed) for arm in ARMS5 for seed in seeds}, pair_id
-        for (arm, seed), flat in arms.items():
-            oracle = arms[("routed", seed)] if arm == "routed" else control_config(arms[("routed", seed)], arm)
-            assert flat == oracle
+            table = routed_at if c["arm"] == "routed" else arms_at
+            slot = (c["config_id"] if c["arm"] == "routed" else c["arm"], c["trial_config"]["seed"])
+            assert slot not in table.setdefault(c["pair_id"], {})  # exactly once
+            table[c["pair_id"]][slot] = c["trial_config"]
+            assert c["pair_id"] == pair_key(c["trial_config"]) or c["arm"] != "routed"
+    assert sorted(arms_at) == sorted(routed_at)
+    for pair_id, routed_runs in routed_at.items():  # every arm is control_config of each routed config, seed by seed
+        seeds = {seed for _, seed in routed_runs}
+        assert set(arms_at[pair_id]) == {(arm, seed) for arm in CONTROLS for seed in seeds}, pair_id
+        for (_, seed), flat in routed_runs.items():
+            for arm in CONTROLS:
+                assert arms_at[pair_id][(arm, seed)] == control_config(flat, arm)
+    # Each proposal brings its seeds; each pair its 4 arms at every seed its routed configurations run.
+    arm_trials = sum(len(slots) for slots in arms_at.values())
+    assert len(configs) == planned_trials(search.study, 4, 2, len(CONTROLS)) == 2 * 4 + arm_trials
     # What the study holds: an arm's routing value is a param where the space can hold it.
     by_key = {t.user_attrs[KEY]: t for t in search.study.trials}
     for c in configs:
@@ -258,7 +261,7 @@ def test_each_routed_proposal_runs_every_arm_at_every_seed_and_nothing_else(tmp_
         if c["pair_id"] is not None and c["arm"] != "routed":
             assert by_key[c[KEY]].user_attrs["arm"] == c["arm"]
         if c["arm"] == "no_refine" and c["pair_id"] is not None:
-            assert params["refine_passes"] == 0 and params["signal"] == flat["signal"]
+            assert params["refine_passes"] == 0 and params["signal"] == flat["signal"] == "entropy"
         if c["arm"] in ("uniform", "stride", "random"):
             assert "signal" not in params and params["refine_passes"] == 1
 
@@ -280,7 +283,10 @@ def test_a_routing_grid_queues_arms_as_fully_fixed_trials(tmp_path: Path) -> Non
     assert search.error is None and search.grid_exhausted()
     routed = {(c["trial_config"]["signal"], c["trial_config"]["aux_loss"]) for c in configs if c["arm"] == "routed"}
     assert routed == {("entropy", 0.0), ("entropy", 0.1), ("kl", 0.0), ("kl", 0.1)}
-    assert sorted(c["arm"] for c in configs) == sorted(["routed", "no_refine", "uniform"] * 4)
+    # entropy and kl at one aux_loss are one pair: its arms run once for both
+    assert sorted(c["arm"] for c in configs) == sorted(["routed"] * 4 + ["no_refine", "uniform"] * 2)
+    pairs = {c["pair_id"]: c["trial_config"]["aux_loss"] for c in configs}
+    assert sorted(pairs.values()) == [0.0, 0.1]
 
 
 def dies_on_the_third(enqueue: Any, calls: list[int]) -> Any:

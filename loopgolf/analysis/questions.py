@@ -151,15 +151,17 @@ def _same_docs(a: Matrix, b: Matrix) -> tuple[Matrix, Matrix]:
 
 
 def pairs(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, dict[str, pd.DataFrame]]]:
-    """(pair_id, routed rows, {arm: rows}) of every routed configuration that has arms."""
+    """(routed config_id, routed rows, {arm: rows}) of every routed configuration that has
+    arms. A pair (pair_id) holds the routed configurations that differ only in signal and
+    the one set of arms they share; each routed configuration is compared with them."""
     if "arm" not in rows or "pair_id" not in rows or rows["arm"].isna().all():
         return []
     out = []
-    for pair_id, part in rows[rows["pair_id"].notna()].groupby("pair_id", sort=True):
-        routed = part[part["arm"] == "routed"]
+    for _, part in rows[rows["pair_id"].notna()].groupby("pair_id", sort=True):
         arms = {a: part[part["arm"] == a] for a in CONTROLS if (part["arm"] == a).any()}
-        if not routed.empty and arms:
-            out.append((str(pair_id), routed, arms))
+        for config_id, routed in part[part["arm"] == "routed"].groupby("config_id", sort=True):
+            if arms:
+                out.append((str(config_id), routed, arms))
     return out
 
 

@@ -10,11 +10,13 @@ tokens, the same byte cap. Each control arm changes the routing alone:
 - `stride`: a fixed causal pattern at refine_target;
 - `random`: i.i.d. tokens at refine_target, seeded by the trial seed.
 
-Arms of one routed configuration share its `pair_id`: the routed configuration's
-`config_id` (its identity without the seed), so every seed of the routed configuration
-and of each of its arms carries the same pair id, and seeds pair by their value. Trials
-the sampler proposes that are not routed, or routed ones in a sweep without controls,
-have no pair.
+Routed configurations that differ only in their signal have the very same controls
+(each arm sets the signal, or turns refinement off and with it the signal), so they form
+one pair and its arms run once for all of them. `pair_id` (`pair_key`) is the identity
+of the configuration without its signal and seed: every routed configuration of the
+pair, every arm and every seed carries it, and seeds pair by their value. Trials the
+sampler proposes that are not routed, or routed ones in a sweep without controls, have
+no pair.
 
 How the searcher queues arms in the Optuna study (search.py) is built from two pure
 pieces here: `arm_values`, the routing fields an arm sets, and `arm_params`, the fixed
@@ -24,6 +26,8 @@ search space can hold it; Optuna refuses a fixed categorical value outside its c
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any, get_args
 
@@ -34,6 +38,9 @@ from loopgolf.trial.config import RouterSignal
 ROUTED_SIGNALS = ("entropy", "margin", "resid_norm", "kl")
 CONTROLS = ("no_refine", "uniform", "stride", "random")
 ARMS = ("routed", *CONTROLS)
+# Without refinement the signal is unused: no_refine sets it to one value, so the no_refine
+# arms of configurations that differ only in signal are one configuration.
+NO_REFINE_SIGNAL = "entropy"
 
 
 class ArmsError(LoopgolfError):
@@ -77,10 +84,16 @@ def arm_of(flat: Mapping[str, Any]) -> str:
 def arm_values(arm: str) -> dict[str, Any]:
     """The routing fields a control arm sets; everything else stays the routed configuration's."""
     if arm == "no_refine":
-        return {"refine_passes": 0}
+        return {"refine_passes": 0, "signal": NO_REFINE_SIGNAL}
     if arm not in CONTROLS:
         raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROLS)}")
     return {"signal": arm}
+
+
+def pair_key(flat: Mapping[str, Any]) -> str:
+    """The pair of a routed flat configuration: its identity without signal and seed."""
+    rest = {k: v for k, v in flat.items() if k not in ("signal", "seed")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def control_config(flat: Mapping[str, Any], arm: str) -> dict[str, Any]:

@@ -137,14 +137,15 @@ class Decision:
 
 @dataclasses.dataclass
 class RungState:
-    """Who reached which rung with which point, who was stopped, and which pairs died."""
+    """Who reached which rung with which point, who was stopped, and the routed trials of each pair."""
 
     rungs: tuple[float, ...]
     eta: int
     points: dict[float, dict[str, tuple[float, ...]]] = dataclasses.field(default_factory=dict)
     decided: dict[str, set[float]] = dataclasses.field(default_factory=dict)
     stopped: dict[str, float] = dataclasses.field(default_factory=dict)
-    stopped_pairs: set[tuple[str, int]] = dataclasses.field(default_factory=set)
+    # (pair_id, seed) -> its routed trials: several routed configurations (one per signal) share one pair
+    pair_members: dict[tuple[str, int], set[str]] = dataclasses.field(default_factory=dict)
 
     def due(self, key: str, elapsed: float) -> list[float]:
         """Rungs the trial has reached and not been judged at, ascending."""
@@ -167,8 +168,17 @@ class RungState:
             self.points.setdefault(decision.rung, {})[key] = decision.point
         if not decision.keep:
             self.stopped.setdefault(key, decision.rung)
-            if decision.pair is not None:
-                self.stopped_pairs.add(decision.pair)
+        if decision.pair is not None:
+            self.join(decision.pair, key)
+
+    def join(self, pair: tuple[str, int], key: str) -> None:
+        """A routed trial of the pair has started reporting: its controls live while it does."""
+        self.pair_members.setdefault(pair, set()).add(key)
+
+    def pair_stopped(self, pair: tuple[str, int] | None) -> bool:
+        """Has every routed trial of the pair (at this seed) seen so far been stopped?"""
+        members = self.pair_members.get(pair, set()) if pair is not None else set()
+        return bool(members) and all(key in self.stopped for key in members)
 
 
 def rebuild_state(rungs: Sequence[float], eta: int, logs: Mapping[str, Sequence[Decision]]) -> RungState:

@@ -12,9 +12,10 @@ trial is judged twice at a rung, and a trial stopped just before the driver died
 again at its first report instead of training on.
 
 Paired control arms (`arm` other than "routed", with a `pair_id`) live or die with their
-routed configuration: they are never ranked (a control is there to be compared with its
-routed trial, not to compete with it), and are stopped at their next report once the
-routed trial of the same pair and seed has been stopped. Stopping a control on its own
+routed configurations: they are never ranked (a control is there to be compared with its
+routed trials, not to compete with them), and are stopped at their next report once every
+routed trial of the same pair and seed seen so far has been stopped (routed
+configurations that differ only in their signal share one pair and its controls). Stopping a control on its own
 would leave a routed trial without its comparison; keeping controls of a stopped routed
 trial would spend compute on a comparison nobody reads.
 
@@ -98,6 +99,8 @@ class ParetoHalving(FIFOScheduler):
             return TrialScheduler.STOP
         if is_control(config):
             return self._control(key, config, float(result[TIME_ATTR]))
+        if pair_of(config) is not None:
+            self.state.join(pair_of(config), key)  # type: ignore[arg-type]
         for rung in self.state.due(key, float(result[TIME_ATTR])):
             if key not in self.known:
                 self.known[key] = predicted_objectives(config)
@@ -109,7 +112,7 @@ class ParetoHalving(FIFOScheduler):
         return TrialScheduler.CONTINUE
 
     def _control(self, key: str, config: Mapping[str, Any], elapsed: float) -> str:
-        if pair_of(config) not in self.state.stopped_pairs:
+        if not self.state.pair_stopped(pair_of(config)):
             return TrialScheduler.CONTINUE
         decision = Decision(rung=elapsed, keep=False)
         self.state.apply(key, decision)

@@ -8,9 +8,12 @@ study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
   behind it, each its own Tune trial and its own Optuna trial, with a `follows` user
   attribute naming the proposal's key: its other replicates (`enqueue_trial` with the
   same params and a `seed_index`), and, when it is routed (orchestrator/arms.py) and
-  the sweep lists control arms, each arm at each of its seeds. An arm trial carries
-  `arm`, `pair_id` (the routed configuration's config_id), `seed_index` and the routed
-  trial's params with only the routing changed (`arm_params`); the routing values the
+  the sweep lists control arms, each arm at each of its seeds, unless another routed
+  configuration of its pair (the same but for its signal: arms.pair_key) queued that arm
+  at those seeds already: one run serves every routed configuration of the pair. The
+  proposal's `controls` attribute lists the arms it queued. An arm trial carries
+  `arm`, `pair_id`, `seed_index` and the routed trial's params with only the routing
+  changed (`arm_params`); the routing values the
   space cannot hold go in the `fixed` attribute, which ConfigSampler applies without
   suggesting them. So the sampler learns from an arm trial its value at every
   non-routing param, and at the routing params the space can hold. A configuration the
@@ -48,7 +51,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from loopgolf.orchestrator.arms import arm_of, arm_params, arm_values, is_routed
+from loopgolf.orchestrator.arms import arm_of, arm_params, arm_values, is_routed, pair_key
 from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's API too)
     ARM,
     CONTROLS,
@@ -151,9 +154,12 @@ class SweepSearch(Searcher):
         """Plan a proposal's queue in its user attributes (seed index last), then queue it."""
         first = self._earlier_runs_of(trial.params, trial.user_attrs[KEY])
         controls = self.controls if is_routed(config["trial_config"]) else ()
-        trial.set_user_attr(CONTROLS, list(controls))
         if controls:
-            trial.set_user_attr(PAIR, config["config_id"])
+            pair = pair_key(config["trial_config"])
+            trial.set_user_attr(PAIR, pair)
+            # an arm another routed configuration of the pair queued at these seeds serves this one too
+            controls = tuple(arm for arm in controls if not self._arm_queued(pair, arm, first))
+        trial.set_user_attr(CONTROLS, list(controls))  # the arms this proposal queues (owns)
         trial.set_user_attr(SEED_INDEX, first)  # set last: a proposal with a seed index has its plan
         config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
         self._queue_behind(trial, queued=set())
@@ -175,6 +181,11 @@ class SweepSearch(Searcher):
                     self.study.enqueue_trial(arm_params(self.space, params, arm), user_attrs=follower | fixed)
                 added += 1
         return added
+
+    def _arm_queued(self, pair: str, arm: str, seed_index: int) -> bool:
+        slot = (pair, arm, seed_index)
+        attrs = (t.user_attrs for t in self.study.get_trials(deepcopy=False))
+        return any((a.get(PAIR), a.get(ARM), a.get(SEED_INDEX)) == slot for a in attrs)
 
     def _earlier_runs_of(self, params: dict, key: str) -> int:
         """Earlier trials of the same configuration; a key's re-runs count once, this one's not at all."""

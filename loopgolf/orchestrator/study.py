@@ -15,7 +15,7 @@ SEED_INDEX = "seed_index"  # user attr: which replicate a trial is (its seed is 
 FOLLOWS = "follows"  # user attr of a queued replicate or arm: the key of the proposal it belongs to
 CONTROLS = "controls"  # user attr of a proposal: the control arms queued beside it ([] when unpaired)
 ARM = "arm"  # user attr of a queued arm trial: its control arm
-PAIR = "pair_id"  # user attr of a paired trial (routed or arm): the routed configuration's config_id
+PAIR = "pair_id"  # user attr of a paired trial (routed or arm): arms.pair_key of its routed configuration
 
 
 def trial_key(number: int) -> str:
