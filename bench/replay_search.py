@@ -187,7 +187,18 @@ def replay_sweep(
     """One simulated sweep of `n_trials` through the real SweepSearch, answered from the table."""
     search = replay_search(ConfigSampler(space, base, equal_bytes=False, byte_budget=table.cap), objectives,
                            n_trials, sampler)  # fmt: skip
-    decide = decide or run_to_end(table)
+    return drive(search, table, objectives, n_trials, rng, decide or run_to_end(table))
+
+
+def drive(
+    search: SweepSearch,
+    table: ReplayTable,
+    objectives: Sequence[str],
+    n_trials: int,
+    rng: np.random.Generator,
+    decide: RunDecision,
+) -> list[ReplayedTrial]:
+    """Ray Tune's calls, one trial at a time: suggest, answer from the table, on_trial_complete."""
     trials: list[ReplayedTrial] = []
     for number in range(n_trials):
         trial_id = f"replay_{number:05d}"
