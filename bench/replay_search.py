@@ -82,10 +82,10 @@ class ReplayTable:
         return [np.flatnonzero((grid == config).all(axis=1)) for config in self.configs]
 
     def column(self, name: str) -> np.ndarray:
-        return self._columns[name]
+        return self.by_column[name]
 
     @functools.cached_property
-    def _columns(self) -> dict[str, np.ndarray]:
+    def by_column(self) -> dict[str, np.ndarray]:
         return {name: self.rows[name].to_numpy() for name in self.rows.columns}
 
     def nearest(self, values: Mapping[str, Any]) -> int:
