@@ -242,8 +242,8 @@ def objective_values(table: ReplayTable, objectives: Sequence[str]) -> np.ndarra
 def hypervolume_after(table: ReplayTable, trials: Sequence[ReplayedTrial], count: int, objectives: Sequence[str],
                       box: Box) -> float:  # fmt: skip
     """Hypervolume of the front of the first `count` trials (stopped ones never enter it)."""
-    rows = [t.row for t in trials[:count] if t.status == "complete"]
-    rows = [r for r in rows if table.competing()[r]]
+    may_compete = table.competing()
+    rows = [t.row for t in trials[:count] if t.status == "complete" and may_compete[t.row]]
     return box.hypervolume(objective_values(table, objectives)[rows])
 
 
@@ -292,14 +292,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--algorithms", default="tpe,nsga2,random")
     parser.add_argument("--gp", action="store_true", help="add Optuna's GP sampler (slow: seconds per trial)")
+    parser.add_argument("--checkpoints", default=",".join(map(str, CHECKPOINTS)), help="trial counts to report")
     parser.add_argument("--out", type=Path, help="also write the per-repetition figures here (CSV)")
     args = parser.parse_args()
+    checkpoints = tuple(int(n) for n in args.checkpoints.split(","))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     table = load_table(args.table, tuple(GRID), ARTIFACT_CAP)
     space = table.space("shared_vs_unique", {"n_prelude": 0, "n_coda": 0})
     algorithms = args.algorithms.split(",") + (["gp"] if args.gp else [])
     tick = time.perf_counter()
-    figures = sampler_figures(table, base_config(), space, algorithms, args.reps)
+    figures = sampler_figures(table, base_config(), space, algorithms, args.reps, checkpoints)
     seconds = time.perf_counter() - tick
     if args.out:
         figures.to_csv(args.out, index=False)
