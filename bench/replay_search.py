@@ -156,22 +156,13 @@ def result_of(table: ReplayTable, trial: ReplayedTrial, objectives: Sequence[str
 def replay_search(
     sample: ConfigSampler, objectives: Sequence[str], n_trials: int, sampler: optuna.samplers.BaseSampler
 ) -> SweepSearch:
-    """The sweep's SweepSearch, its study moved to Optuna's in-memory storage.
-
-    The searcher keeps all its state in its study, so the move changes where trials are
-    stored and nothing else; on SQLite (even in memory) the storage's queries cost ~10 s
-    of CPU per 64-trial sweep, most of a replay.
-    """
-    search = SweepSearch(
-        sample, {m: "min" for m in objectives}, seeds=1, total_trials=n_trials,
-        storage_url="sqlite:///:memory:", study_name=f"replay-{uuid.uuid4().hex[:8]}", sampler=sampler,
+    """The sweep's SweepSearch on Optuna's in-memory storage (on SQLite, even in memory, the
+    storage's queries cost ~10 s of CPU per 64-trial sweep, most of a replay). One seed per
+    configuration and no control arms: each of the n_trials proposals is one trial."""
+    return SweepSearch(
+        sample, {m: "min" for m in objectives}, seeds=1, num_samples=n_trials,
+        storage=optuna.storages.InMemoryStorage(), study_name=f"replay-{uuid.uuid4().hex[:8]}", sampler=sampler,
     )  # fmt: skip
-    if search.study.trials:
-        raise RuntimeError("replay: a fresh study was expected")
-    search.study = optuna.create_study(
-        storage=optuna.storages.InMemoryStorage(), sampler=sampler, directions=search.study.directions
-    )
-    return search
 
 
 def replay_sweep(

@@ -37,7 +37,7 @@ def searcher(
         objectives or OBJECTIVES,
         seeds=seeds,
         num_samples=total // seeds,
-        storage_url=f"sqlite:///{tmp_path / 'optuna.db'}",
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
         study_name="s",
         sampler=sampler or make_sampler("random", seed=0),
         space=space,
@@ -273,7 +273,7 @@ def test_a_routing_grid_queues_arms_as_fully_fixed_trials(tmp_path: Path) -> Non
     base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000, refine_passes=1)
     search = SweepSearch(
         ConfigSampler(space, base, equal_bytes=False, byte_budget=2_000_000), OBJECTIVES, seeds=1, num_samples=4,
-        storage_url=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", sampler=grid, space=space,
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", sampler=grid, space=space,
         controls=("no_refine", "uniform"),
     )  # fmt: skip
     configs = []

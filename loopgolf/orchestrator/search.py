@@ -94,7 +94,7 @@ class SweepSearch(Searcher):
         *,
         seeds: int,
         num_samples: int,
-        storage_url: str,
+        storage: str | optuna.storages.BaseStorage,
         study_name: str,
         sampler: optuna.samplers.BaseSampler,
         space: Mapping[str, Dimension] | None = None,
@@ -108,7 +108,8 @@ class SweepSearch(Searcher):
         self.space = dict(space or {})  # the sampler's space: which arm values an arm trial's params can hold
         self.controls = tuple(controls)
         self.study = optuna.create_study(
-            storage=optuna.storages.RDBStorage(storage_url),
+            # a sweep's sqlite file; a replay (bench/replay_search.py) passes Optuna's in-memory storage
+            storage=optuna.storages.RDBStorage(storage) if isinstance(storage, str) else storage,
             study_name=study_name,
             sampler=sampler,
             directions=["minimize" if mode == "min" else "maximize" for mode in self.objectives.values()],

@@ -103,7 +103,7 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         spec.objectives,
         seeds=spec.seeds,
         num_samples=spec.num_samples,
-        storage_url=f"sqlite:///{sweep_dir / 'optuna.db'}",
+        storage=f"sqlite:///{sweep_dir / 'optuna.db'}",
         study_name=spec.name,
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
         space=space,
