@@ -17,11 +17,13 @@ from loopgolf.search_spaces import spaces
 from loopgolf.search_spaces.budget import (
     EQUAL_BYTES_MARGIN,
     FILL,
+    MLP_RATIO_BAND,
     MLP_STEP,
     BudgetError,
     attention_design,
     candidates,
     derive_heads,
+    in_ratio_band,
     solve_width,
     width_grid,
 )
@@ -104,7 +106,7 @@ def _space_configs(base: TrialConfig) -> list[TrialConfig]:
     return [base.replace(**dict(zip(names, combo, strict=True))) for combo in values]
 
 
-@pytest.mark.parametrize("cap", [1_000_000, 16_000_000])
+@pytest.mark.parametrize("cap", [500_000, 1_000_000, 16_000_000])
 @pytest.mark.parametrize("bits_codec", [(6, "lzma"), (8, "zlib")])
 def test_equal_bytes_fills_the_shared_vs_unique_space(cap: int, bits_codec: tuple[int, str]) -> None:
     bits, codec = bits_codec
@@ -125,10 +127,14 @@ def test_equal_bytes_fills_the_shared_vs_unique_space(cap: int, bits_codec: tupl
     # The lattice (whole GQA groups x MLP steps of 32) is too coarse for a few deep
     # families at 1 MB (8 unique blocks: one MLP step of 32 costs ~2-6% of the cap):
     # there the solver must return the fullest pair there is, and no pair may reach FILL.
-    for key in short:
-        config = solved[key]
-        best = max(f.predicted for f in candidates(config, cap))
-        assert best < FILL * cap and bytes_with_margin(config, EQUAL_BYTES_MARGIN) == best, key
+    ratio = base.model.mlp_hidden / base.model.d_model
+    for key, config in solved.items():  # a shape in the MLP-ratio band whenever the band holds one
+        band = in_ratio_band(candidates(config, cap), ratio)
+        assert not band or abs(math.log(config.model.mlp_hidden / config.model.d_model / ratio)) <= math.log(
+            MLP_RATIO_BAND), key
+        if key in short:
+            best = max(f.predicted for f in band or candidates(config, cap))
+            assert best < FILL * cap and bytes_with_margin(config, EQUAL_BYTES_MARGIN) == best, key
     print(f"cap {cap:,}: fills {min(fills.values()):.4f}-{max(fills.values()):.4f}; below {FILL}: {short}")
 
 

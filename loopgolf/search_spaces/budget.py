@@ -20,8 +20,8 @@ from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.estimate import bytes_with_margin
 
 __all__ = [
-    "EQUAL_BYTES_MARGIN", "FILL", "MLP_STEP", "BudgetError", "Fill",
-    "attention_design", "candidates", "derive_heads", "solve_width", "width_grid",
+    "EQUAL_BYTES_MARGIN", "FILL", "MLP_RATIO_BAND", "MLP_STEP", "BudgetError", "Fill",
+    "attention_design", "candidates", "derive_heads", "in_ratio_band", "solve_width", "width_grid",
 ]
 
 MLP_STEP = 32  # MLP hidden sizes are multiples of this (whole tensor-core tiles on GPUs)
@@ -31,6 +31,11 @@ FILL = 0.99  # a solved configuration's predicted bytes (with the margin) are in
 # (tests/test_budget.py, 2026-12-02), so filling the point prediction to 99.5% put them
 # over the cap; 2% keeps the measured fill just under it.
 EQUAL_BYTES_MARGIN = 1.02
+# The MLP ratio (hidden / width) of a solved shape stays within this factor of the base's when
+# any width allows it: at small caps the finest byte steps are at the narrowest widths, and
+# filling to 1% there gave d_model 32 with a 59x MLP, a shape nobody would train. The price,
+# at caps of 0.5-1 MB only: a few deep families fill 94-98% instead of 99% (16 MB: unchanged).
+MLP_RATIO_BAND = 4.0
 
 
 class BudgetError(LoopgolfError):
@@ -136,9 +141,10 @@ def solve_width(config: TrialConfig, byte_budget: int | None = None, *, margin: 
     """`config` at the width and MLP size that fill `byte_budget` (default: its
     max_artifact_bytes) to within FILL, with the MLP ratio nearest the base's.
 
-    Predicted model bytes are multiplied by `margin` (EQUAL_BYTES_MARGIN; 1 fills the
-    point estimate); code bytes are exact. If no pair
-    reaches FILL, the fullest is returned. Raises BudgetError if nothing fits.
+    Only shapes whose MLP ratio is within MLP_RATIO_BAND of the base's compete, when any
+    fits. Predicted model bytes are multiplied by `margin` (EQUAL_BYTES_MARGIN; 1 fills the
+    point estimate); code bytes are exact. If no pair reaches FILL, the fullest is
+    returned. Raises BudgetError if nothing fits.
     """
     budget = config.compress.max_artifact_bytes if byte_budget is None else byte_budget
     fills = candidates(config, budget, margin=margin, max_d_model=max_d_model)
@@ -149,8 +155,14 @@ def solve_width(config: TrialConfig, byte_budget: int | None = None, *, margin: 
             f"no width fits {budget:,} bytes: the narrowest, d_model={narrowest.model.d_model} with a "
             f"{MLP_STEP}-wide MLP, is predicted at {bytes_with_margin(narrowest, margin):,} bytes"
         )
+    ratio = config.model.mlp_hidden / config.model.d_model
+    fills = in_ratio_band(fills, ratio) or fills
     full = [f for f in fills if f.predicted >= FILL * budget]
     if not full:
         return max(fills, key=lambda f: f.predicted).config
-    ratio = config.model.mlp_hidden / config.model.d_model
     return min(full, key=lambda f: (abs(math.log(f.mlp_ratio / ratio)), -f.config.model.d_model)).config
+
+
+def in_ratio_band(fills: list[Fill], ratio: float) -> list[Fill]:
+    """The candidates whose MLP ratio is within MLP_RATIO_BAND of `ratio`."""
+    return [f for f in fills if abs(math.log(f.mlp_ratio / ratio)) <= math.log(MLP_RATIO_BAND)]
