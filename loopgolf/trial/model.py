@@ -569,6 +569,8 @@ class RecurrentLM(nn.Module):
         return self.unique_params() + (self.config.n_passes - 1) * core
 
     def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():  # in the graph: a cache filled while tracing would recompile
+            return rope_tables(seq_len, self.config.head_dim, self.config.rope_base, like)
         key = (seq_len, like.device, like.dtype)
         cached = self._rope_cache.get(key)
         # Tables made under inference_mode (an evaluation) cannot enter autograd: remake them.
@@ -685,10 +687,6 @@ class RecurrentLM(nn.Module):
         limit = seq_len if chosen_mask else math.floor(c.refine_cap * seq_len + CAP_EPSILON)
         return capacity_ladder(limit)
 
-    def _capacity(self, refined: Tensor, chosen_mask: bool) -> int:
-        ladder = self.refine_capacities(refined.size(1), chosen_mask)
-        return ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
-
     @torch.compiler.disable  # the one host read of a routed forward: its rung fixes the next graph's shapes
     def _read_rung(self, counts: Tensor, ladder: tuple[int, ...]) -> int:
         if self.capacity_override is not None:
@@ -758,11 +756,14 @@ class RecurrentLM(nn.Module):
             raise ValueError(f"RecurrentLM: idx must be (batch, seq), got shape {tuple(idx.shape)}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"RecurrentLM: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        # Made before any graph break (_random_scores, _read_rung) and completed after: a
+        # compiled forward's later graphs then read no pass count, so they serve both loop states.
+        stats = ForwardStats(c, self.n_passes_used, idx.size(1), 0.0)
         x0 = rms_norm(self.tok_emb(idx))
         cos, sin = self._rope(idx.size(1), x0)
         base = self._base_pass(x0, cos, sin, record_kv=c.refine_passes > 0)
 
-        logits, score, refined, fraction = base.logits, None, None, 0.0
+        logits, score, refined = base.logits, None, None
         if c.refine_passes:
             score = self._router_score(base)
             if refine_mask is not None:
@@ -774,15 +775,16 @@ class RecurrentLM(nn.Module):
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
             if self.pads_refinement():
-                capacity = self._capacity(refined, refine_mask is not None)
+                ladder = self.refine_capacities(idx.size(1), refine_mask is not None)
+                capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
                 padded = PaddedSelection.from_mask(refined, capacity)
                 logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
-                fraction = refined.sum() / refined.numel()  # stays on the device
+                stats.refined_share = refined.sum() / refined.numel()  # stays on the device
             else:
                 sel = Selection.from_mask(refined)
                 if sel.n:
                     logits = sel.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, sel)))
-                fraction = sel.n / refined.numel()
+                stats.refined_share = sel.n / refined.numel()
 
         loss = base_loss = token_ce = base_token_ce = None
         if targets is not None:
@@ -793,7 +795,6 @@ class RecurrentLM(nn.Module):
             if return_token_ce:
                 token_ce, base_token_ce = ce, base_ce
 
-        stats = ForwardStats(c, self.n_passes_used, idx.size(1), fraction)
         return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
 
 
