@@ -32,6 +32,7 @@ return the training part (status, steps, tokens, loss).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -123,6 +124,7 @@ def compiles(config: TrialConfig, device: torch.device) -> bool:
     return choice == "on"
 
 
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"  # torch.compile's backend (tests count graphs with their own)
 LOSS_READ_EVERY = 10  # compiled CUDA steps between host reads of the loss (each read waits for the device)
 
 
@@ -354,7 +356,8 @@ def _set_up(
     if device.type == "cuda":  # TF32 for any fp32 matmul left outside bf16 autocast
         torch.set_float32_matmul_precision("high")
     if compiles(config, device):
-        run.forward, run.compiled = torch.compile(model, dynamic=False), True  # static shapes: one graph each
+        # dynamic=False: every shape is static, so each rung of the padded capacity is its own graph
+        run.forward, run.compiled = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND), True
         _prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
         parallel.barrier(device)
@@ -614,7 +617,9 @@ def run_trial(
         return rejected
 
     run = _set_up(config, Path(data_dir), out, parallel, resume_state, wall_start)
-    _train(run, reporter)
+    # Priming compiled every graph: a compile on the clock would be a bug, so it raises.
+    with torch.compiler.set_stance("fail_on_recompile") if run.compiled else contextlib.nullcontext():
+        _train(run, reporter)
     metrics = base | _training_metrics(run)
     if parallel is not None:  # the last collective: after it, rank 0 goes on alone
         metrics["replica_drift"] = parallel.replica_drift(run.model)
