@@ -38,7 +38,7 @@ class GraphCounter:
 def routed(**values: Any) -> Any:
     """A routed trial of 8 steps whose core starts looping at step 4, reporting every step."""
     base = dict(refine_passes=1, signal="entropy", refine_target=0.25, refine_cap=0.5, loop_start=0.5,
-                max_steps=8, train_seconds=1e6, report_every_seconds=1e-9, warmup_steps=0)
+                max_steps=8, train_seconds=1e6, report_every_seconds=1e-3, warmup_steps=0)
     return tiny(**(base | values))
 
 

@@ -10,7 +10,9 @@
    over `warmup_steps`, constant, then a linear warmdown over the last `warmdown_frac`
    of the budget, keyed to elapsed time as in the challenge (or to steps, when the step
    budget is the one nearer its end). Muon for block matrices, AdamW for embeddings and
-   small tensors.
+   small tensors. Compiled (`compile`), every graph is built before the clock starts and
+   a compile on the clock raises; on one CUDA device the loss is read (a host sync) every
+   LOSS_READ_EVERY steps, and every step whose end could cross the budget is read.
 3. Evaluate the in-memory model (`val_bpb_prequant`), write the artifact, reload it
    from disk, and evaluate that (`val_bpb`, the number that counts).
 
