@@ -6,6 +6,8 @@ back. The oracle is the definition, written densely: run the refinement passes (
 coda) over every position, where the query at t attends to positions <= t whose K/V are
 freshly computed at selected positions and the last base pass's elsewhere; then keep the
 refined logits at the selected positions only. Both run in float64 and must agree to 1e-9.
+So must the padded layout a compiled forward uses (every row padded to a capacity rung,
+the pad slots masked): each case checks both layouts.
 
 Selections are drawn with any density and any imbalance between rows (rows that select
 early and many against rows that select late and few make the per-chunk key counts

@@ -14,7 +14,8 @@ tanh-softcapped head.
 
 The file reads top to bottom:
   1. building blocks: QATLinear, RoPE, the attention strategies (causal over the whole
-     sequence; selected tokens only, reusing the base pass's K/V), Block
+     sequence; selected tokens only, reusing the base pass's K/V, in an exact-size layout
+     or, for torch.compile, padded to one of a few capacity rungs), Block
   2. phase conditioning: what lets pass p of the shared core differ from pass q
   3. RecurrentLM: the base forward, the router's score and threshold, refinement
   4. analytic cost: flops_per_token
