@@ -36,8 +36,11 @@ class GraphCounter:
 
 
 def routed(**values: Any) -> Any:
-    """A routed trial of 8 steps whose core starts looping at step 4, reporting every step."""
-    base = dict(refine_passes=1, signal="entropy", refine_target=0.25, refine_cap=0.5, loop_start=0.5,
+    """A routed trial of 8 steps whose core starts looping at step 4, reporting every step.
+
+    `random` refines i.i.d. at the target from step 1 (an untrained model's entropy EMA can
+    refine nothing for a while), so the rows' counts vary from batch to batch."""
+    base = dict(refine_passes=1, signal="random", refine_target=0.25, refine_cap=0.5, loop_start=0.5,
                 max_steps=8, train_seconds=1e6, report_every_seconds=1e-3, warmup_steps=0)
     return tiny(**(base | values))
 
@@ -47,6 +50,7 @@ def losses_by_step(config: Any, data: Path, out: Path, on_report: Any = None) ->
 
     def reporter(progress: dict[str, Any], state: dict[str, Any] | None) -> None:
         losses.append(progress["train_loss"])
+        assert progress["refine_fraction"] > 0.1  # refinement ran in every step
         if on_report is not None:
             on_report()
 
@@ -75,14 +79,15 @@ def test_a_compiled_routed_trial_builds_a_bounded_set_of_graphs_before_the_clock
                               on_report=lambda: graphs_on_the_clock.append(counter.graphs))
     ladder = RecurrentLM(routed().model).refine_capacities(routed().model.seq_len)
     assert len(ladder) == 4
-    # Two base graphs (core looped and not), one refinement graph per rung, nothing else.
-    assert counter.graphs == 2 + len(ladder) <= MAX_GRAPHS
+    # Two base graphs (core looped and not) up to the random draw, one from the draw to the
+    # rung's read, one refinement graph per rung, nothing else.
+    assert counter.graphs == 3 + len(ladder) <= MAX_GRAPHS
     assert graphs_on_the_clock == [counter.graphs] * 8  # every graph was built by priming
     primed, clock = rungs[: 2 * len(ladder)], rungs[2 * len(ladder) :]
     assert primed == list(ladder) * 2 and len(clock) == 8 and set(clock) <= set(ladder)
 
     eager = losses_by_step(routed(compile="off"), corpus_data, tmp_path / "eager")
-    assert compiled == pytest.approx(eager, rel=1e-5)  # padded and gathered layouts agree to rounding
+    assert compiled == pytest.approx(eager, rel=1e-4)  # padded and gathered layouts agree to rounding (7e-6 seen)
     assert len(set(eager)) == 8
 
 
