@@ -6,6 +6,8 @@ back. The oracle is the definition, written densely: run the refinement passes (
 coda) over every position, where the query at t attends to positions <= t whose K/V are
 freshly computed at selected positions and the last base pass's elsewhere; then keep the
 refined logits at the selected positions only. Both run in float64 and must agree to 1e-9.
+So must the padded layout a compiled forward uses (every row padded to a capacity rung,
+the pad slots masked): each case checks both layouts.
 
 Selections are drawn with any density and any imbalance between rows (rows that select
 early and many against rows that select late and few make the per-chunk key counts
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -25,7 +28,17 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import NO_COND, Block, RecurrentLM, Selection, causal_attend, rope_tables
+from loopgolf.trial.model import (
+    NO_COND,
+    Block,
+    PaddedSelection,
+    RecurrentLM,
+    Selection,
+    capacity_ladder,
+    causal_attend,
+    rope_tables,
+    rung_for,
+)
 from tests.test_model import build
 
 TOLERANCE = 1e-9
@@ -118,21 +131,27 @@ def row_masks(batch: int, seq_len: int, rows: list[tuple[float, float, float]], 
     return mask
 
 
-def check(config: ModelConfig, mask: Tensor, seed: int = 0) -> None:
+def check(config: ModelConfig, mask: Tensor, seed: int = 0, capacity: int | None = None) -> None:
+    """Both layouts equal the oracle: gathered (exact sizes) and padded (the compiled one, at
+    the ladder's rung for this mask, or at `capacity`)."""
     model = build(config, seed=seed).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     idx = torch.randint(0, config.vocab_size, mask.shape, generator=gen)
     with torch.no_grad():
-        got = model(idx, refine_mask=mask)
         expect = dense_refined_logits(model, idx, mask)
-    assert got.refined is not None and torch.equal(got.refined, mask)
-    diff = (got.logits - expect).abs().max().item()
-    assert diff <= TOLERANCE, f"max |dlogit| = {diff:.3g} > {TOLERANCE}"
-    if mask.any():  # the oracle is not vacuous: refinement changed the selected logits
+        model.padded_refinement = False
+        base = model(idx, refine_mask=torch.zeros_like(mask)).logits
+    for padded in (False, True):
+        model.padded_refinement, model.capacity_override = padded, capacity if padded else None
         with torch.no_grad():
-            base = model(idx, refine_mask=torch.zeros_like(mask)).logits
-        assert (got.logits - base)[mask].abs().max() > 1e-6
-        assert torch.equal(got.logits[~mask], base[~mask])
+            got = model(idx, refine_mask=mask)
+        assert got.refined is not None and torch.equal(got.refined, mask)
+        diff = (got.logits - expect).abs().max().item()
+        assert diff <= TOLERANCE, f"padded={padded}: max |dlogit| = {diff:.3g} > {TOLERANCE}"
+        assert got.stats.refined_fraction == pytest.approx(int(mask.sum()) / mask.numel(), rel=1e-6)
+        if mask.any():  # the oracle is not vacuous: refinement changed the selected logits
+            assert (got.logits - base)[mask].abs().max() > 1e-6
+        assert torch.equal(got.logits[~mask], base[~mask])  # the rest, padding included, untouched
 
 
 def tiny(**overrides: object) -> ModelConfig:
@@ -206,3 +225,31 @@ def test_oracle_sees_stale_keys() -> None:
         got = model(idx, refine_mask=mask).logits
         stale = dense_refined_logits(model, idx, mask, fresh=torch.zeros_like(mask))
     assert (got - stale).abs().max() > 1e-6
+
+
+def test_padding_far_beyond_the_selection_changes_nothing() -> None:
+    """A few selected tokens padded to capacity T: the pad slots (position 0) leave every result alone,
+    including position 0 itself when a row selects it."""
+    config = tiny(seq_len=96, n_heads=4, n_kv_heads=2, n_coda=1, unet_skips=True, phase="lora", lora_rank=2)
+    mask = torch.zeros(3, 96, dtype=torch.bool)
+    mask[0, [0, 5, 95]] = True
+    mask[1, 40] = True  # row 2 selects nothing: all padding
+    check(config, mask, capacity=96)
+
+
+def test_padded_layout_holds_each_rows_selection_in_order() -> None:
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, [1, 4, 9]] = True
+    mask[1, [0]] = True
+    sel = PaddedSelection.from_mask(mask, 4)
+    assert sel.slot_pos.tolist() == [[1, 4, 9, 0], [0, 0, 0, 0]]
+    assert sel.scatter_at.tolist() == [[1, 4, 9, 10], [0, 10, 10, 10]]  # padding writes to the dump column
+
+
+def test_capacity_ladder_is_bounded_and_ascending() -> None:
+    assert capacity_ladder(512) == (184, 256, 368, 512)  # 512 / sqrt(2)^i rounded up to multiples of 8
+    assert capacity_ladder(64) == (24, 32, 48, 64)
+    assert capacity_ladder(5) == (5,) and capacity_ladder(0) == (1,)
+    assert rung_for(0, (24, 32)) == 24 and rung_for(25, (24, 32)) == 32 and rung_for(32, (24, 32)) == 32
+    with pytest.raises(ValueError, match="exceed the largest capacity 32"):
+        rung_for(33, (24, 32))

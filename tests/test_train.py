@@ -235,7 +235,7 @@ def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
     assert [compiles(tiny(), d) for d in (cpu, cuda)] == [False, True]
     assert [compiles(tiny(compile=True), d) for d in (cpu, cuda)] == [True, True]
     assert [compiles(tiny(compile="off"), d) for d in (cpu, cuda)] == [False, False]
-    assert not compiles(tiny(refine_passes=1), cuda)  # routed shapes vary: compiled only when asked
+    assert compiles(tiny(refine_passes=1), cuda)  # routed too: padded to a bounded set of shapes
     with pytest.raises(ConfigError, match=r"TrainConfig.compile='yes': expected one of \['auto', 'on', 'off'\]"):
         tiny(compile="yes")
 
@@ -265,3 +265,35 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(accum: int) -> 
     assert sorted(split) == sorted(whole) and len(whole) > 10
     for name, g in whole.items():
         torch.testing.assert_close(split[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_loss_is_read_every_n_steps_and_at_the_budget(
+    corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on one CUDA device (reads every 4 steps here): the first step is read (it times the
+    clock's step), then every 4th, and the last; the logged loss is the mean of the read steps'."""
+    from loopgolf.trial import train
+
+    reads: list[tuple[int, int]] = []  # (step after the read, steps it read)
+    read_clock = train._read_clock
+
+    def recording(run: Any) -> float:
+        reads.append((run.step, run.pending_steps))
+        return read_clock(run)
+
+    monkeypatch.setattr(train, "loss_read_every", lambda device, parallel: 4)
+    monkeypatch.setattr(train, "_read_clock", recording)
+    losses: list[torch.Tensor] = []
+    forward = RecurrentLM.forward
+
+    def keep_loss(self: RecurrentLM, *args: Any, **kwargs: Any) -> Any:
+        out = forward(self, *args, **kwargs)
+        losses.append(out.loss.detach())
+        return out
+
+    monkeypatch.setattr(RecurrentLM, "forward", keep_loss)
+    config = tiny(max_steps=10, train_seconds=1e6, report_every_seconds=1e6, checkpoint_every_seconds=1e6)
+    metrics = run_trial(config, corpus_data, tmp_path / "m")
+    assert reads == [(1, 1), (5, 4), (9, 4), (10, 1)]
+    assert metrics["train_steps"] == 10 and metrics["train_tokens"] == 10 * 8 * config.model.seq_len
+    assert metrics["train_loss"] == pytest.approx(float(losses[9]), rel=1e-6)  # the last read held one step

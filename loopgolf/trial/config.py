@@ -242,8 +242,8 @@ class TrainConfig:
     max_eval_seconds: float = 0.0  # eval-cap: a trial whose eval takes longer is infeasible (0 = no cap)
     device: Device = "auto"
     # torch.compile: "auto" compiles on CUDA and not on a CPU (true/false read as on/off).
-    # Routed trials compile under "auto" only once refined tokens come in bounded shape
-    # buckets (issue 14, section 3); until then their varying shapes would recompile.
+    # Routed trials too: compiled, refined tokens are padded to a few capacity rungs
+    # (model.refine_capacities), each one graph, all built before the clock starts.
     compile: Compile = "auto"
 
     def __post_init__(self) -> None:

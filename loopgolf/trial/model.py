@@ -14,7 +14,8 @@ tanh-softcapped head.
 
 The file reads top to bottom:
   1. building blocks: QATLinear, RoPE, the attention strategies (causal over the whole
-     sequence; selected tokens only, reusing the base pass's K/V), Block
+     sequence; selected tokens only, reusing the base pass's K/V, in an exact-size layout
+     or, for torch.compile, padded to one of a few capacity rungs), Block
   2. phase conditioning: what lets pass p of the shared core differ from pass q
   3. RecurrentLM: the base forward, the router's score and threshold, refinement
   4. analytic cost: flops_per_token
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.routing import causal_cap, random_scores, stride_mask
+from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
 
 EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
 Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
@@ -157,6 +158,21 @@ class Selection:
     def n(self) -> int:
         return int(self.rows.numel())
 
+    def gather(self, x: Tensor) -> Tensor:
+        """The selected tokens' rows of a (B, T, ...) tensor: (n, ...)."""
+        return x[self.rows, self.pos]
+
+    def at_positions(self, table: Tensor) -> Tensor:
+        """The selected tokens' rows of a per-position (T, ...) table: (n, ...)."""
+        return table[self.pos]
+
+    def attend(self, cache: RecordKV) -> Attend:
+        return SelectedAttend(cache, self)
+
+    def scatter(self, into: Tensor, values: Tensor) -> Tensor:
+        """`into` (B, T, ...) with the selected tokens' rows replaced by `values` (n, ...)."""
+        return into.index_put((self.rows, self.pos), values.to(into.dtype))
+
     def masks(self, dtype: torch.dtype) -> list[Tensor]:
         """Additive attention masks per chunk, (B, 1, chunk, keys): 0 where key <= query, else -inf."""
         if dtype not in self._masks:
@@ -200,6 +216,102 @@ class SelectedAttend:
             dim=2,
         )
         return y.transpose(1, 2)[s.rows, s.slots]
+
+
+CAPACITY_RUNGS = 4  # padded capacities per trial: the refinement graphs torch.compile builds
+CAPACITY_RATIO = 2**-0.5  # each rung holds 1/sqrt(2) of the one above: at most 1.41x padding above the lowest
+CAPACITY_QUANTUM = 8  # rungs are multiples of this (tensor-core friendly tiles)
+
+
+def capacity_ladder(limit: int) -> tuple[int, ...]:
+    """Per-row capacities a padded refinement may use, ascending: `limit` (the most a row can
+    select), then limit/sqrt(2), limit/2, ... (CAPACITY_RUNGS in all), rounded up to a multiple
+    of CAPACITY_QUANTUM, at least 1. A forward pads its rows to the smallest rung that holds
+    its fullest row, so a trial compiles at most CAPACITY_RUNGS refinement graphs."""
+    if limit < 0:
+        raise ValueError(f"capacity_ladder: limit={limit}: expected a token count >= 0")
+    # 1e-9: limit/2 must round to itself, not one quantum up from sqrt(2)**-2's float error
+    rungs = {min(limit, math.ceil(limit * CAPACITY_RATIO**i / CAPACITY_QUANTUM - 1e-9) * CAPACITY_QUANTUM)
+             for i in range(CAPACITY_RUNGS)}
+    return tuple(sorted({max(1, r) for r in rungs}))
+
+
+def rung_for(count: int, ladder: tuple[int, ...]) -> int:
+    """The smallest rung holding `count` tokens per row."""
+    for rung in ladder:
+        if count <= rung:
+            return rung
+    raise ValueError(f"rung_for: {count} selected tokens in a row exceed the largest capacity {ladder[-1]}")
+
+
+@dataclasses.dataclass
+class PaddedSelection:
+    """The refined tokens of a (B, T) mask in a fixed (B, capacity) layout: static shapes, so a
+    compiled forward builds one graph per capacity and never a data-dependent one.
+
+    Slot s of row b holds the row's s-th selected position. Slots past the row's count are
+    padding: they hold position 0, read key 0 only (a softmax over nothing would be NaN),
+    and are written back nowhere (their scatter index is a dump column T, cut off after),
+    so they change no result and receive no gradient. Every query reads all T keys under a
+    causal mask: the causal saving of the chunked Selection would need data-dependent shapes.
+    """
+
+    slot_pos: Tensor  # (B, K) position held by each slot; 0 for padding
+    scatter_at: Tensor  # (B, K) where each slot writes back: its position, or T for padding
+    seq_len: int
+
+    @classmethod
+    def from_mask(cls, mask: Tensor, capacity: int) -> PaddedSelection:
+        """Rows' selected positions in ascending order; a row selecting more than `capacity`
+        keeps its first `capacity` (a forward picks a capacity that holds every row)."""
+        batch, seq_len = mask.shape
+        rank = mask.long().cumsum(1) - 1
+        kept = mask & (rank < capacity)
+        slot = torch.where(kept, rank, capacity)  # the overflow slot `capacity` is cut off below
+        pos = torch.arange(seq_len, device=mask.device).expand(batch, seq_len)
+        slot_pos = torch.zeros(batch, capacity + 1, dtype=torch.long, device=mask.device).scatter(1, slot, pos)
+        slot_pos = slot_pos[:, :capacity]
+        valid = torch.arange(capacity, device=mask.device) < kept.sum(1, keepdim=True)
+        return cls(torch.where(valid, slot_pos, 0), torch.where(valid, slot_pos, seq_len), seq_len)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> the slots' (B, K, ...)."""
+        index = self.slot_pos.view(*self.slot_pos.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+        return x.gather(1, index)
+
+    def at_positions(self, table: Tensor) -> Tensor:
+        """A per-position (T, ...) table -> the slots' (B, K, ...)."""
+        return table[self.slot_pos]
+
+    def attend(self, cache: RecordKV) -> Attend:
+        return PaddedAttend(cache, self)
+
+    def scatter(self, into: Tensor, values: Tensor) -> Tensor:
+        """`into` (B, T, ...) with each real slot's position replaced by its row of `values` (B, K, ...)."""
+        index = self.scatter_at.view(*self.scatter_at.shape, *([1] * (into.ndim - 2))).expand_as(values)
+        return torch.cat((into, into[:, :1]), dim=1).scatter(1, index, values.to(into.dtype))[:, : self.seq_len]
+
+    def key_mask(self) -> Tensor:
+        """(B, 1, K, T) bool: slot s may read key j iff j <= its position."""
+        return (torch.arange(self.seq_len, device=self.slot_pos.device) <= self.slot_pos[..., None])[:, None]
+
+
+class PaddedAttend:
+    """SelectedAttend on a PaddedSelection: fresh K/V at the selected positions, the base
+    pass's elsewhere; every slot reads the whole (causally masked) key table."""
+
+    def __init__(self, cache: RecordKV, sel: PaddedSelection) -> None:
+        if cache.k is None or cache.v is None:
+            raise RuntimeError("PaddedAttend: the base pass did not record this block's K/V")
+        self.k_cache, self.v_cache, self.sel = cache.k, cache.v, sel
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys = self.sel.scatter(self.k_cache, k).transpose(1, 2)  # (B, kv_heads, T, hd)
+        values = self.sel.scatter(self.v_cache, v).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=self.sel.key_mask(), enable_gqa=q.size(-2) != k.size(-2)
+        )
+        return y.transpose(1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,9 +441,30 @@ class Phase(nn.Module):
 
 @dataclasses.dataclass
 class ForwardStats:
-    block_applications_per_token: float  # prelude + core * passes + coda, + refined blocks averaged over tokens
-    refined_fraction: float  # fraction of tokens refined (0 without refinement)
-    flops_per_token: float  # analytic forward FLOPs per token of this forward (see flops_per_token)
+    """What one forward cost. The refined share stays on the device until a property reads it:
+    a read syncs with the device, so a compiled training step reads it only when it logs."""
+
+    config: ModelConfig
+    passes: int  # core passes of the base path
+    seq_len: int
+    refined_share: Tensor | float  # fraction of tokens refined (0 without refinement); 0-d tensor or float
+
+    @property
+    def refined_fraction(self) -> float:
+        return float(self.refined_share)
+
+    @property
+    def block_applications_per_token(self) -> float:
+        """prelude + core * passes + coda, + refined blocks averaged over tokens."""
+        c = self.config
+        return c.n_prelude + c.n_blocks * self.passes + c.n_coda + self.refined_fraction * (
+            c.n_blocks * c.refine_passes + c.n_coda
+        )
+
+    @property
+    def flops_per_token(self) -> float:
+        """Analytic forward FLOPs per token of this forward (see flops_per_token)."""
+        return _flops(self.config, self.refined_fraction, self.passes, self.seq_len)
 
 
 @dataclasses.dataclass
@@ -411,6 +544,10 @@ class RecurrentLM(nn.Module):
         self.train_draws = 0  # `random` draws made by training forwards (a resumed trial restores it)
         self.eval_draws = 0  # draws made by evaluation forwards since restart_draws()
         self._rope_cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # Refined tokens in a fixed (B, capacity) layout: None = when torch.compile traces the
+        # forward (static shapes), eager runs use the exact-size gathered layout.
+        self.padded_refinement: bool | None = None
+        self.capacity_override: int | None = None  # priming: compile this rung whatever the selection
 
     # ---- bookkeeping
 
@@ -433,6 +570,8 @@ class RecurrentLM(nn.Module):
         return self.unique_params() + (self.config.n_passes - 1) * core
 
     def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():  # in the graph: a cache filled while tracing would recompile
+            return rope_tables(seq_len, self.config.head_dim, self.config.rope_base, like)
         key = (seq_len, like.device, like.dtype)
         cached = self._rope_cache.get(key)
         # Tables made under inference_mode (an evaluation) cannot enter autograd: remake them.
@@ -495,6 +634,10 @@ class RecurrentLM(nn.Module):
             return torch.ones(shape, device=device)
         if signal == "stride":
             return stride_mask(shape, self.config.refine_target, device).to(base.logits.dtype)
+        return self._random_scores(shape, device)
+
+    @torch.compiler.disable  # host-side draw counting: traced, it would recompile every forward
+    def _random_scores(self, shape: tuple[int, int], device: torch.device) -> Tensor:
         stream = 0 if self.training else 1  # a fresh draw every forward, train and eval apart
         draw = self.train_draws if self.training else self.eval_draws
         if self.training:
@@ -524,6 +667,33 @@ class RecurrentLM(nn.Module):
         want = score > self.threshold()
         return want if self.config.signal == "uniform" else causal_cap(want, self.config.refine_cap)
 
+    # ---- padded refinement (for torch.compile)
+
+    def pads_refinement(self) -> bool:
+        """Whether this forward refines in the padded layout: when asked, else while compiling."""
+        return torch.compiler.is_compiling() if self.padded_refinement is None else self.padded_refinement
+
+    def refine_capacities(self, seq_len: int, chosen_mask: bool = False) -> tuple[int, ...]:
+        """The per-row capacities (rungs) a padded forward at `seq_len` may use: what priming compiles.
+
+        uniform refines all T tokens and stride exactly floor(target T): one rung each, no
+        host read. The capped arms select at most floor(cap T) per row: a ladder below it.
+        A caller's refine_mask may select anything: a ladder below T.
+        """
+        c = self.config
+        if not chosen_mask and c.signal == "uniform":
+            return (seq_len,)
+        if not chosen_mask and c.signal == "stride":
+            return (max(1, math.floor(c.refine_target * seq_len + CAP_EPSILON)),)
+        limit = seq_len if chosen_mask else math.floor(c.refine_cap * seq_len + CAP_EPSILON)
+        return capacity_ladder(limit)
+
+    @torch.compiler.disable  # the one host read of a routed forward: its rung fixes the next graph's shapes
+    def _read_rung(self, counts: Tensor, ladder: tuple[int, ...]) -> int:
+        if self.capacity_override is not None:
+            return self.capacity_override
+        return rung_for(int(counts.max()), ladder)
+
     @torch.no_grad()
     def router_scores(self, idx: Tensor) -> Tensor:
         """(B, T) router scores of the base pass alone: what calibration reads."""
@@ -548,8 +718,11 @@ class RecurrentLM(nn.Module):
 
     # ---- refinement
 
-    def _refine(self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, sel: Selection) -> Tensor:
-        """The core refine_passes more times, then the coda once, on the selected tokens: (n, d).
+    def _refine(
+        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, sel: Selection | PaddedSelection
+    ) -> Tensor:
+        """The core refine_passes more times, then the coda once, on the selected tokens: (n, d)
+        gathered, or (B, capacity, d) padded.
 
         Each block reuses the K/V it computed for the other tokens in the last base pass.
         U-Net skips: the refined core passes get none; each coda block gets the skip it got
@@ -557,18 +730,17 @@ class RecurrentLM(nn.Module):
         exactly a base forward with n_passes + refine_passes core passes.
         """
         c = self.config
-        rows, pos = sel.rows, sel.pos
-        h, x0s, cs, sn = base.h_last[rows, pos], x0[rows, pos], cos[pos], sin[pos]
+        h, x0s, cs, sn = sel.gather(base.h_last), sel.gather(x0), sel.at_positions(cos), sel.at_positions(sin)
         for r in range(c.refine_passes):
             p = c.n_passes + r
             h = self.phase.start(h, p)
             for j, block in enumerate(self.core):
-                h = block(h, x0s, cs, sn, SelectedAttend(base.core_kv[j], sel), self.phase.cond(p, j))
+                h = block(h, x0s, cs, sn, sel.attend(base.core_kv[j]), self.phase.cond(p, j))
         for i, block in enumerate(self.coda):
             skip = base.coda_skips[i]
             if skip is not None:
-                h = h + skip[rows, pos]
-            h = block(h, x0s, cs, sn, SelectedAttend(base.coda_kv[i], sel))
+                h = h + sel.gather(skip)
+            h = block(h, x0s, cs, sn, sel.attend(base.coda_kv[i]))
         return h
 
     # ---- forward
@@ -585,11 +757,14 @@ class RecurrentLM(nn.Module):
             raise ValueError(f"RecurrentLM: idx must be (batch, seq), got shape {tuple(idx.shape)}")
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"RecurrentLM: targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+        # Made before any graph break (_random_scores, _read_rung) and completed after: a
+        # compiled forward's later graphs then read no pass count, so they serve both loop states.
+        stats = ForwardStats(c, self.n_passes_used, idx.size(1), 0.0)
         x0 = rms_norm(self.tok_emb(idx))
         cos, sin = self._rope(idx.size(1), x0)
         base = self._base_pass(x0, cos, sin, record_kv=c.refine_passes > 0)
 
-        logits, score, refined, fraction = base.logits, None, None, 0.0
+        logits, score, refined = base.logits, None, None
         if c.refine_passes:
             score = self._router_score(base)
             if refine_mask is not None:
@@ -600,10 +775,17 @@ class RecurrentLM(nn.Module):
                 refined = self.select(score)
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
-            sel = Selection.from_mask(refined)
-            if sel.n:
-                logits = base.logits.index_put((sel.rows, sel.pos), self._logits(self._refine(base, x0, cos, sin, sel)))
-            fraction = sel.n / refined.numel()
+            if self.pads_refinement():
+                ladder = self.refine_capacities(idx.size(1), refine_mask is not None)
+                capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
+                padded = PaddedSelection.from_mask(refined, capacity)
+                logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
+                stats.refined_share = refined.sum() / refined.numel()  # stays on the device
+            else:
+                sel = Selection.from_mask(refined)
+                if sel.n:
+                    logits = sel.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, sel)))
+                stats.refined_share = sel.n / refined.numel()
 
         loss = base_loss = token_ce = base_token_ce = None
         if targets is not None:
@@ -614,13 +796,6 @@ class RecurrentLM(nn.Module):
             if return_token_ce:
                 token_ce, base_token_ce = ce, base_ce
 
-        passes = self.n_passes_used
-        stats = ForwardStats(
-            block_applications_per_token=c.n_prelude + c.n_blocks * passes + c.n_coda
-            + fraction * (c.n_blocks * c.refine_passes + c.n_coda),
-            refined_fraction=fraction,
-            flops_per_token=_flops(c, fraction, passes, idx.size(1)),
-        )
         return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
 
 

@@ -10,7 +10,9 @@
    over `warmup_steps`, constant, then a linear warmdown over the last `warmdown_frac`
    of the budget, keyed to elapsed time as in the challenge (or to steps, when the step
    budget is the one nearer its end). Muon for block matrices, AdamW for embeddings and
-   small tensors.
+   small tensors. Compiled (`compile`), every graph is built before the clock starts and
+   a compile on the clock raises; on one CUDA device the loss is read (a host sync) every
+   LOSS_READ_EVERY steps, and every step whose end could cross the budget is read.
 3. Evaluate the in-memory model (`val_bpb_prequant`), write the artifact, reload it
    from disk, and evaluate that (`val_bpb`, the number that counts).
 
@@ -32,6 +34,7 @@ return the training part (status, steps, tokens, loss).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -111,11 +114,27 @@ def muon_momentum(step: int, config: TrialConfig) -> float:
 
 
 def compiles(config: TrialConfig, device: torch.device) -> bool:
-    """Whether the trial runs torch.compile'd: `compile`, with "auto" meaning on CUDA (unrouted)."""
+    """Whether the trial runs torch.compile'd: `compile`, with "auto" meaning on CUDA.
+
+    Routed trials too: compiled, the model refines in a padded layout whose per-row
+    capacity is one of a few rungs (model.refine_capacities), so the graphs are bounded
+    and priming builds them all before the clock starts.
+    """
     choice = config.train.compile
     if choice == "auto":
-        return device.type == "cuda" and config.model.refine_passes == 0
+        return device.type == "cuda"
     return choice == "on"
+
+
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"  # torch.compile's backend (tests count graphs with their own)
+LOSS_READ_EVERY = 10  # compiled CUDA steps between host reads of the loss (each read waits for the device)
+
+
+def loss_read_every(device: torch.device, parallel: DataParallel | None) -> int:
+    """Steps between reads of the loss: every step on a CPU (its ops finish as they run, so a
+    read costs nothing) and in data parallel (ranks agree on the clock and the router's
+    threshold every step); LOSS_READ_EVERY on one CUDA device, which runs ahead of the host."""
+    return LOSS_READ_EVERY if device.type == "cuda" and parallel is None else 1
 
 
 def parameter_role(model: torch.nn.Module) -> dict[str, str]:
@@ -191,18 +210,29 @@ def _prime_compiled(
     device: torch.device,
     config: TrialConfig,
 ) -> None:
-    """Compile both graphs (core looped and not) outside the clock, then roll the step back."""
+    """Compile every graph the clock will run outside it, then roll the steps back: the core
+    looped and not, and with refinement every rung of the padded capacity (forced per step,
+    whatever the batch selects)."""
+    assert isinstance(model, RecurrentLM)
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    saved_draws = model.train_draws
     x, y = (torch.from_numpy(a).to(device) for a in batch)
+    rungs: tuple[int | None, ...] = (None,)
+    if config.model.refine_passes:
+        rungs = model.refine_capacities(x.size(1))
     for looping in [True] if config.model.loop_start == 0.0 else [False, True]:
         model.set_looping(looping)
-        with autocast_for(device):
-            out = forward(x, y)
-            (out.loss + config.model.aux_loss * out.base_loss).backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for rung in rungs:
+            model.capacity_override = rung
+            with autocast_for(device):
+                out = forward(x, y)
+                (out.loss + config.model.aux_loss * out.base_loss).backward()
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    model.capacity_override = None
+    model.train_draws = saved_draws
     model.load_state_dict(saved_model)
     for opt, state in zip(optimizers, saved_opts, strict=True):
         opt.load_state_dict(state)
@@ -235,6 +265,13 @@ class _Run:
     refine_fraction: float = 0.0
     failure: str | None = None
     startup_seconds: float = 0.0
+    compiled: bool = False
+    # Steps run since the loss was last read: their losses and refined shares stay on the
+    # device, and the clock has run since the first of them started (see _read_clock).
+    pending_steps: int = 0
+    pending_loss: torch.Tensor | float = 0.0
+    pending_refined: torch.Tensor | float = 0.0
+    pending_since: float = 0.0
 
     def __post_init__(self) -> None:
         self.forward = self.model
@@ -321,7 +358,8 @@ def _set_up(
     if device.type == "cuda":  # TF32 for any fp32 matmul left outside bf16 autocast
         torch.set_float32_matmul_precision("high")
     if compiles(config, device):
-        run.forward = torch.compile(model)
+        # dynamic=False: every shape is static, so each rung of the padded capacity is its own graph
+        run.forward, run.compiled = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND), True
         _prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
         parallel.barrier(device)
@@ -329,7 +367,7 @@ def _set_up(
     return run
 
 
-def _accumulate(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[torch.Tensor, float]:
+def _accumulate(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
     """Forward and backward over this rank's micro-batches; gradients of the mean loss.
 
     Every micro-batch holds as many tokens, so the mean of their mean losses is the rank's
@@ -338,19 +376,22 @@ def _accumulate(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[to
     """
     config = run.config
     accum = run.grad_accum
-    losses, refined = [], 0.0
+    losses: list[torch.Tensor] = []
+    refined: torch.Tensor | float = 0.0
     for x, y in zip(x_all.chunk(accum), y_all.chunk(accum), strict=True):
         with autocast_for(run.device):
             out = run.forward(x, y)
             objective = out.loss + config.model.aux_loss * out.base_loss
         (objective / accum if accum > 1 else objective).backward()
         losses.append(out.loss.detach())
-        refined += out.stats.refined_fraction / accum
+        share = out.stats.refined_share
+        refined = refined + (share.detach() if isinstance(share, torch.Tensor) else share) / accum
     return torch.stack(losses).mean(), refined
 
 
-def _step(run: _Run, scale: float) -> float:
-    """One optimizer step at LR multiplier `scale`; returns its (agreed) time on the clock."""
+def _step(run: _Run, scale: float) -> None:
+    """One optimizer step at LR multiplier `scale`, left pending: its loss is read (and its
+    time put on the clock) by the next _read_clock."""
     config, model, device = run.config, run.model, run.device
     model.set_looping(budget_spent(run.step, run.elapsed, config) >= config.model.loop_start)
     momentum = muon_momentum(run.step, config)
@@ -360,7 +401,8 @@ def _step(run: _Run, scale: float) -> float:
             if isinstance(opt, torch.optim.Muon):
                 group["momentum"] = momentum
     x_np, y_np = run.batch(run.step)
-    tick = time.perf_counter()
+    if run.pending_steps == 0:
+        run.pending_since = time.perf_counter()
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     mean_loss, refine_fraction = _accumulate(run, x, y)
     if run.parallel is not None:
@@ -370,16 +412,31 @@ def _step(run: _Run, scale: float) -> float:
     for opt in run.optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    loss = mean_loss.item()  # synchronizes, so the clock below is honest on CUDA
-    took = time.perf_counter() - tick
+    run.pending_loss = run.pending_loss + mean_loss
+    run.pending_refined = run.pending_refined + refine_fraction
+    run.pending_steps += 1
+    run.step += 1
+    run.train_tokens += x.numel() * run.world
+
+
+def _read_clock(run: _Run) -> float:
+    """Read the pending steps' mean loss; put their time on the clock; return seconds per step.
+
+    The read waits for the device, so the clock is honest: it counts from the start of the
+    first pending step to the end of the last (the host's batch preparation between them
+    included; each read ends a span, and reports and checkpoints fall between spans).
+    """
+    n = run.pending_steps
+    loss = float(run.pending_loss) / n  # synchronizes
+    refine_fraction = float(run.pending_refined) / n
+    took = time.perf_counter() - run.pending_since
     if run.parallel is not None:  # one clock, one loss, one router threshold on every rank
-        agreed = run.parallel.agree_step(loss, took, run.buffers, device, means=(refine_fraction,))
+        agreed = run.parallel.agree_step(loss, took, run.buffers, run.device, means=(refine_fraction,))
         loss, took, (refine_fraction,) = agreed.loss, agreed.seconds, agreed.means
     run.loss, run.refine_fraction = loss, refine_fraction
     run.elapsed += took
-    run.step += 1
-    run.train_tokens += x.numel() * run.world
-    return took
+    run.pending_steps, run.pending_loss, run.pending_refined = 0, 0.0, 0.0
+    return took / n
 
 
 def _report(run: _Run, reporter: Reporter, scale: float, checkpoint: bool) -> None:
@@ -407,13 +464,26 @@ def _train(run: _Run, reporter: Reporter | None) -> None:
     next_report = (math.floor(run.elapsed / train.report_every_seconds) + 1) * train.report_every_seconds
     next_checkpoint = (math.floor(run.elapsed / train.checkpoint_every_seconds) + 1) * train.checkpoint_every_seconds
     run.model.train()
+    read_every = loss_read_every(run.device, run.parallel)
     step_seconds = 0.0  # running mean of one step's time
-    # Stop where the budget is nearest: before a step that would end more than half a step late.
-    while run.elapsed + 0.5 * step_seconds < train.train_seconds and not (
+    # Stop where the budget is nearest: before a step that would end more than half a step
+    # late. Between reads of the clock, elapsed time is predicted at the mean step time; a
+    # read comes whenever a step could cross the budget, a report or a checkpoint, so every
+    # stop, report and checkpoint is decided on the read clock.
+    while run.elapsed + (run.pending_steps + 0.5) * step_seconds < train.train_seconds and not (
         train.max_steps and run.step >= train.max_steps
     ):
-        scale = lr_scale(run.step, run.elapsed, run.config)
-        took = _step(run, scale)
+        predicted = run.elapsed + run.pending_steps * step_seconds
+        scale = lr_scale(run.step, predicted, run.config)
+        _step(run, scale)
+        predicted += step_seconds
+        due = min(train.train_seconds, next_report, next_checkpoint)
+        if not (
+            run.pending_steps >= read_every or step_seconds == 0.0 or predicted + 1.5 * step_seconds >= due
+            or (train.max_steps and run.step >= train.max_steps)
+        ):
+            continue
+        took = _read_clock(run)
         step_seconds = took if step_seconds == 0.0 else 0.9 * step_seconds + 0.1 * took
         if not math.isfinite(run.loss):
             run.failure = f"non-finite training loss ({run.loss}) at step {run.step}"
@@ -425,6 +495,8 @@ def _train(run: _Run, reporter: Reporter | None) -> None:
             while checkpoint_due and next_checkpoint <= run.elapsed:
                 next_checkpoint += train.checkpoint_every_seconds
             _report(run, reporter, scale, checkpoint_due)
+    if run.pending_steps:  # a step time that grew between reads: the last steps are read all the same
+        _read_clock(run)
 
 
 def _training_metrics(run: _Run) -> dict[str, Any]:
@@ -547,7 +619,9 @@ def run_trial(
         return rejected
 
     run = _set_up(config, Path(data_dir), out, parallel, resume_state, wall_start)
-    _train(run, reporter)
+    # Priming compiled every graph: a compile on the clock would be a bug, so it raises.
+    with torch.compiler.set_stance("fail_on_recompile") if run.compiled else contextlib.nullcontext():
+        _train(run, reporter)
     metrics = base | _training_metrics(run)
     if parallel is not None:  # the last collective: after it, rank 0 goes on alone
         metrics["replica_drift"] = parallel.replica_drift(run.model)
