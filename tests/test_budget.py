@@ -187,3 +187,48 @@ def test_trained_equal_bytes_models_fill_within_2_percent(
           f"predicted fill {predicted:.4f}, measured {metrics['byte_fill']:.4f}")
     assert abs(metrics["byte_fill"] - predicted) <= 0.02, (predicted, metrics["byte_fill"])
     assert metrics["byte_fill"] <= 1.0 and metrics["feasible"]  # under the cap
+
+
+# ------------------------------------------------------------------------ edges
+
+
+def test_derive_heads_bounds_and_the_grids_last_width() -> None:
+    assert derive_heads(8, 2, 1) == (4, 4)  # the smallest head size is allowed
+    assert derive_heads(2 * 67, 64, 1) == (67, 67)  # only heads of 2 divide 134
+    for head_dim, kv_ratio in ((0, 1), (1, 1), (64, 0)):
+        with pytest.raises(ValueError, match=rf"^derive_heads: head_dim={head_dim}, kv_ratio={kv_ratio}: expected"):
+            derive_heads(128, head_dim, kv_ratio)
+    assert width_grid(16, 2, 96) == [32, 64, 96] and width_grid(16, 2, 95) == [32, 64]
+
+
+def test_a_fill_reports_its_mlp_ratio() -> None:
+    fill = candidates(preset("tiny"), code_bytes() + 300_000)[0]
+    assert fill.mlp_ratio == fill.config.model.mlp_hidden / fill.config.model.d_model
+
+
+def test_the_budget_defaults_to_the_configs_cap_and_the_fullest_pair_is_taken_below_fill() -> None:
+    base = preset("small").replace(n_blocks=2, max_artifact_bytes=code_bytes() + 500_000)
+    assert solve_width(base) == solve_width(base, code_bytes() + 500_000)
+    budget = code_bytes() + 250_000
+    fills = candidates(base, budget)
+    full = [f for f in fills if f.predicted >= FILL * budget]
+    solved = solve_width(base, budget)
+    if full:  # the MLP ratio nearest the base's, the wider width on a tie
+        ratio = base.model.mlp_hidden / base.model.d_model
+        best = min(abs(math.log(f.mlp_ratio / ratio)) for f in full)
+        assert solved in [f.config for f in full if abs(math.log(f.mlp_ratio / ratio)) == best]
+    # margin 1.2 leaves every pair short of FILL x the budget: the fullest one wins
+    short = candidates(base, budget, margin=1.2)
+    assert solve_width(base, budget, margin=1.2) == max(short, key=lambda f: f.predicted).config
+    assert bytes_with_margin(solve_width(base, budget, margin=1.2), 1.2) <= budget
+
+
+def test_the_solver_uses_the_margin_it_is_given() -> None:
+    base = preset("small").replace(n_blocks=2)
+    budget = code_bytes() + 400_000
+    for margin in (1.0, 1.1):
+        for fill in candidates(base, budget, margin=margin, max_d_model=256):
+            assert fill.predicted == bytes_with_margin(fill.config, margin) <= budget
+            wider = fill.config.replace(mlp_dim=fill.config.model.mlp_hidden + MLP_STEP)
+            assert bytes_with_margin(wider, margin) > budget
+        assert max(f.config.model.d_model for f in candidates(base, budget, margin=margin, max_d_model=256)) <= 256
