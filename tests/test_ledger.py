@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -22,15 +23,17 @@ from loopgolf.orchestrator.ledger import (
     _arrow_type,
     _config_record,
     _error_line,
+    _first_line,
     _merge,
     curve_rows,
     curves_schema,
+    ledger_callback,
     stopped_metrics,
     trial_row,
     trials_schema,
     write_table,
 )
-from loopgolf.orchestrator.trialdir import trial_dir, write_json
+from loopgolf.orchestrator.trialdir import read_json, trial_dir, write_json
 
 
 def _trial(sweep_dir: Path, key: str, metrics: dict[str, Any], progress: list[dict[str, Any]] = ()) -> None:
@@ -160,6 +163,7 @@ def test_an_unreadable_ledger_is_rebuilt_from_the_trial_directories(tmp_path: Pa
     ledger.record("trial_00001")
     assert sorted(_rows(ledger).index) == ["trial_00000", "trial_00001"]
     err = capsys.readouterr().err
+    assert re.search(r"trials\.parquet: unreadable \(.*[Pp]arquet.*\); rebuilding", err)
     assert "trials.parquet: unreadable (" in err and "; rebuilding the ledger from the trial directories" in err
     assert ledger.finished_dirs()[0][0].name == "trial_00000" and len(ledger.finished_dirs()) == 2
 
@@ -175,6 +179,7 @@ def test_write_table_casts_to_the_schema_adds_its_missing_columns_and_keeps_extr
     table = pq.read_table(write_table(df, tmp_path / "t.parquet", schema))
     assert table.column_names == ["n", "x", "when", "extra"] and table.schema.metadata == {b"k": b"v"}
     assert table.schema.field("n").type == pa.int64() and table.column("x").null_count == 1
+    assert [f.type for f in table.schema][:3] == [pa.int64(), pa.float64(), pa.timestamp("us", tz="UTC")]
     assert table.column("when").to_pylist()[0] == pd.Timestamp("2026-12-02 11:00:00.123456", tz="UTC").to_pydatetime()
     with pytest.raises(LoopgolfError, match=r"^column 'n': cannot store as int64 \("):
         write_table(pd.DataFrame({"n": [1.5]}), tmp_path / "bad.parquet", schema)
@@ -187,7 +192,8 @@ def test_write_table_conforms_an_arrow_table(tmp_path: Path) -> None:
     schema = pa.schema([pa.field("n", pa.int64()), pa.field("s", pa.string())], metadata={"k": "v"})
     table = pa.table({"z": [1.5], "n": pa.array([7], pa.int32())})
     back = pq.read_table(write_table(table, tmp_path / "t.parquet", schema))
-    assert back.column_names == ["n", "s", "z"] and back.schema.field("n").type == pa.int64()
+    assert back.column_names == ["n", "s", "z"]
+    assert [f.type for f in back.schema] == [pa.int64(), pa.string(), pa.float64()]
     assert back.to_pylist() == [{"n": 7, "s": None, "z": 1.5}] and back.schema.metadata == {b"k": b"v"}
     assert pq.read_table(write_table(table, tmp_path / "raw.parquet")).column_names == ["z", "n"]  # no schema: as is
     with pytest.raises(LoopgolfError, match=r"^.*u\.parquet: column 's' is list<item: int64>, expected string \("):
@@ -225,3 +231,84 @@ def test_the_error_line_is_the_last_line_of_the_trials_error_file(tmp_path: Path
     assert _error_line(SimpleNamespace(error_file=str(tmp_path / "empty.txt"))) == default
     record = {"trial_key": "k", "trial_config": {}, "config_id": "c", "predicted_artifact_bytes": 1}
     assert _config_record(record | {"other": 2}) == record
+
+
+def test_curves_carry_the_sweep_and_trial_and_a_rerecorded_trial_replaces_its_curve(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, "s", "v")
+    assert ledger.rebuild() == 0  # no trials directory yet: empty tables
+    first = [{"step": 1, "elapsed_seconds": 1.0, "train_loss": 4.0, "train_tokens": 10}]
+    _trial(tmp_path, "trial_00000", {"status": "complete"}, first)
+    _trial(tmp_path, "trial_00001", {"status": "complete"}, first)
+    ledger.record("trial_00000")
+    ledger.record("trial_00001")
+    again = [*first, {"step": 2, "elapsed_seconds": 2.0, "train_loss": 3.5, "train_tokens": 20}]
+    _trial(tmp_path, "trial_00000", {"status": "complete"}, again)  # its re-run reported one more step
+    ledger.record("trial_00000")
+    curves = pq.read_table(ledger.curves_file)
+    assert curves.schema.metadata == curves_schema().metadata and curves.schema.field("train_tokens").type == pa.int64()
+    points = sorted((r["trial_id"], r["sweep"], r["step"], r["value"]) for r in curves.to_pylist())
+    assert points == [("trial_00000", "s", 1, 4.0), ("trial_00000", "s", 2, 3.5), ("trial_00001", "s", 1, 4.0)]
+    ledger.rebuild()
+    assert pq.read_table(ledger.curves_file).schema == curves.schema
+
+
+def test_curve_rows_skip_what_is_not_a_point_and_go_on(tmp_path: Path) -> None:
+    progress = [
+        {"elapsed_seconds": 0.5, "train_loss": 9.0},  # no step
+        {"step": 1, "elapsed_seconds": 1.0, "quick_val_bpb": 3.0},  # no train_loss: the other metrics still count
+        {"step": 2, "elapsed_seconds": 2.0, "train_loss": None, "lr_scale": 0.5},
+    ]
+    _trial(tmp_path, "trial_00000", {"status": "complete"}, progress)
+    rows = curve_rows("s", trial_dir(tmp_path, "trial_00000"))
+    assert [(r["step"], r["metric"], r["value"]) for r in rows] == [(1, "quick_val_bpb", 3.0), (2, "lr_scale", 0.5)]
+    assert {(r["sweep"], r["trial_id"]) for r in rows} == {("s", "trial_00000")}
+
+
+def test_first_lines_of_exceptions() -> None:
+    assert _first_line(ValueError("  bad\nmore  ")) == "bad"
+    assert _first_line(ValueError()) == "ValueError"
+
+
+def test_a_trial_without_a_config_record_and_a_stopped_one_without_a_trial_file(tmp_path: Path) -> None:
+    directory = trial_dir(tmp_path, "trial_00002")
+    write_json(directory / "trial.json", {"config_id": "c"})
+    metrics = {"status": "complete", "eval_tokens_path": "/x/y/tokens.npy", "raised": False}
+    row = trial_row("s", "v", directory, metrics)
+    assert (row["eval_tokens_path"], row["seed"], row["raised"]) == ("trials/trial_00002/tokens.npy", None, False)
+    ledger = Ledger(tmp_path, "s", "v")
+    ledger.record_stopped("trial_00003", {"trial_key": "trial_00003", "trial_config": {"d_model": 64, "seed": 3}})
+    assert read_json(trial_dir(tmp_path, "trial_00003") / "trial.json")["trial_config"] == {"d_model": 64, "seed": 3}
+    row = _rows(ledger).loc["trial_00003"]
+    assert (row["status"], row["d_model"], row["train_steps"]) == ("stopped", 64, 0)
+
+
+def test_the_error_line_survives_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    error = tmp_path / "error.txt"
+    error.write_bytes(b"Traceback\nValueError: caf\xe9\n")
+    assert _error_line(SimpleNamespace(error_file=str(error))) == "ValueError: caf\ufffd"
+    assert _error_line(SimpleNamespace()) == "the trial raised (see its error.txt)"  # no error_file attribute
+
+
+def test_the_tune_callback_records_complete_stopped_and_errored_trials_and_never_raises(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ledger = Ledger(tmp_path, "s", "v")
+    callback = ledger_callback(ledger)
+    _trial(tmp_path, "trial_00000", {"status": "complete", "val_bpb": 2.5})
+    callback.on_trial_complete(0, [], SimpleNamespace(config={"trial_key": "trial_00000"}, trial_id="t0"))
+    stopped = {"trial_key": "trial_00001", "trial_config": {"d_model": 48}, "other": 1}
+    callback.on_trial_complete(1, [], SimpleNamespace(config=stopped, trial_id="t1"))  # no final metrics: stopped
+    (tmp_path / "err.txt").write_text("Traceback\nRuntimeError: boom\n", encoding="utf-8")
+    errored = SimpleNamespace(config={"trial_config": {"d_model": 40}}, trial_id="trial_00002",
+                              error_file=str(tmp_path / "err.txt"))
+    callback.on_trial_error(2, [], errored)  # no trial_key: Tune's id names the directory
+    rows = _rows(ledger)
+    assert rows["status"].to_dict() == {"trial_00000": "complete", "trial_00001": "stopped", "trial_00002": "failed"}
+    assert (rows.loc["trial_00002", "error"], bool(rows.loc["trial_00002", "raised"])) == ("RuntimeError: boom", True)
+    assert (rows.loc["trial_00001", "d_model"], rows.loc["trial_00002", "d_model"]) == (48, 40)
+    assert read_json(trial_dir(tmp_path, "trial_00001") / "trial.json") == {k: v for k, v in stopped.items()
+                                                                          if k != "other"}
+    ledger.trials_file.unlink()
+    ledger.trials_file.mkdir()  # a table that cannot be written: a warning, not an exception into Tune
+    callback.on_trial_complete(3, [], SimpleNamespace(config={"trial_key": "trial_00000"}, trial_id="t0"))
+    assert capsys.readouterr().err.startswith("loopgolf: warning: ledger: trial trial_00000: ")
