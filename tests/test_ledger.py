@@ -311,4 +311,22 @@ def test_the_tune_callback_records_complete_stopped_and_errored_trials_and_never
     ledger.trials_file.unlink()
     ledger.trials_file.mkdir()  # a table that cannot be written: a warning, not an exception into Tune
     callback.on_trial_complete(3, [], SimpleNamespace(config={"trial_key": "trial_00000"}, trial_id="t0"))
-    assert capsys.readouterr().err.startswith("loopgolf: warning: ledger: trial trial_00000: ")
+    err = capsys.readouterr().err
+    assert err.startswith("loopgolf: warning: ledger: trial trial_00000: ") and "NoneType" not in err
+
+
+def test_missing_values_are_nulls_and_extra_columns_keep_their_type_or_are_named(tmp_path: Path) -> None:
+    schema = pa.schema([pa.field("n", pa.int64()), pa.field("x", pa.float64())])
+    when = pd.Series(pd.to_datetime(["2026-12-02 12:00:00"] * 2).tz_localize("Europe/Paris"))
+    df = pd.DataFrame({"n": [3.0, float("nan")], "x": [1.0, float("nan")], "extra": [0.5, float("nan")], "when": when})
+    table = pq.read_table(write_table(df, tmp_path / "t.parquet", schema))
+    assert table.column("n").to_pylist() == [3, None] and table.column("x").to_pylist() == [1.0, None]  # null, not NaN
+    assert table.column("extra").to_pylist() == [0.5, None]
+    when_type = table.schema.field("when").type  # an extra column: its own type, zone included
+    assert pa.types.is_timestamp(when_type) and when_type.tz == "Europe/Paris"
+    assert table.column("when").to_pylist()[0] == when[0].to_pydatetime()
+    mixed = pd.DataFrame({"mix": pd.Series(["a", 1], dtype=object)})
+    with pytest.raises(LoopgolfError, match=r"^column 'mix': cannot store as None \((?!NoneType)"):
+        write_table(mixed, tmp_path / "m.parquet", schema)
+    with pytest.raises(LoopgolfError, match=r"^column 'n': cannot store as int64 \((?!NoneType)"):
+        write_table(pd.DataFrame({"n": [1.5]}), tmp_path / "bad.parquet", schema)
