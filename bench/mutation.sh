@@ -32,6 +32,9 @@ export PYTHONPATH="$root/mutants"
 keep=0
 if [ "${1:-}" = "--keep" ]; then keep=1; shift; fi
 if [ "$keep" = 0 ]; then rm -rf mutants; fi
+# Which tests run which function is recorded once; after the tests change, a kept record
+# lost the other modules' tests (their mutants all read "no tests"), so --keep records it again.
+if [ "$keep" = 1 ]; then rm -f mutants/mutmut-stats.json; fi
 
 jobs="${MUTATION_JOBS:-$(nproc)}"
 echo "# mutmut $(mutmut --version 2>/dev/null | awk '{print $NF}' || true), $jobs worker(s), $(nproc) CPU(s)"
