@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loopgolf.search_spaces import budget as budget_module
 from loopgolf.search_spaces import spaces
 from loopgolf.search_spaces.budget import (
     EQUAL_BYTES_MARGIN,
@@ -224,13 +225,19 @@ def test_the_solver_uses_the_margin_it_is_given() -> None:
         assert max(f.config.model.d_model for f in candidates(base, budget, margin=margin, max_d_model=256)) <= 256
 
 
-def test_solver_edges_the_fullest_pair_below_fill_the_ratio_rule_and_the_width_cap() -> None:
+def test_solver_edges_the_fullest_pair_below_fill_the_ratio_rule_and_the_width_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     deep = preset("small").replace(n_blocks=8)
-    budgets = (code_bytes() + extra for extra in range(450_000, 1_500_000, 25_000))
-    fills, budget = next((c, b) for b in budgets
-                         if (c := candidates(deep, b)) and max(f.predicted for f in c) < FILL * b)
-    # the lattice is too coarse for 8 unique blocks there: the fullest pair, short of FILL
-    assert solve_width(deep, budget) == max(fills, key=lambda f: f.predicted).config
+    with monkeypatch.context() as patch:
+        # code bytes fixed at 50 kB: mutation testing's rewritten sources are far larger, and 1% of
+        # a budget holding them is more than one MLP step, so no budget would be short of FILL
+        patch.setattr(budget_module, "code_bytes", lambda: 50_000)
+        budgets = (50_000 + extra for extra in range(450_000, 1_500_000, 25_000))
+        fills, budget = next((c, b) for b in budgets
+                             if (c := candidates(deep, b)) and max(f.predicted for f in c) < FILL * b)
+        # the lattice is too coarse for 8 unique blocks there: the fullest pair, short of FILL
+        assert solve_width(deep, budget) == max(fills, key=lambda f: f.predicted).config
     base = preset("small").replace(n_blocks=3)  # MLP 2x; several pairs reach FILL at 4 MB
     solved = solve_width(base, 4_000_000)
     full = [f for f in candidates(base, 4_000_000) if f.predicted >= FILL * 4_000_000]
