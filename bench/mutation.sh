@@ -24,17 +24,27 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
 fi
 command -v mutmut >/dev/null || { echo "mutmut not found: pip install -e '.[dev]'" >&2; exit 2; }
 export OMP_NUM_THREADS=1
+# The tests must import the mutated copy in ./mutants, never another checkout: mutmut puts
+# ./mutants first on its own sys.path, and this makes the interpreters the tests start do
+# the same (an inherited PYTHONPATH, or an editable install of another worktree, would not).
+export PYTHONPATH="$root/mutants"
 
 keep=0
 if [ "${1:-}" = "--keep" ]; then keep=1; shift; fi
 if [ "$keep" = 0 ]; then rm -rf mutants; fi
+# Which tests run which function is recorded once; after the tests change, a kept record
+# lost the other modules' tests (their mutants all read "no tests"), so --keep records it again.
+if [ "$keep" = 1 ]; then rm -f mutants/mutmut-stats.json; fi
 
 jobs="${MUTATION_JOBS:-$(nproc)}"
 echo "# mutmut $(mutmut --version 2>/dev/null | awk '{print $NF}' || true), $jobs worker(s), $(nproc) CPU(s)"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$(date +%s)
-# mutmut's progress line redraws itself; keep the log readable
-mutmut run --max-children "$jobs" "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^\s*[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' | tail -n 5
+# mutmut's progress line redraws itself; keep the log readable. The whole log (a failing
+# clean run's pytest output included) stays in mutants/run.log.
+mkdir -p mutants
+mutmut run --max-children "$jobs" "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^\s*[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]' \
+  | tee mutants/run.log | tail -n 5
 end=$(date +%s)
 echo "# wall time: $((end - start)) s; load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loopgolf.search_spaces import budget as budget_module
 from loopgolf.search_spaces import spaces
 from loopgolf.search_spaces.budget import (
     EQUAL_BYTES_MARGIN,
@@ -193,3 +194,65 @@ def test_trained_equal_bytes_models_fill_within_2_percent(
           f"predicted fill {predicted:.4f}, measured {metrics['byte_fill']:.4f}")
     assert abs(metrics["byte_fill"] - predicted) <= 0.02, (predicted, metrics["byte_fill"])
     assert metrics["byte_fill"] <= 1.0 and metrics["feasible"]  # under the cap
+
+
+# ------------------------------------------------------------------------ edges
+
+
+def test_derive_heads_bounds_and_the_grids_last_width() -> None:
+    assert derive_heads(8, 2, 1) == (4, 4)  # the smallest head size is allowed
+    assert derive_heads(2 * 67, 64, 1) == (67, 67)  # only heads of 2 divide 134
+    for head_dim, kv_ratio in ((0, 1), (1, 1), (64, 0)):
+        with pytest.raises(ValueError, match=rf"^derive_heads: head_dim={head_dim}, kv_ratio={kv_ratio}: expected "
+                                             r"an even head_dim >= 2 and kv_ratio >= 1$"):
+            derive_heads(128, head_dim, kv_ratio)
+    assert width_grid(16, 2, 96) == [32, 64, 96] and width_grid(16, 2, 95) == [32, 64]
+
+
+def test_a_fill_reports_its_mlp_ratio() -> None:
+    fill = candidates(preset("tiny"), code_bytes() + 300_000)[0]
+    assert fill.mlp_ratio == fill.config.model.mlp_hidden / fill.config.model.d_model
+
+
+def test_the_budget_defaults_to_the_configs_cap() -> None:
+    base = preset("small").replace(n_blocks=2, max_artifact_bytes=code_bytes() + 500_000)
+    assert solve_width(base) == solve_width(base, code_bytes() + 500_000)
+    assert solve_width(base) != solve_width(base, code_bytes() + 250_000)
+
+
+def test_the_solver_uses_the_margin_it_is_given() -> None:
+    base = preset("small").replace(n_blocks=2)
+    budget = code_bytes() + 400_000
+    for margin in (1.0, 1.1):
+        for fill in candidates(base, budget, margin=margin, max_d_model=256):
+            assert fill.predicted == bytes_with_margin(fill.config, margin) <= budget
+            wider = fill.config.replace(mlp_dim=fill.config.model.mlp_hidden + MLP_STEP)
+            assert bytes_with_margin(wider, margin) > budget
+        assert max(f.config.model.d_model for f in candidates(base, budget, margin=margin, max_d_model=256)) <= 256
+
+
+def test_solver_edges_the_fullest_pair_below_fill_the_ratio_rule_and_the_width_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deep = preset("small").replace(n_blocks=8)
+    with monkeypatch.context() as patch:
+        # code bytes fixed at 50 kB: mutation testing's rewritten sources are far larger, and 1% of
+        # a budget holding them is more than one MLP step, so no budget would be short of FILL
+        patch.setattr(budget_module, "code_bytes", lambda: 50_000)
+        budgets = (50_000 + extra for extra in range(450_000, 1_500_000, 25_000))
+        fills, budget = next((c, b) for b in budgets
+                             if (c := candidates(deep, b)) and max(f.predicted for f in c) < FILL * b)
+        # the lattice is too coarse for 8 unique blocks there: the fullest pair, short of FILL
+        assert solve_width(deep, budget) == max(fills, key=lambda f: f.predicted).config
+    base = preset("small").replace(n_blocks=3)  # MLP 2x; several pairs reach FILL at 4 MB
+    solved = solve_width(base, 4_000_000)
+    full = [f for f in candidates(base, 4_000_000) if f.predicted >= FILL * 4_000_000]
+    assert bytes_with_margin(solved, EQUAL_BYTES_MARGIN) >= FILL * 4_000_000
+    nearest = min(abs(math.log(f.mlp_ratio / 2.0)) for f in full)
+    assert abs(math.log(solved.model.mlp_hidden / solved.model.d_model / 2.0)) == nearest
+    assert max(f.config.model.d_model for f in candidates(base, 4_000_000, max_d_model=128)) == 128
+    assert solve_width(base, 4_000_000, max_d_model=128).model.d_model <= 128
+    narrowest = preset("small").replace(d_model=64, n_heads=2, n_kv_heads=1, mlp_dim=MLP_STEP)  # head_dim 32, GQA 2
+    predicted = f"{bytes_with_margin(narrowest, 1.0):,}"
+    with pytest.raises(BudgetError, match=rf"is predicted at {predicted} bytes$"):
+        solve_width(preset("small"), code_bytes() + 1_000, margin=1.0)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,106 @@ def test_whole_tensor_scale_for_large_1d_tensors() -> None:
     w = torch.randn(5000)
     q = Q.quantize_tensor("v", w, Q.Plan("int", "quantized", 6, 0.0))
     assert q.scales is not None and q.scales.shape == (1,)
+
+
+# ------------------------------------------------------------- scales against an oracle
+
+
+def _scale_oracle(w: torch.Tensor, bits: int, clip_sigma: float) -> list[float]:
+    """Row scales from the docstring's definition, in float64: clip / qmax (population std
+    when clip_sigma > 0, else the row max; 1 for a zero clip), rounded up to an fp16."""
+    rows = w.double().reshape(-1, w.shape[-1]) if w.dim() >= 2 else w.double().reshape(1, -1)
+    out = []
+    for row in rows:
+        clip = clip_sigma * float(row.std(correction=0)) if clip_sigma > 0 else float(row.abs().max())
+        exact = clip / Q.qmax(bits) if clip > 0 else 1.0
+        half = np.float16(exact)
+        out.append(float(np.nextafter(half, np.float16(np.inf)) if float(half) < exact else half))
+    return out
+
+
+@pytest.mark.parametrize(("bits", "clip_sigma"), [(6, 0.0), (6, 0.5), (6, 2.5), (4, 1.0), (8, 0.0)])
+def test_row_scales_equal_the_definition(bits: int, clip_sigma: float) -> None:
+    torch.manual_seed(bits)
+    w = torch.randn(12, 40) * torch.logspace(-3, 0.5, 12)[:, None]  # clips below and above 1
+    w[0] = 0.0
+    w[1] = 15.5 * torch.sign(torch.randn(40))  # amax / qmax(6) = 0.5, exactly an fp16: no rounding up
+    assert Q.row_scales(w, bits, clip_sigma).tolist() == _scale_oracle(w, bits, clip_sigma)
+
+
+def test_a_scale_already_an_fp16_is_kept_and_others_go_one_fp16_step_up() -> None:
+    w = torch.tensor([[15.5, -3.0], [0.1 * 31, 1.0], [0.0, 0.0]])
+    s = Q.row_scales(w, 6, 0.0)
+    assert s[0].item() == 0.5  # exact
+    above = torch.tensor(0.1, dtype=torch.float32).half()  # 0.1 rounds down in fp16: the scale is the next one
+    assert float(above) < 0.1 and s[1] == (above.view(torch.int16) + 1).view(torch.float16)
+    assert s[2].item() == 1.0  # an all-zero row
+
+
+def test_pg_int8_levels_ignore_the_stored_scales_argument() -> None:
+    """pg_quantize_rows divides by the unrounded fp32 scale, as the challenge's export does."""
+    w = torch.randn(4, 300)
+    scales = Q.pg_row_scales(w)
+    assert torch.equal(Q.pg_quantize_rows(w, scales), Q.pg_quantize_rows(w, torch.ones_like(scales)))
+
+
+# ------------------------------------------------------------- ties, groups and dtypes
+
+
+class _Tied(torch.nn.Module):
+    """Two names for one weight (like a tied head), a buffer and an integer buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(40, 30)
+        self.head = torch.nn.Linear(30, 40, bias=False)
+        self.head.weight = self.emb.weight
+        self.gain = torch.nn.Parameter(torch.ones(30))
+        self.register_buffer("threshold", torch.tensor([0.25]))
+        self.register_buffer("count", torch.tensor([7], dtype=torch.int64))
+
+
+def test_state_entries_store_a_tied_weight_once_under_its_first_name() -> None:
+    entries = {e.name: e for e in Q.state_entries(_Tied())}
+    assert list(entries) == ["gain", "threshold", "count", "emb.weight", "head.weight"]  # state_dict order
+    assert [(e.alias_of, e.aliases, e.is_param) for e in entries.values()] == [
+        (None, (), True), (None, (), False), (None, (), False),
+        (None, ("head.weight",), True), ("emb.weight", (), True),
+    ]
+
+
+def test_protecting_the_second_name_of_a_tied_weight_protects_the_stored_tensor() -> None:
+    cfg = CompressConfig(bits=6, small_tensor_numel=100, protect=("head.weight",), protect_bits=16)
+    state = Q.quantize_model(_Tied(), cfg)
+    plans = {t.name: t.plan for t in state.tensors}
+    assert plans["emb.weight"] == plans["head.weight"] == Q.Plan("half", "protected")
+    stored, tied = (t for t in state.tensors if t.name.endswith(".weight"))
+    assert stored.data is not None and tied.data is None and tied.alias_of == "emb.weight"  # stored once
+    assert plans["gain"] == Q.Plan("half", "small") and plans["threshold"] == plans["count"] == Q.Plan("exact", "exact")
+
+
+def test_a_tied_name_is_an_alias_holding_no_data() -> None:
+    model = _Tied()
+    state = Q.quantize_model(model, CompressConfig(bits=6, small_tensor_numel=100))
+    first, tied = state.tensors[3], state.tensors[4]
+    assert (tied.name, tied.alias_of, tied.plan, tied.shape) == ("head.weight", "emb.weight", first.plan, (40, 30))
+    assert tied.q is None and tied.scales is None and tied.data is None and first.q is not None
+    assert state.counts() == {"quantized": 1200, "protected": 0, "small": 30, "exact": 2}  # the tie once
+    weights = Q.dequantize(state)
+    assert weights["head.weight"] is weights["emb.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("plan", [Q.Plan("int", "quantized", 6, 0.0), Q.Plan("half", "small")])
+def test_dequantizing_restores_the_models_dtype(dtype: torch.dtype, plan: Q.Plan) -> None:
+    t = torch.randn(8, 16).to(dtype)
+    back = Q.dequantize_tensor(Q.quantize_tensor("w", t, plan))
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.allclose(back.double(), t.double(), atol=0.1)
+
+
+def test_weights_beyond_the_fp16_range_are_refused_with_their_name() -> None:
+    with pytest.raises(Q.QuantizeError, match=r"^big: weights beyond the fp16 range$"):
+        Q.quantize_tensor("big", torch.full((4,), 1e6), Q.Plan("half", "small"))
+    with pytest.raises(Q.QuantizeError, match=r"^bad: non-finite weights cannot be quantized$"):
+        Q.quantize_tensor("bad", torch.tensor([1.0, float("inf")]), Q.Plan("half", "small"))
