@@ -159,7 +159,8 @@ class SweepSearch(Searcher):
             pair = pair_key(config["trial_config"])
             trial.set_user_attr(PAIR, pair)
             # an arm another routed configuration of the pair queued at these seeds serves this one too
-            controls = tuple(arm for arm in controls if not self._arm_queued(pair, arm, first))
+            queued = self._arms_queued(pair, first)
+            controls = tuple(arm for arm in controls if arm not in queued)
         trial.set_user_attr(CONTROLS, list(controls))  # the arms this proposal queues (owns)
         trial.set_user_attr(SEED_INDEX, first)  # set last: a proposal with a seed index has its plan
         config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
@@ -183,10 +184,10 @@ class SweepSearch(Searcher):
                 added += 1
         return added
 
-    def _arm_queued(self, pair: str, arm: str, seed_index: int) -> bool:
-        slot = (pair, arm, seed_index)
+    def _arms_queued(self, pair: str, seed_index: int) -> set[str]:
+        """The arms the pair already has at `seed_index` (one read of the study, not one per arm)."""
         attrs = (t.user_attrs for t in self.study.get_trials(deepcopy=False))
-        return any((a.get(PAIR), a.get(ARM), a.get(SEED_INDEX)) == slot for a in attrs)
+        return {a[ARM] for a in attrs if ARM in a and a.get(PAIR) == pair and a.get(SEED_INDEX) == seed_index}
 
     def _earlier_runs_of(self, params: dict, key: str) -> int:
         """Earlier trials of the same configuration; a key's re-runs count once, this one's not at all."""
