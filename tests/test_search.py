@@ -16,6 +16,7 @@ from ray.tune.search import Searcher
 from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed, pair_key
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
 from loopgolf.orchestrator.study import planned_trials, proposals
+from loopgolf.orchestrator.sweep import PlannedTotal
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
 from loopgolf.trial.config import preset
 
@@ -364,3 +365,15 @@ def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_p
             slot = (config["pair_id"], config["arm"], config["trial_config"]["seed"])
             assert slot not in pairs
             pairs[slot] = key
+
+
+def test_the_progress_lines_total_loads_the_study_once_and_sees_every_later_proposal(tmp_path: Path) -> None:
+    total = PlannedTotal(tmp_path, "s", num_samples=4, seeds=2, controls=len(CONTROLS))
+    assert total() == 4 * 2 * (1 + len(CONTROLS))  # no database yet: the upper bound
+    search = routing_searcher(tmp_path, num_samples=4, seeds=2)
+    configs = []
+    while (config := search.suggest(f"t{len(configs)}")) != Searcher.FINISHED:
+        configs.append(config)
+        assert total() == planned_trials(search.study, 4, 2, len(CONTROLS))  # this proposal's arms counted
+    study = total.study
+    assert total() == len(configs) and total.study is study  # exact at the end, from the one study object

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import os
 import stat
 import subprocess
@@ -111,21 +110,48 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
     )
 
 
+def _load_study(sweep_dir: str | os.PathLike[str], name: str) -> Any:
+    """The sweep's Optuna study, or None before its database or study exists."""
+    import optuna
+
+    if not (Path(sweep_dir) / "optuna.db").is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(sweep_dir) / 'optuna.db'}")
+    except KeyError:  # the database exists, the study not yet
+        return None
+
+
 def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
     """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
     has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
-    import optuna
+    return PlannedTotal.of(sweep_dir, spec)()
 
-    from loopgolf.orchestrator.study import planned_trials
 
-    study = None
-    if (Path(sweep_dir) / "optuna.db").is_file():
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        try:
-            study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{Path(sweep_dir) / 'optuna.db'}")
-        except KeyError:  # the database exists, the study not yet
-            study = None
-    return planned_trials(study, spec.num_samples, spec.seeds, len(spec.control_arms()))
+@dataclasses.dataclass
+class PlannedTotal:
+    """planned_total for a caller that asks on every trial event (the console's progress line):
+    the study is loaded once and re-read per call (loading it per event cost ~0.06-0.15 s of the
+    driver's loop; a re-read ~0.003 s)."""
+
+    sweep_dir: str | os.PathLike[str]
+    study_name: str
+    num_samples: int
+    seeds: int
+    controls: int
+    study: Any = None
+
+    @classmethod
+    def of(cls, sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTotal:
+        return cls(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
+
+    def __call__(self) -> int:
+        from loopgolf.orchestrator.study import planned_trials
+
+        if self.study is None:
+            self.study = _load_study(self.sweep_dir, self.study_name)
+        return planned_trials(self.study, self.num_samples, self.seeds, self.controls)
 
 
 def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
@@ -179,7 +205,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
         ledger_callback(ledger),
         MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
                        upload=spec.tracking_uri is not None),
-        ProgressPrinter(str(sweep_dir), functools.partial(planned_total, str(sweep_dir), spec), spec.max_concurrent,
+        ProgressPrinter(str(sweep_dir), PlannedTotal.of(sweep_dir, spec), spec.max_concurrent,
                         metric, mode),
     ]  # fmt: skip
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -364,7 +390,6 @@ def resume_sweep(
 
 def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Progress from the ledger and the study, without Ray."""
-    import optuna
     import pandas as pd
 
     from loopgolf.orchestrator.ledger import Ledger
@@ -384,9 +409,8 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
         rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
     by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
     study_states: dict[str, int] = {}
-    if (sweep_dir / "optuna.db").is_file():
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = _load_study(sweep_dir, spec.name)
+    if study is not None:
         for trial in final_trials(study).values():  # one per trial: a re-run supersedes its lost first run
             study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
     metric, mode = next(iter(spec.objectives.items()))
