@@ -184,3 +184,15 @@ def test_without_per_token_files_pairs_fall_back_to_seeds(tmp_path: Path) -> Non
     robust = robustness(rows, store, CFG)
     assert robust.table["p"].isna().all() and "No per-token files" in robust.verdict
     assert where_refinement_helps(rows, store, CFG).missing.startswith("No pair has per-token files")
+
+
+def test_section_2_shows_the_fraction_each_routed_configuration_trained_at(tmp_path: Path) -> None:
+    rows, store = _load(full_sweep(tmp_path))
+    routed = rows["arm"] == "routed"
+    evaluated = rows.loc[routed, "refine_fraction"].mean()
+    rows.loc[routed, "train_refine_fraction"] = [0.01 * (i + 1) for i in range(int(routed.sum()))]
+    trained = rows.loc[routed, "train_refine_fraction"].mean()
+    cells = set(routed_vs_controls(rows, store, CFG).table["refined (target)"])
+    assert cells == {f"{evaluated:.3f} (0.200); trained {trained:.3f}"}  # the EMA-trained fraction, beside eval's
+    without = rows.drop(columns="train_refine_fraction")
+    assert set(routed_vs_controls(without, store, CFG).table["refined (target)"]) == {f"{evaluated:.3f} (0.200)"}

@@ -95,6 +95,7 @@ METRIC_FIELDS: tuple[pa.Field, ...] = (
     pa.field("eval_flops_per_token", pa.float64()),
     pa.field("refine_fraction", pa.float64()),  # measured in eval from the artifact
     pa.field("refine_fraction_prequant", pa.float64()),  # null when the trial did not refine
+    pa.field("train_refine_fraction", pa.float64()),  # of the last training step's tokens (EMA threshold)
     pa.field("feasible", pa.bool_()),
 )
 
