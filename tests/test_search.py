@@ -15,8 +15,7 @@ from ray.tune.search import Searcher
 
 from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed, pair_key
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
-from loopgolf.orchestrator.study import planned_trials, proposals
-from loopgolf.orchestrator.sweep import PlannedTotal
+from loopgolf.orchestrator.study import PlannedTotal, planned_trials, proposals
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
 from loopgolf.trial.config import preset
 

@@ -117,7 +117,7 @@ def _summarize(outcome: Any, objectives: dict) -> int:
     from loopgolf.analysis.pareto import pareto_front
     from loopgolf.analysis.report import report
     from loopgolf.analysis.results import load_results
-    from loopgolf.orchestrator.sweep import print_status, sweep_status
+    from loopgolf.orchestrator.progress import print_status, sweep_status
 
     sweep_dir = outcome.sweep_dir
     print_status(sweep_status(sweep_dir))
@@ -135,8 +135,7 @@ def _summarize(outcome: Any, objectives: dict) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from loopgolf.orchestrator.progress import as_dict, live_progress, render, watch
-    from loopgolf.orchestrator.sweep import print_status, sweep_status
+    from loopgolf.orchestrator.progress import as_dict, live_progress, print_status, render, sweep_status, watch
 
     if args.watch:
         watch(lambda: live_progress(args.sweep_dir), args.interval)

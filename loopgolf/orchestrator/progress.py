@@ -213,3 +213,60 @@ def watch(
         time.sleep(interval)
         progress = read()
     return progress
+
+
+def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Progress from the ledger and the study, without Ray."""
+    import pandas as pd
+
+    from loopgolf.orchestrator.ledger import Ledger
+    from loopgolf.orchestrator.study import final_trials, load_sweep_study
+    from loopgolf.orchestrator.sweep import planned_total, read_sweep_spec
+
+    sweep_dir = Path(sweep_dir).resolve()
+    spec = read_sweep_spec(sweep_dir)
+    total = planned_total(sweep_dir, spec)
+    ledger = Ledger(sweep_dir, spec.name, "")
+    ledger_problem = None
+    try:
+        rows = pd.read_parquet(ledger.trials_file) if ledger.trials_file.exists() else pd.DataFrame(columns=["status"])
+    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ledger_problem = f"{ledger.trials_file} is unreadable ({first}); counted from the trial directories"
+        trial_rows = ledger.rows()[0]
+        rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
+    by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
+    study_states: dict[str, int] = {}
+    study = load_sweep_study(sweep_dir, spec.name)
+    if study is not None:
+        for trial in final_trials(study).values():  # one per trial: a re-run supersedes its lost first run
+            study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
+    metric, mode = next(iter(spec.objectives.items()))
+    best = None
+    ok = rows[(rows["status"] == "complete") & rows.get("feasible", False)] if len(rows) else rows
+    if len(ok) and metric in ok:
+        best_row = ok.sort_values(metric, ascending=mode == "min").iloc[0]
+        best = {"trial_id": best_row["trial_id"], metric: float(best_row[metric])}
+    return {
+        "sweep": spec.name,
+        "sweep_dir": str(sweep_dir),
+        "total": total,
+        "finished": len(rows),
+        "by_status": {k: int(v) for k, v in by_status.items()},
+        "study": study_states,
+        "best": best,
+        "raised": int(rows["raised"].fillna(False).astype(bool).sum()) if "raised" in rows else 0,
+        "ledger_problem": ledger_problem,
+    }
+
+
+def print_status(status: dict[str, Any], out: Any = sys.stdout) -> None:
+    if status.get("ledger_problem"):
+        print(f"warning: {status['ledger_problem']}; `loopgolf resume` rewrites it", file=out)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(status["by_status"].items())) or "none yet"
+    print(f"sweep {status['sweep']}: {status['finished']}/{status['total']} trials finished ({counts})", file=out)
+    if status["study"]:
+        print("optuna study: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(status["study"].items())), file=out)
+    if status["best"]:
+        (metric, value), = ((k, v) for k, v in status["best"].items() if k != "trial_id")
+        print(f"best {metric}: {value:.4f} (trial {status['best']['trial_id']})", file=out)

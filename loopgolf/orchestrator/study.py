@@ -6,6 +6,11 @@ reads the study without importing Ray.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
 import optuna
 from optuna.trial import TrialState
 
@@ -58,3 +63,33 @@ def final_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
             latest[t.user_attrs[KEY]] = t
     replayed = {t.user_attrs.get(REPLAY_OF) for t in study.get_trials(deepcopy=False)}
     return {k: t for k, t in latest.items() if t.number not in replayed}
+
+
+def load_sweep_study(sweep_dir: str | os.PathLike[str], name: str) -> optuna.Study | None:
+    """The sweep's study (`optuna.db` in its directory), or None before the database or study exists."""
+    if not (Path(sweep_dir) / "optuna.db").is_file():
+        return None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(sweep_dir) / 'optuna.db'}")
+    except KeyError:  # the database exists, the study not yet
+        return None
+
+
+@dataclasses.dataclass
+class PlannedTotal:
+    """planned_trials of a sweep's study, for a caller that asks on every trial event (the
+    console's progress line): the study is loaded once and re-read per call (loading it per
+    event cost ~0.06-0.15 s of the driver's loop; a re-read ~0.003 s)."""
+
+    sweep_dir: str | os.PathLike[str]
+    study_name: str
+    num_samples: int
+    seeds: int
+    controls: int
+    study: Any = None
+
+    def __call__(self) -> int:
+        if self.study is None:
+            self.study = load_sweep_study(self.sweep_dir, self.study_name)
+        return planned_trials(self.study, self.num_samples, self.seeds, self.controls)

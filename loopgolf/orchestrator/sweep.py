@@ -110,48 +110,17 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
     )
 
 
-def _load_study(sweep_dir: str | os.PathLike[str], name: str) -> Any:
-    """The sweep's Optuna study, or None before its database or study exists."""
-    import optuna
-
-    if not (Path(sweep_dir) / "optuna.db").is_file():
-        return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(sweep_dir) / 'optuna.db'}")
-    except KeyError:  # the database exists, the study not yet
-        return None
-
-
 def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
     """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
     has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
-    return PlannedTotal.of(sweep_dir, spec)()
+    return planned_total_reader(sweep_dir, spec)()
 
 
-@dataclasses.dataclass
-class PlannedTotal:
-    """planned_total for a caller that asks on every trial event (the console's progress line):
-    the study is loaded once and re-read per call (loading it per event cost ~0.06-0.15 s of the
-    driver's loop; a re-read ~0.003 s)."""
+def planned_total_reader(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> Any:
+    """A PlannedTotal for this sweep: the study loaded once, re-read at every call."""
+    from loopgolf.orchestrator.study import PlannedTotal
 
-    sweep_dir: str | os.PathLike[str]
-    study_name: str
-    num_samples: int
-    seeds: int
-    controls: int
-    study: Any = None
-
-    @classmethod
-    def of(cls, sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTotal:
-        return cls(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
-
-    def __call__(self) -> int:
-        from loopgolf.orchestrator.study import planned_trials
-
-        if self.study is None:
-            self.study = _load_study(self.sweep_dir, self.study_name)
-        return planned_trials(self.study, self.num_samples, self.seeds, self.controls)
+    return PlannedTotal(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
 
 
 def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
@@ -205,7 +174,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
         ledger_callback(ledger),
         MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
                        upload=spec.tracking_uri is not None),
-        ProgressPrinter(str(sweep_dir), PlannedTotal.of(sweep_dir, spec), spec.max_concurrent,
+        ProgressPrinter(str(sweep_dir), planned_total_reader(sweep_dir, spec), spec.max_concurrent,
                         metric, mode),
     ]  # fmt: skip
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -386,59 +355,3 @@ def resume_sweep(
         spec = read_sweep_spec(sweep_dir)
         _write_eval_stream(spec, sweep_dir)  # kept if there: a sweep killed before writing it gets it now
         return _drive(spec, sweep_dir, address)
-
-
-def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Progress from the ledger and the study, without Ray."""
-    import pandas as pd
-
-    from loopgolf.orchestrator.ledger import Ledger
-    from loopgolf.orchestrator.study import final_trials
-
-    sweep_dir = Path(sweep_dir).resolve()
-    spec = read_sweep_spec(sweep_dir)
-    total = planned_total(sweep_dir, spec)
-    ledger = Ledger(sweep_dir, spec.name, "")
-    ledger_problem = None
-    try:
-        rows = pd.read_parquet(ledger.trials_file) if ledger.trials_file.exists() else pd.DataFrame(columns=["status"])
-    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        ledger_problem = f"{ledger.trials_file} is unreadable ({first}); counted from the trial directories"
-        trial_rows = ledger.rows()[0]
-        rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
-    by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
-    study_states: dict[str, int] = {}
-    study = _load_study(sweep_dir, spec.name)
-    if study is not None:
-        for trial in final_trials(study).values():  # one per trial: a re-run supersedes its lost first run
-            study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
-    metric, mode = next(iter(spec.objectives.items()))
-    best = None
-    ok = rows[(rows["status"] == "complete") & rows.get("feasible", False)] if len(rows) else rows
-    if len(ok) and metric in ok:
-        best_row = ok.sort_values(metric, ascending=mode == "min").iloc[0]
-        best = {"trial_id": best_row["trial_id"], metric: float(best_row[metric])}
-    return {
-        "sweep": spec.name,
-        "sweep_dir": str(sweep_dir),
-        "total": total,
-        "finished": len(rows),
-        "by_status": {k: int(v) for k, v in by_status.items()},
-        "study": study_states,
-        "best": best,
-        "raised": int(rows["raised"].fillna(False).astype(bool).sum()) if "raised" in rows else 0,
-        "ledger_problem": ledger_problem,
-    }
-
-
-def print_status(status: dict[str, Any], out: Any = sys.stdout) -> None:
-    if status.get("ledger_problem"):
-        print(f"warning: {status['ledger_problem']}; `loopgolf resume` rewrites it", file=out)
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(status["by_status"].items())) or "none yet"
-    print(f"sweep {status['sweep']}: {status['finished']}/{status['total']} trials finished ({counts})", file=out)
-    if status["study"]:
-        print("optuna study: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(status["study"].items())), file=out)
-    if status["best"]:
-        (metric, value), = ((k, v) for k, v in status["best"].items() if k != "trial_id")
-        print(f"best {metric}: {value:.4f} (trial {status['best']['trial_id']})", file=out)
