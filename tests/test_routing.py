@@ -100,3 +100,17 @@ def test_calibration_with_the_cap_hits_the_target_on_many_tokens() -> None:
     assert refined_fraction(score, thr, 0.3) == pytest.approx(0.25, abs=1e-3)
     naive = torch.quantile(score.flatten(), 0.75).item()  # the plain quantile ignores the cap
     assert refined_fraction(score, naive, 0.3) < 0.25 - 0.02
+
+
+@pytest.mark.parametrize("drift", [-0.05, 0.05])  # entropy falls while a model trains; resid_norm can rise
+def test_the_training_threshold_follows_a_drifting_score(drift: float) -> None:
+    """Training selects with the threshold of earlier batches: with scores drifting by 0.05 sd a
+    step, each batch must still refine the target (0.25) within 0.05, below a cap of 0.5."""
+    model = build(small(refine_passes=1, signal="entropy", refine_target=0.25, refine_cap=0.5)).train()
+    gen = torch.Generator().manual_seed(0)
+    fractions = []
+    for step in range(40):
+        score = torch.randn(32, 256, generator=gen, dtype=torch.float64) + drift * step
+        fractions.append(float(model.select(score).double().mean()))
+        model._calibrate(score)
+    assert all(abs(f - 0.25) <= 0.05 for f in fractions[1:]), [round(f, 3) for f in fractions]
