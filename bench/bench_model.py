@@ -30,7 +30,8 @@ import torch
 from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, flops_per_token
+from loopgolf.trial.model import RecurrentLM, flops_per_token
+from loopgolf.trial.selection import RecordKV, Selection
 
 
 def randomize(model: RecurrentLM, seed: int = 0) -> None:

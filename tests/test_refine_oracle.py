@@ -28,17 +28,8 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import (
-    NO_COND,
-    Block,
-    PaddedSelection,
-    RecurrentLM,
-    Selection,
-    capacity_ladder,
-    causal_attend,
-    rope_tables,
-    rung_for,
-)
+from loopgolf.trial.model import NO_COND, Block, RecurrentLM, rope_tables
+from loopgolf.trial.selection import PaddedSelection, Selection, capacity_ladder, causal_attend, rung_for
 from tests.test_model import build
 
 TOLERANCE = 1e-9
