@@ -551,7 +551,8 @@ class RecurrentLM(nn.Module):
         cos, sin = self._rope(idx.size(1), x0)
         base = self._base_pass(x0, cos, sin, record_kv=c.refine_passes > 0)
 
-        logits, score, refined = base.logits, None, None
+        base_ce = None if targets is None else _token_ce(base.logits, targets)
+        logits, ce, score, refined = base.logits, base_ce, None, None
         if c.refine_passes:
             score = self._router_score(base)
             if refine_mask is not None:
@@ -562,22 +563,12 @@ class RecurrentLM(nn.Module):
                 refined = self.select(score)
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
-            if self.pads_refinement():
-                ladder = self.refine_capacities(idx.size(1), refine_mask is not None)
-                capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
-                padded = PaddedSelection.from_mask(refined, capacity)
-                logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
-                stats.refined_share = refined.sum() / refined.numel()  # stays on the device
-            else:
-                sel = Selection.from_mask(refined)
-                if sel.n:
-                    logits = sel.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, sel)))
-                stats.refined_share = sel.n / refined.numel()
+            logits, ce, stats.refined_share = self._refined_outputs(
+                base, x0, cos, sin, refined, refine_mask is not None, targets, base_ce
+            )
 
         loss = base_loss = token_ce = base_token_ce = None
-        if targets is not None:
-            ce = _token_ce(logits, targets)
-            base_ce = ce if logits is base.logits else _token_ce(base.logits, targets)
+        if ce is not None and base_ce is not None:
             loss = ce.mean()
             base_loss = loss if base_ce is ce else base_ce.mean()
             if return_token_ce:
@@ -585,9 +576,33 @@ class RecurrentLM(nn.Module):
 
         return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
 
+    def _refined_outputs(
+        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, refined: Tensor, chosen_mask: bool,
+        targets: Tensor | None, base_ce: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | float]:
+        """Final logits, per-token CE (None without targets) and refined share of a forward
+        that refines the `refined` (B, T) tokens: the base ones, the refined tokens' replaced."""
+        if self.pads_refinement():
+            ladder = self.refine_capacities(refined.size(1), chosen_mask)
+            capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
+            padded = PaddedSelection.from_mask(refined, capacity)
+            logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
+            ce = None if targets is None else _token_ce(logits, targets)
+            return logits, ce, refined.sum() / refined.numel()  # the share stays on the device
+        sel = Selection.from_mask(refined)
+        if not sel.n:
+            return base.logits, base_ce, 0.0
+        fresh = self._logits(self._refine(base, x0, cos, sin, sel))
+        # Only the refined tokens' CE is new: the rest is the base CE, already computed.
+        ce = None if targets is None or base_ce is None else sel.scatter(base_ce, _token_ce(fresh, sel.gather(targets)))
+        # Written into the base logits, not a copy of them: the base CE has read them, and
+        # autograd keeps no reference to them (log-softmax saves its output, tanh its own).
+        return sel.scatter_(base.logits, fresh), ce, sel.n / refined.numel()
+
 
 def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    """Per-token CE of (..., V) logits against (...) targets."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
 
 
 # ---------------------------------------------------------------------- 4. analytic cost

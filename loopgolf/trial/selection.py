@@ -105,6 +105,23 @@ class Selection:
         """`into` (B, T, ...) with the selected tokens' rows replaced by `values` (n, ...)."""
         return into.index_put((self.rows, self.pos), values.to(into.dtype))
 
+    def scatter_(self, into: Tensor, values: Tensor) -> Tensor:
+        """`scatter` written into `into` itself (no copy of it); returns `into`."""
+        return into.index_put_((self.rows, self.pos), values.to(into.dtype))
+
+    def key_table(self, cache: Tensor, fresh: Tensor) -> Tensor:
+        """The first n_keys positions of a (B, T, kv_heads, hd) K or V cache, the selected
+        tokens' rows replaced by `fresh` (n, kv_heads, hd).
+
+        Written into the cache while autograd records nothing: refinement is the cache's
+        last reader, and each refinement pass rewrites the same positions before reading.
+        While recording, the base pass's attention saved the cache for backward: a copy.
+        """
+        table = cache[:, : self.n_keys]
+        if torch.is_grad_enabled():
+            return table.index_put((self.rows, self.pos), fresh)
+        return table.index_put_((self.rows, self.pos), fresh)
+
     def masks(self, dtype: torch.dtype) -> list[Tensor]:
         """Additive attention masks per chunk, (B, 1, chunk, keys): 0 where key <= query, else -inf."""
         if dtype not in self._masks:
@@ -132,9 +149,8 @@ class SelectedAttend:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         s = self.sel
-        n_keys = s.n_keys
-        keys = self.k_cache[:, :n_keys].index_put((s.rows, s.pos), k).transpose(1, 2)  # (B, kv_heads, keys, hd)
-        values = self.v_cache[:, :n_keys].index_put((s.rows, s.pos), v).transpose(1, 2)
+        keys = s.key_table(self.k_cache, k).transpose(1, 2)  # (B, kv_heads, keys, hd)
+        values = s.key_table(self.v_cache, v).transpose(1, 2)
         q_pad = q.new_zeros(s.slot_pos.size(0), s.slot_pos.size(1), *q.shape[1:]).index_put((s.rows, s.slots), q)
         q_pad = q_pad.transpose(1, 2)  # (B, heads, n_max, hd)
         gqa = q.size(-2) != k.size(-2)
