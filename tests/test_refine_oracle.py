@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from loopgolf.trial import selection
 from loopgolf.trial.config import ModelConfig
 from loopgolf.trial.model import NO_COND, Block, RecurrentLM, rope_tables
 from loopgolf.trial.selection import PaddedSelection, Selection, capacity_ladder, causal_attend, rung_for
@@ -151,8 +152,10 @@ def tiny(**overrides: object) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-def test_issue_reproduction_nonmonotone_chunk_keys() -> None:
-    """Row 0 selects every other position of 0..138, row 1 every fifth of 200..249 (T=256)."""
+def test_issue_reproduction_nonmonotone_chunk_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 0 selects every other position of 0..138, row 1 every fifth of 200..249 (T=256),
+    cut into chunks of 64 queries as when the issue was filed."""
+    monkeypatch.setattr(selection, "QUERY_CHUNK", 64)
     mask = torch.zeros(2, 256, dtype=torch.bool)
     mask[0, 0:139:2] = True
     mask[1, 200:250:5] = True

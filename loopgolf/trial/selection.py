@@ -49,7 +49,7 @@ class RecordKV:
         return causal_attend(q, k, v)
 
 
-QUERY_CHUNK = 64  # refined query slots per attention call (see Selection); 32-64 measured best on CPU
+QUERY_CHUNK = 32  # refined query slots per attention call (see Selection); 32 measured best on CPU at T=1024
 
 
 @dataclasses.dataclass
@@ -62,11 +62,15 @@ class Selection:
     slots are cut into chunks of QUERY_CHUNK and each chunk only reads keys up to its
     last position: the refined attention keeps most of the causal saving instead of
     scoring every query against all T keys.
+
+    Moves between layouts are row copies through flat indices (index_select, index_copy_
+    on (B * T, ...) or (B * n_max, ...) views): one batched copy, no per-element indexing.
     """
 
     rows: Tensor  # (n,) batch row of each selected token
     pos: Tensor  # (n,) its position, ascending within a row
-    slots: Tensor  # (n,) its rank among its row's selected tokens
+    flat: Tensor  # (n,) its row in a (B * T, ...) view: rows * T + pos
+    slot_index: Tensor  # (n,) its row in the padded (B * n_max, ...) layout: rows * n_max + rank in its row
     slot_pos: Tensor  # (B, n_max) position held by each slot
     chunks: list[tuple[int, int, int]]  # (first slot, end slot, keys read) per attention call
     n_keys: int  # keys the K/V table must hold: one past the last selected position of any row
@@ -74,17 +78,20 @@ class Selection:
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> Selection:
+        batch, seq_len = mask.shape
         rows, pos = mask.nonzero(as_tuple=True)
         slots = (mask.long().cumsum(1) - 1)[rows, pos]
         n_max = int(mask.sum(1).max()) if rows.numel() else 0
-        slot_pos = torch.zeros(mask.size(0), n_max, dtype=torch.long, device=mask.device).index_put((rows, slots), pos)
+        slot_index = rows * n_max + slots
+        slot_pos = torch.zeros(batch * n_max, dtype=torch.long, device=mask.device).index_copy_(0, slot_index, pos)
+        slot_pos = slot_pos.view(batch, n_max)
         n_chunks = -(-n_max // QUERY_CHUNK)
-        by_chunk = F.pad(slot_pos, (0, n_chunks * QUERY_CHUNK - n_max)).view(mask.size(0), n_chunks, QUERY_CHUNK)
+        by_chunk = F.pad(slot_pos, (0, n_chunks * QUERY_CHUNK - n_max)).view(batch, n_chunks, QUERY_CHUNK)
         n_keys = (by_chunk.amax(dim=(0, 2)) + 1).tolist()  # one host sync per forward, not per block
         chunks = [(i * QUERY_CHUNK, min((i + 1) * QUERY_CHUNK, n_max), k) for i, k in enumerate(n_keys)]
         # Key counts are not monotone over chunks: a row with few, late selections puts its
         # last position in an early chunk. The table is sized by the largest.
-        return cls(rows, pos, slots, slot_pos, chunks, max(n_keys, default=0))
+        return cls(rows, pos, rows * seq_len + pos, slot_index, slot_pos, chunks, max(n_keys, default=0))
 
     @property
     def n(self) -> int:
@@ -92,22 +99,23 @@ class Selection:
 
     def gather(self, x: Tensor) -> Tensor:
         """The selected tokens' rows of a (B, T, ...) tensor: (n, ...)."""
-        return x[self.rows, self.pos]
+        return x.flatten(0, 1).index_select(0, self.flat)
 
     def at_positions(self, table: Tensor) -> Tensor:
         """The selected tokens' rows of a per-position (T, ...) table: (n, ...)."""
-        return table[self.pos]
+        return table.index_select(0, self.pos)
 
     def attend(self, cache: RecordKV) -> Attend:
         return SelectedAttend(cache, self)
 
     def scatter(self, into: Tensor, values: Tensor) -> Tensor:
         """`into` (B, T, ...) with the selected tokens' rows replaced by `values` (n, ...)."""
-        return into.index_put((self.rows, self.pos), values.to(into.dtype))
+        return into.flatten(0, 1).index_copy(0, self.flat, values.to(into.dtype)).view_as(into)
 
     def scatter_(self, into: Tensor, values: Tensor) -> Tensor:
-        """`scatter` written into `into` itself (no copy of it); returns `into`."""
-        return into.index_put_((self.rows, self.pos), values.to(into.dtype))
+        """`scatter` written into `into` itself (contiguous; no copy of it); returns `into`."""
+        into.view(-1, *into.shape[2:]).index_copy_(0, self.flat, values.to(into.dtype))
+        return into
 
     def key_table(self, cache: Tensor, fresh: Tensor) -> Tensor:
         """The first n_keys positions of a (B, T, kv_heads, hd) K or V cache, the selected
@@ -117,10 +125,18 @@ class Selection:
         last reader, and each refinement pass rewrites the same positions before reading.
         While recording, the base pass's attention saved the cache for backward: a copy.
         """
-        table = cache[:, : self.n_keys]
         if torch.is_grad_enabled():
-            return table.index_put((self.rows, self.pos), fresh)
-        return table.index_put_((self.rows, self.pos), fresh)
+            return cache[:, : self.n_keys].index_put((self.rows, self.pos), fresh)
+        return self.scatter_(cache, fresh)[:, : self.n_keys]
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(n, ...) rows -> the padded (B, n_max, ...) layout, zeros in the padding slots."""
+        batch, n_max = self.slot_pos.shape
+        return x.new_zeros(batch * n_max, *x.shape[1:]).index_copy_(0, self.slot_index, x).unflatten(0, (batch, n_max))
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """The padded (B, n_max, ...) layout -> the n selected rows."""
+        return x.flatten(0, 1).index_select(0, self.slot_index)
 
     def masks(self, dtype: torch.dtype) -> list[Tensor]:
         """Additive attention masks per chunk, (B, 1, chunk, keys): 0 where key <= query, else -inf."""
@@ -151,19 +167,20 @@ class SelectedAttend:
         s = self.sel
         keys = s.key_table(self.k_cache, k).transpose(1, 2)  # (B, kv_heads, keys, hd)
         values = s.key_table(self.v_cache, v).transpose(1, 2)
-        q_pad = q.new_zeros(s.slot_pos.size(0), s.slot_pos.size(1), *q.shape[1:]).index_put((s.rows, s.slots), q)
-        q_pad = q_pad.transpose(1, 2)  # (B, heads, n_max, hd)
+        q_pad = s.pad(q).transpose(1, 2)  # (B, heads, n_max, hd)
         gqa = q.size(-2) != k.size(-2)
+        # Each chunk's output, (B, heads, chunk, hd), is laid out (B, chunk, heads, hd) in
+        # memory on CPU: joined along the slots in that layout, the join is a plain copy.
         y = torch.cat(
             [
                 F.scaled_dot_product_attention(
                     q_pad[:, :, first:end], keys[:, :, :n], values[:, :, :n], attn_mask=mask, enable_gqa=gqa
-                )
+                ).transpose(1, 2)
                 for (first, end, n), mask in zip(s.chunks, s.masks(q.dtype), strict=True)
             ],
-            dim=2,
+            dim=1,
         )
-        return y.transpose(1, 2)[s.rows, s.slots]
+        return s.unpad(y)
 
 
 CAPACITY_RUNGS = 4  # padded capacities per trial: the refinement graphs torch.compile builds
