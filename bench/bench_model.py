@@ -16,11 +16,16 @@
 
 Runs with one thread by default and then times with the thread's CPU clock, so the
 figures hold on a machine shared with other jobs (wall-clock medians there are noise).
+On glibc the allocator is told to keep freed memory (`mallopt`): otherwise every forward
+maps its large tensors afresh and the kernel's page zeroing, charged to this thread,
+swung one forward's time by up to 15% between repetitions on a shared machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
 import statistics
 import time
@@ -30,7 +35,21 @@ import torch
 from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import RecordKV, RecurrentLM, Selection, flops_per_token
+from loopgolf.trial.model import RecurrentLM, flops_per_token
+from loopgolf.trial.selection import RecordKV, Selection
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to reuse freed memory instead of returning it to the kernel."""
+    name = ctypes.util.find_library("c")
+    if name is None or "libc.so" not in name:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30))
 
 
 def randomize(model: RecurrentLM, seed: int = 0) -> None:
@@ -139,11 +158,11 @@ def bench_routing_overhead(d: int, seq_len: int, batch: int, reps: int, fraction
             return x
 
         sel = Selection.from_mask(model.select(score))
-        refined_logits = model._logits(base.h_last[sel.rows, sel.pos])  # the refinement's own work, not timed
+        refined_logits = model._logits(sel.gather(base.h_last))  # the refinement's own work, not timed
+        final_logits = base.logits.clone()  # the forward writes the refined logits into the base ones
 
         def gather_scatter() -> object:
-            h = base.h_last[sel.rows, sel.pos]
-            return h, base.logits.index_put((sel.rows, sel.pos), refined_logits)
+            return sel.gather(base.h_last), sel.scatter_(final_logits, refined_logits)
 
         parts = {
             "score": lambda: model._router_score(base),
@@ -199,7 +218,7 @@ def main() -> None:
     global CLOCK
     if torch.get_num_threads() == 1:  # every op runs on this thread: its CPU time ignores other jobs' load
         CLOCK = time.thread_time
-    print(f"clock: {CLOCK.__name__}")
+    print(f"clock: {CLOCK.__name__}; allocator keeps freed memory: {keep_freed_memory()}")
     torch.manual_seed(0)
     load = os.getloadavg()[0]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load {load:.1f}")

@@ -27,18 +27,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
+from loopgolf.trial import selection
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import (
-    NO_COND,
-    Block,
-    PaddedSelection,
-    RecurrentLM,
-    Selection,
-    capacity_ladder,
-    causal_attend,
-    rope_tables,
-    rung_for,
-)
+from loopgolf.trial.model import NO_COND, Block, RecurrentLM, rope_tables
+from loopgolf.trial.selection import PaddedSelection, Selection, capacity_ladder, causal_attend, rung_for
 from tests.test_model import build
 
 TOLERANCE = 1e-9
@@ -160,8 +152,10 @@ def tiny(**overrides: object) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})  # type: ignore[arg-type]
 
 
-def test_issue_reproduction_nonmonotone_chunk_keys() -> None:
-    """Row 0 selects every other position of 0..138, row 1 every fifth of 200..249 (T=256)."""
+def test_issue_reproduction_nonmonotone_chunk_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 0 selects every other position of 0..138, row 1 every fifth of 200..249 (T=256),
+    cut into chunks of 64 queries as when the issue was filed."""
+    monkeypatch.setattr(selection, "QUERY_CHUNK", 64)
     mask = torch.zeros(2, 256, dtype=torch.bool)
     mask[0, 0:139:2] = True
     mask[1, 200:250:5] = True
@@ -213,6 +207,42 @@ def test_largest_shape_with_imbalanced_rows() -> None:
     config = tiny(seq_len=1024, n_heads=4, n_kv_heads=2, n_prelude=1, n_coda=1, unet_skips=True, phase="scale")
     rows = [(0.6, 0.0, 0.3), (0.05, 0.8, 1.0), (1.0, 0.0, 0.1), (0.01, 0.0, 1.0)]
     check(config, row_masks(8, 1024, rows, seed=3))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "softcap"),
+    [
+        (dict(seq_len=200, n_heads=4, n_kv_heads=2, n_coda=1, unet_skips=True, phase="lora", lora_rank=2), 30.0),
+        (dict(seq_len=130, n_prelude=1, n_passes=2, refine_passes=2, phase="scale"), 0.0),
+    ],
+)
+def test_training_gradients_equal_the_dense_oracles(overrides: dict[str, object], softcap: float) -> None:
+    """Training through the gathered layout (refined CE only on refined tokens, logits written
+    into the base ones, K/V tables copied while autograd records) gives the gradients of the
+    oracle's losses: CE of the dense refined logits + aux x CE of the base logits."""
+    config = tiny(**overrides, logit_softcap=softcap)
+    model = build(config, seed=5).train()
+    model.padded_refinement = False
+    mask = row_masks(3, config.seq_len, [(0.6, 0.0, 0.5), (0.1, 0.3, 1.0), (0.3, 0.0, 1.0)], seed=7)
+    gen = torch.Generator().manual_seed(8)
+    idx, tgt = (torch.randint(0, config.vocab_size, mask.shape, generator=gen) for _ in range(2))
+
+    def grads(loss: Tensor) -> list[Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    out = model(idx, tgt, refine_mask=mask)
+    assert out.loss is not None and out.base_loss is not None
+    got = grads(out.loss + 0.5 * out.base_loss)
+    expect_logits = dense_refined_logits(model, idx, mask)
+    base_logits = model(idx, refine_mask=torch.zeros_like(mask)).logits
+    ce = F.cross_entropy(expect_logits.flatten(0, 1), tgt.flatten())
+    torch.testing.assert_close(out.loss, ce, atol=TOLERANCE, rtol=0)
+    expect = grads(ce + 0.5 * F.cross_entropy(base_logits.flatten(0, 1), tgt.flatten()))
+    assert sum(int(g.abs().sum() > 0) for g in got) == len(got)  # every parameter is in the comparison
+    for (name, _), g, e in zip(model.named_parameters(), got, expect, strict=True):
+        torch.testing.assert_close(g, e, atol=TOLERANCE, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_oracle_sees_stale_keys() -> None:

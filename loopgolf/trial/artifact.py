@@ -655,6 +655,7 @@ CODE_FILES: tuple[str, ...] = (
     "loopgolf/trial/config.py",
     "loopgolf/trial/model.py",
     "loopgolf/trial/routing.py",
+    "loopgolf/trial/selection.py",
     "loopgolf/trial/quantize.py",
     "loopgolf/trial/artifact.py",
 )

@@ -13,13 +13,13 @@ q gain, grouped K/V heads, a ReLU^2 MLP, zero-initialized output projections, pe
 tanh-softcapped head.
 
 The file reads top to bottom:
-  1. building blocks: QATLinear, RoPE, the attention strategies (causal over the whole
-     sequence; selected tokens only, reusing the base pass's K/V, in an exact-size layout
-     or, for torch.compile, padded to one of a few capacity rungs), Block
+  1. building blocks: QATLinear, RoPE, Block (the attention strategies it runs with,
+     causal over the whole sequence or over the selected tokens only, are selection.py's)
   2. phase conditioning: what lets pass p of the shared core differ from pass q
   3. RecurrentLM: the base forward, the router's score and threshold, refinement
   4. analytic cost: flops_per_token
-(routing.py holds the causal cap, the control arms' selections and the calibration.)
+(routing.py holds the causal cap, the control arms' selections and the calibration;
+selection.py the layouts of the selected tokens and their attention.)
 
 Causality is absolute. Whether token t is refined, and its logits, depend only on tokens
 <= t: scores at t come from the (causal) base pass at t, the threshold is fixed during a
@@ -39,6 +39,15 @@ from torch import Tensor, nn
 
 from loopgolf.trial.config import ModelConfig
 from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
+from loopgolf.trial.selection import (
+    Attend,
+    PaddedSelection,
+    RecordKV,
+    Selection,
+    capacity_ladder,
+    causal_attend,
+    rung_for,
+)
 
 EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
 Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
@@ -91,228 +100,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
-
-
-# An attention strategy maps q (..., heads, hd) and k, v (..., kv_heads, hd) to (..., heads, hd).
-# The block does not know which tokens it runs on; the strategy decides which keys each query sees.
-Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-def causal_attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Full sequences (B, T, heads, hd): every position attends to positions <= itself."""
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.size(-2) != k.size(-2)
-    )
-    return y.transpose(1, 2)
-
-
-class RecordKV:
-    """Causal attention that also keeps the K/V it used: the refinement pass reuses them."""
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.k, self.v = k, v
-        return causal_attend(q, k, v)
-
-
-QUERY_CHUNK = 64  # refined query slots per attention call (see Selection); 32-64 measured best on CPU
-
-
-@dataclasses.dataclass
-class Selection:
-    """The refined tokens of a (B, T) mask, flattened row-major, plus a padded per-row layout.
-
-    Linears and MLPs run on the n flat rows. Attention runs per batch row on a padded
-    (B, n_max) layout: slot s of row b holds that row's s-th selected position (padding
-    slots hold position 0 and are dropped afterwards). Slots ascend in position, so the
-    slots are cut into chunks of QUERY_CHUNK and each chunk only reads keys up to its
-    last position: the refined attention keeps most of the causal saving instead of
-    scoring every query against all T keys.
-    """
-
-    rows: Tensor  # (n,) batch row of each selected token
-    pos: Tensor  # (n,) its position, ascending within a row
-    slots: Tensor  # (n,) its rank among its row's selected tokens
-    slot_pos: Tensor  # (B, n_max) position held by each slot
-    chunks: list[tuple[int, int, int]]  # (first slot, end slot, keys read) per attention call
-    n_keys: int  # keys the K/V table must hold: one past the last selected position of any row
-    _masks: dict[torch.dtype, list[Tensor]] = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_mask(cls, mask: Tensor) -> Selection:
-        rows, pos = mask.nonzero(as_tuple=True)
-        slots = (mask.long().cumsum(1) - 1)[rows, pos]
-        n_max = int(mask.sum(1).max()) if rows.numel() else 0
-        slot_pos = torch.zeros(mask.size(0), n_max, dtype=torch.long, device=mask.device).index_put((rows, slots), pos)
-        n_chunks = -(-n_max // QUERY_CHUNK)
-        by_chunk = F.pad(slot_pos, (0, n_chunks * QUERY_CHUNK - n_max)).view(mask.size(0), n_chunks, QUERY_CHUNK)
-        n_keys = (by_chunk.amax(dim=(0, 2)) + 1).tolist()  # one host sync per forward, not per block
-        chunks = [(i * QUERY_CHUNK, min((i + 1) * QUERY_CHUNK, n_max), k) for i, k in enumerate(n_keys)]
-        # Key counts are not monotone over chunks: a row with few, late selections puts its
-        # last position in an early chunk. The table is sized by the largest.
-        return cls(rows, pos, slots, slot_pos, chunks, max(n_keys, default=0))
-
-    @property
-    def n(self) -> int:
-        return int(self.rows.numel())
-
-    def gather(self, x: Tensor) -> Tensor:
-        """The selected tokens' rows of a (B, T, ...) tensor: (n, ...)."""
-        return x[self.rows, self.pos]
-
-    def at_positions(self, table: Tensor) -> Tensor:
-        """The selected tokens' rows of a per-position (T, ...) table: (n, ...)."""
-        return table[self.pos]
-
-    def attend(self, cache: RecordKV) -> Attend:
-        return SelectedAttend(cache, self)
-
-    def scatter(self, into: Tensor, values: Tensor) -> Tensor:
-        """`into` (B, T, ...) with the selected tokens' rows replaced by `values` (n, ...)."""
-        return into.index_put((self.rows, self.pos), values.to(into.dtype))
-
-    def masks(self, dtype: torch.dtype) -> list[Tensor]:
-        """Additive attention masks per chunk, (B, 1, chunk, keys): 0 where key <= query, else -inf."""
-        if dtype not in self._masks:
-            masks = []
-            for first, end, n_keys in self.chunks:
-                allowed = torch.arange(n_keys, device=self.slot_pos.device) <= self.slot_pos[:, first:end, None]
-                zero = torch.zeros((), dtype=dtype, device=allowed.device)
-                masks.append(torch.where(allowed, zero, -math.inf)[:, None])
-            self._masks[dtype] = masks
-        return self._masks[dtype]
-
-
-class SelectedAttend:
-    """Attention for the selected tokens only, with latest-step KV reuse (Huginn-style).
-
-    A selected query attends to every position <= its own in its row: non-selected
-    positions offer the K/V this block computed for them in the last base pass, selected
-    positions their freshly computed K/V. Cost grows with the number selected, not with T.
-    """
-
-    def __init__(self, cache: RecordKV, sel: Selection) -> None:
-        if cache.k is None or cache.v is None:
-            raise RuntimeError("SelectedAttend: the base pass did not record this block's K/V")
-        self.k_cache, self.v_cache, self.sel = cache.k, cache.v, sel
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        s = self.sel
-        n_keys = s.n_keys
-        keys = self.k_cache[:, :n_keys].index_put((s.rows, s.pos), k).transpose(1, 2)  # (B, kv_heads, keys, hd)
-        values = self.v_cache[:, :n_keys].index_put((s.rows, s.pos), v).transpose(1, 2)
-        q_pad = q.new_zeros(s.slot_pos.size(0), s.slot_pos.size(1), *q.shape[1:]).index_put((s.rows, s.slots), q)
-        q_pad = q_pad.transpose(1, 2)  # (B, heads, n_max, hd)
-        gqa = q.size(-2) != k.size(-2)
-        y = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    q_pad[:, :, first:end], keys[:, :, :n], values[:, :, :n], attn_mask=mask, enable_gqa=gqa
-                )
-                for (first, end, n), mask in zip(s.chunks, s.masks(q.dtype), strict=True)
-            ],
-            dim=2,
-        )
-        return y.transpose(1, 2)[s.rows, s.slots]
-
-
-CAPACITY_RUNGS = 4  # padded capacities per trial: the refinement graphs torch.compile builds
-CAPACITY_RATIO = 2**-0.5  # each rung holds 1/sqrt(2) of the one above: at most 1.41x padding above the lowest
-CAPACITY_QUANTUM = 8  # rungs are multiples of this (tensor-core friendly tiles)
-
-
-def capacity_ladder(limit: int) -> tuple[int, ...]:
-    """Per-row capacities a padded refinement may use, ascending: `limit` (the most a row can
-    select), then limit/sqrt(2), limit/2, ... (CAPACITY_RUNGS in all), rounded up to a multiple
-    of CAPACITY_QUANTUM, at least 1. A forward pads its rows to the smallest rung that holds
-    its fullest row, so a trial compiles at most CAPACITY_RUNGS refinement graphs."""
-    if limit < 0:
-        raise ValueError(f"capacity_ladder: limit={limit}: expected a token count >= 0")
-    # 1e-9: limit/2 must round to itself, not one quantum up from sqrt(2)**-2's float error
-    rungs = {min(limit, math.ceil(limit * CAPACITY_RATIO**i / CAPACITY_QUANTUM - 1e-9) * CAPACITY_QUANTUM)
-             for i in range(CAPACITY_RUNGS)}
-    return tuple(sorted({max(1, r) for r in rungs}))
-
-
-def rung_for(count: int, ladder: tuple[int, ...]) -> int:
-    """The smallest rung holding `count` tokens per row."""
-    for rung in ladder:
-        if count <= rung:
-            return rung
-    raise ValueError(f"rung_for: {count} selected tokens in a row exceed the largest capacity {ladder[-1]}")
-
-
-@dataclasses.dataclass
-class PaddedSelection:
-    """The refined tokens of a (B, T) mask in a fixed (B, capacity) layout: static shapes, so a
-    compiled forward builds one graph per capacity and never a data-dependent one.
-
-    Slot s of row b holds the row's s-th selected position. Slots past the row's count are
-    padding: they hold position 0, read key 0 only (a softmax over nothing would be NaN),
-    and are written back nowhere (their scatter index is a dump column T, cut off after),
-    so they change no result and receive no gradient. Every query reads all T keys under a
-    causal mask: the causal saving of the chunked Selection would need data-dependent shapes.
-    """
-
-    slot_pos: Tensor  # (B, K) position held by each slot; 0 for padding
-    scatter_at: Tensor  # (B, K) where each slot writes back: its position, or T for padding
-    seq_len: int
-
-    @classmethod
-    def from_mask(cls, mask: Tensor, capacity: int) -> PaddedSelection:
-        """Rows' selected positions in ascending order; a row selecting more than `capacity`
-        keeps its first `capacity` (a forward picks a capacity that holds every row)."""
-        batch, seq_len = mask.shape
-        rank = mask.long().cumsum(1) - 1
-        kept = mask & (rank < capacity)
-        slot = torch.where(kept, rank, capacity)  # the overflow slot `capacity` is cut off below
-        pos = torch.arange(seq_len, device=mask.device).expand(batch, seq_len)
-        slot_pos = torch.zeros(batch, capacity + 1, dtype=torch.long, device=mask.device).scatter(1, slot, pos)
-        slot_pos = slot_pos[:, :capacity]
-        valid = torch.arange(capacity, device=mask.device) < kept.sum(1, keepdim=True)
-        return cls(torch.where(valid, slot_pos, 0), torch.where(valid, slot_pos, seq_len), seq_len)
-
-    def gather(self, x: Tensor) -> Tensor:
-        """(B, T, ...) -> the slots' (B, K, ...)."""
-        index = self.slot_pos.view(*self.slot_pos.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
-        return x.gather(1, index)
-
-    def at_positions(self, table: Tensor) -> Tensor:
-        """A per-position (T, ...) table -> the slots' (B, K, ...)."""
-        return table[self.slot_pos]
-
-    def attend(self, cache: RecordKV) -> Attend:
-        return PaddedAttend(cache, self)
-
-    def scatter(self, into: Tensor, values: Tensor) -> Tensor:
-        """`into` (B, T, ...) with each real slot's position replaced by its row of `values` (B, K, ...)."""
-        index = self.scatter_at.view(*self.scatter_at.shape, *([1] * (into.ndim - 2))).expand_as(values)
-        return torch.cat((into, into[:, :1]), dim=1).scatter(1, index, values.to(into.dtype))[:, : self.seq_len]
-
-    def key_mask(self) -> Tensor:
-        """(B, 1, K, T) bool: slot s may read key j iff j <= its position."""
-        return (torch.arange(self.seq_len, device=self.slot_pos.device) <= self.slot_pos[..., None])[:, None]
-
-
-class PaddedAttend:
-    """SelectedAttend on a PaddedSelection: fresh K/V at the selected positions, the base
-    pass's elsewhere; every slot reads the whole (causally masked) key table."""
-
-    def __init__(self, cache: RecordKV, sel: PaddedSelection) -> None:
-        if cache.k is None or cache.v is None:
-            raise RuntimeError("PaddedAttend: the base pass did not record this block's K/V")
-        self.k_cache, self.v_cache, self.sel = cache.k, cache.v, sel
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        keys = self.sel.scatter(self.k_cache, k).transpose(1, 2)  # (B, kv_heads, T, hd)
-        values = self.sel.scatter(self.v_cache, v).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=self.sel.key_mask(), enable_gqa=q.size(-2) != k.size(-2)
-        )
-        return y.transpose(1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -765,7 +552,8 @@ class RecurrentLM(nn.Module):
         cos, sin = self._rope(idx.size(1), x0)
         base = self._base_pass(x0, cos, sin, record_kv=c.refine_passes > 0)
 
-        logits, score, refined = base.logits, None, None
+        base_ce = None if targets is None else _token_ce(base.logits, targets)
+        logits, ce, score, refined = base.logits, base_ce, None, None
         if c.refine_passes:
             score = self._router_score(base)
             if refine_mask is not None:
@@ -776,22 +564,12 @@ class RecurrentLM(nn.Module):
                 refined = self.select(score)
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
-            if self.pads_refinement():
-                ladder = self.refine_capacities(idx.size(1), refine_mask is not None)
-                capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
-                padded = PaddedSelection.from_mask(refined, capacity)
-                logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
-                stats.refined_share = refined.sum() / refined.numel()  # stays on the device
-            else:
-                sel = Selection.from_mask(refined)
-                if sel.n:
-                    logits = sel.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, sel)))
-                stats.refined_share = sel.n / refined.numel()
+            logits, ce, stats.refined_share = self._refined_outputs(
+                base, x0, cos, sin, refined, refine_mask is not None, targets, base_ce
+            )
 
         loss = base_loss = token_ce = base_token_ce = None
-        if targets is not None:
-            ce = _token_ce(logits, targets)
-            base_ce = ce if logits is base.logits else _token_ce(base.logits, targets)
+        if ce is not None and base_ce is not None:
             loss = ce.mean()
             base_loss = loss if base_ce is ce else base_ce.mean()
             if return_token_ce:
@@ -799,9 +577,33 @@ class RecurrentLM(nn.Module):
 
         return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
 
+    def _refined_outputs(
+        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, refined: Tensor, chosen_mask: bool,
+        targets: Tensor | None, base_ce: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | float]:
+        """Final logits, per-token CE (None without targets) and refined share of a forward
+        that refines the `refined` (B, T) tokens: the base ones, the refined tokens' replaced."""
+        if self.pads_refinement():
+            ladder = self.refine_capacities(refined.size(1), chosen_mask)
+            capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
+            padded = PaddedSelection.from_mask(refined, capacity)
+            logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
+            ce = None if targets is None else _token_ce(logits, targets)
+            return logits, ce, refined.sum() / refined.numel()  # the share stays on the device
+        sel = Selection.from_mask(refined)
+        if not sel.n:
+            return base.logits, base_ce, 0.0
+        fresh = self._logits(self._refine(base, x0, cos, sin, sel))
+        # Only the refined tokens' CE is new: the rest is the base CE, already computed.
+        ce = None if targets is None or base_ce is None else sel.scatter(base_ce, _token_ce(fresh, sel.gather(targets)))
+        # Written into the base logits, not a copy of them: the base CE has read them, and
+        # autograd keeps no reference to them (log-softmax saves its output, tanh its own).
+        return sel.scatter_(base.logits, fresh), ce, sel.n / refined.numel()
+
 
 def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    """Per-token CE of (..., V) logits against (...) targets."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
 
 
 # ---------------------------------------------------------------------- 4. analytic cost
