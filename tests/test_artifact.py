@@ -7,12 +7,17 @@ rejection of bad files.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import tracemalloc
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -99,16 +104,31 @@ def test_exact_dtypes_and_aliases_survive_the_body(tmp_path: Path) -> None:
     for dtype, values in [
         (torch.int64, [-(2**40), 3]), (torch.bool, [True, False]), (torch.bfloat16, [1.0, -3.5]),
         (torch.float32, [float("nan"), 1e-30]), (torch.uint8, [0, 255]), (torch.int32, [-7, 2**30]),
+        (torch.float32, []),  # an empty tensor: a dimension of 0 is a shape like any other
     ]:
         data = torch.tensor(values, dtype=dtype)
-        tensors.append(Q.QuantizedTensor(f"x_{dtype}", (2,), dtype, exact, data=data))
+        tensors.append(Q.QuantizedTensor(f"x_{dtype}_{len(values)}", (len(values),), dtype, exact, data=data))
     state = Q.QuantizedState(tuple(tensors), cfg)
     _, back = A.decode_parts(A.encode_parts(state, TrialConfig(compress=cfg)))
+    assert back.compress == cfg
+    assert [_stored(t) for t in back.tensors] == [_stored(t) for t in state.tensors]
     before, after = Q.dequantize(state), Q.dequantize(back)
     for name in before:
         assert after[name].dtype == before[name].dtype, name
-        assert torch.equal(after[name].view(-1).view(torch.uint8), before[name].view(-1).view(torch.uint8)), name
+        assert _bytes_of(after[name]) == _bytes_of(before[name]), name
     assert after["tied"] is after["w"]
+
+
+def _bytes_of(x: torch.Tensor) -> list[int]:
+    return x.contiguous().view(-1).view(torch.uint8).tolist() if x.numel() else []
+
+
+def _stored(t: Q.QuantizedTensor) -> tuple:
+    """Everything a QuantizedTensor holds, its tensors as (dtype, shape, bytes); None where absent."""
+    def raw(x: torch.Tensor | None) -> tuple | None:
+        return None if x is None else (x.dtype, tuple(x.shape), _bytes_of(x))
+
+    return t.name, t.shape, t.dtype, t.plan, t.alias_of, raw(t.q), raw(t.scales), raw(t.data)
 
 
 # -------------------------------------------------------------------- byte accounting
@@ -368,3 +388,231 @@ def test_pg_int8_needs_int8_and_zlib() -> None:
         CompressConfig(recipe="pg_int8", codec="lzma")
     expected = "CompressConfig.recipe='pg_int8': expected bits=8 and codec='zlib' (got bits=8, codec='lzma')"
     assert str(info.value) == expected
+
+
+# ------------------------------------------------- malformed files, layer by layer
+#
+# Each row: one thing wrong, and the exact one-line message that names it.
+
+
+def _outer(payload: bytes, codec: bytes = b"zlib") -> bytes:
+    """A well-formed outer header (right length and crc) around `payload`."""
+    header = A.MAGIC + bytes([A.VERSION, len(codec)]) + codec + struct.pack("<II", len(payload), zlib.crc32(payload))
+    return header + payload
+
+
+def _frames(*frames: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(f)) + f for f in frames)
+
+
+def _container(sections: dict[str, int], **frames: bytes) -> bytes:
+    """A container whose header declares `sections` (the rest 0), its other frames zlib'd."""
+    sizes = {s: 0 for s in A.SECTIONS} | sections
+    header = json.dumps({"sections": [[s, n] for s, n in sizes.items()]}).encode()
+    parts = {p: frames.get(p.replace(".", "_"), b"") for p in A.PARTS} | {"header": zlib.compress(header)}
+    return _outer(_frames(*(zlib.compress(f) if p != "header" and f else f for p, f in parts.items())))
+
+
+_NO_CODEC = "expected one of ['brotli', 'lzma', 'zlib', 'zstd']"
+_FOUR = "are not ['q', 'scale', 'half', 'exact'] with sizes"
+BAD_CONTAINERS = [
+    ("other magic", b"GIF89a" + bytes(20), "not a loopgolf artifact: magic b'GIF8', expected b'LGAF'"),
+    ("a pickle", b"\x80\x04K\x01.", "not a loopgolf artifact: magic b'\\x80\\x04K\\x01', expected b'LGAF' "
+     "(it looks like a pickle; loading never unpickles)"),
+    ("a zip", b"PK\x03\x04" + bytes(9), "not a loopgolf artifact: magic b'PK\\x03\\x04', expected b'LGAF' "
+     "(it looks like a zip / torch.save file; loading never unpickles)"),
+    ("no version byte", A.MAGIC + b"\x02", "truncated inside the outer header"),
+    ("another version", A.MAGIC + b"\x09\x04", "container version 9, this loopgolf reads version 2"),
+    ("cut in the codec name", A.MAGIC + b"\x02\x04zli", "truncated inside the outer header"),
+    ("a non-ASCII codec", _outer(b"", codec=b"\xc3\xa9"), f"unknown codec '\ufffd\ufffd', {_NO_CODEC}"),
+    ("no frames", _outer(b""), "payload ends before the 'header' frame"),
+    ("a frame past the end", _outer(struct.pack("<I", 5) + b"ab"),
+     "the 'header' frame (5 bytes) runs past the payload"),
+    ("a frame length over 2**31", _outer(struct.pack("<I", 2**31 + 1) + b"ab"),
+     "the 'header' frame (2147483649 bytes) runs past the payload"),
+    ("bytes after the frames", _outer(_frames(*[b""] * 7) + b"xyz"), "3 bytes after the last frame"),
+    ("a frame that is not zlib", _outer(_frames(b"not zlib", *[b""] * 6)),
+     "the 'header' frame does not decompress with zlib (error)"),
+    ("a header that is not JSON", _outer(_frames(zlib.compress(b"{nope"), *[b""] * 6)),
+     "the header part is not JSON with a sections list (JSONDecodeError)"),
+    ("sections missing", _outer(_frames(zlib.compress(b'{"sections": [["q", 1]]}'), *[b""] * 6)),
+     f"the header's sections {{'q': 1}} {_FOUR}"),
+    ("a negative section", _container({"q": -1}),
+     f"the header's sections {{'q': -1, 'scale': 0, 'half': 0, 'exact': 0}} {_FOUR}"),
+    ("a frame over its size", _container({"q": 1}, q=b"abc"),
+     "the 'q' frame decompresses to more than the 1 bytes the header declares"),
+    ("a frame under its size", _container({"q": 4}, q=b"ab"), "the 'q' frame holds 2 bytes, the header declares 4"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("raw", "message"), [pytest.param(r, m, id=i) for i, r, m in BAD_CONTAINERS])
+def test_a_bad_container_is_refused_naming_what_is_wrong(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        A.unpack_parts(raw)
+    assert str(info.value) == message
+
+
+def test_empty_sections_unpack_to_empty_parts() -> None:
+    """Sections of 0 bytes (a model with no fp16 tensor has them) are empty frames, read as b""."""
+    codec, parts = A.unpack_parts(_container({}))
+    assert codec == "zlib" and {p: parts[p] for p in A.PARTS[1:]} == dict.fromkeys(A.PARTS[1:], b"")
+    with pytest.raises(ValueError, match=r"^the JSON header is not a loopgolf artifact header of this version$"):
+        A.decode_parts(parts)
+
+
+@pytest.fixture(scope="module")
+def body_parts() -> dict[str, bytes]:
+    """The parts of a small state: an int tensor "w" (6x7 at 5 bits: 42 level bytes, 12 scale
+    bytes), an fp16 "h" (4 bytes) and an exact float32 "x" (8 bytes)."""
+    cfg = CompressConfig(bits=5, small_tensor_numel=4)
+    w = torch.randn(6, 7, generator=torch.Generator().manual_seed(0))
+    scales = Q.row_scales(w, 5, 0.0)
+    state = Q.QuantizedState((
+        Q.QuantizedTensor("w", (6, 7), torch.float32, Q.Plan("int", "quantized", 5, 0.0),
+                          q=Q.quantize_rows(w, scales, 5), scales=scales),
+        Q.QuantizedTensor("h", (2,), torch.float32, Q.Plan("half", "small"), data=torch.tensor([1.5, -2.0]).half()),
+        Q.QuantizedTensor("x", (2,), torch.float32, Q.Plan("exact", "exact"), data=torch.tensor([3.0, 4.0])),
+    ), cfg)  # fmt: skip
+    return A.encode_parts(state, TrialConfig(compress=cfg))
+
+
+def _tensor(i: int, **fields: Any) -> Callable[[dict, dict], None]:
+    return lambda header, parts: header["tensors"][i].update(fields)
+
+
+def _section(name: str, size: int, raw: bytes) -> Callable[[dict, dict], None]:
+    def edit(header: dict, parts: dict) -> None:
+        header["sections"] = [[s, size if s == name else n] for s, n in header["sections"]]
+        parts[name] = raw
+
+    return edit
+
+
+def _lie_about_q(header: dict, parts: dict) -> None:
+    header["sections"][0][1] += 1
+
+
+BAD_BODIES = [
+    ("fp16 planes differ", lambda h, p: p.update({"scale.hi": p["scale.hi"][:-1]}),
+     "fp16 byte planes of different lengths (6, 5)"),
+    ("sections lie", _lie_about_q,
+     "sections [['q', 43], ['scale', 12], ['half', 4], ['exact', 8]] do not match the parts' sizes"),
+    ("a name not a string", _tensor(0, name=5), "bad name or shape"),
+    ("a negative dimension", _tensor(0, shape=[-6, -7]), "bad name or shape"),
+    ("an unknown group", _tensor(0, group="bogus"), "w: unknown group 'bogus'"),
+    ("bits not stored", _tensor(0, bits=7), "w: bad bits 7 or rows 6"),
+    ("rows not the shape's", _tensor(0, rows=7), "w: bad bits 5 or rows 7"),
+    ("a slice of three", _tensor(0, q=[0, 42, 0]), "w.q: bad slice [0, 42, 0]"),
+    ("a slice of a string", _tensor(0, q=["0", 42]), "w.q: bad slice ['0', 42]"),
+    ("levels not first", _tensor(0, q=[1, 42]), "w.q: slice [1, 42] is not the next 42 bytes of section 'q'"),
+    ("scales too short", _tensor(0, scale=[0, 10]),
+     "w.scale: slice [0, 10] is not the next 12 bytes of section 'scale'"),
+    ("fp16 data off", _tensor(1, data=[2, 4]), "h.data: slice [2, 4] is not the next 4 bytes of section 'half'"),
+    ("exact data off", _tensor(2, data=[0, 4]), "x.data: slice [0, 4] is not the next 8 bytes of section 'exact'"),
+    ("exact section empty", _section("exact", 0, b""),
+     "x.data: slice [0, 8] is not the next 8 bytes of section 'exact'"),
+    ("a byte of no tensor", _section("exact", 9, bytes(9)), "section 'exact': 1 bytes belong to no tensor"),
+    ("an unknown encoding", _tensor(2, enc="float"), "x: unknown encoding 'float'"),
+    ("a name twice", _tensor(2, name="w"), "tensor 'w' appears twice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "message"), [pytest.param(e, m, id=i) for i, e, m in BAD_BODIES])
+def test_a_bad_body_is_refused_naming_what_is_wrong(
+    body_parts: dict[str, bytes], edit: Callable[[dict, dict], None], message: str
+) -> None:
+    """The header is re-signed after each edit, so the check under test is the one that fires."""
+    parts = dict(body_parts)
+    header = json.loads(parts["header"])
+    edit(header, parts)
+    header["digest"] = A.header_digest(header)
+    parts["header"] = json.dumps(header).encode()
+    with pytest.raises(ValueError) as info:
+        A.decode_parts(parts)
+    assert str(info.value) == message or (message == "bad name or shape" and str(info.value).endswith(message))
+
+
+_NOT_OURS = "the JSON header is not a loopgolf artifact header of this version"
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    (b"\x80\x04K\x01.", "the header part is not JSON (UnicodeDecodeError)"),
+    (b"{nope", "the header part is not JSON (JSONDecodeError)"),
+    (b"[]", _NOT_OURS),
+    (json.dumps({"format": A.FORMAT, "version": 1}).encode(), _NOT_OURS),
+    (json.dumps({"format": "other", "version": A.VERSION}).encode(), _NOT_OURS),
+])  # fmt: skip
+def test_a_header_that_is_not_ours_is_refused(body_parts: dict[str, bytes], header: bytes, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        A.decode_parts(body_parts | {"header": header})
+    assert str(info.value) == message
+
+
+def test_an_edited_header_is_refused_by_its_digest(body_parts: dict[str, bytes]) -> None:
+    header = json.loads(body_parts["header"])
+    header["config"]["model"]["n_passes"] += 1
+    with pytest.raises(ValueError) as info:
+        A.decode_parts(body_parts | {"header": json.dumps(header).encode()})
+    assert str(info.value) == "the header's config or tensor shapes do not match its digest: the file was edited"
+
+
+def _bomb(codec: str, size: int) -> bytes:
+    """`size` zero bytes at each codec's fastest setting (the decoder does not care)."""
+    zeros = bytes(size)
+    if codec == "zlib":
+        return zlib.compress(zeros, 1)
+    if codec == "lzma":
+        return lzma.compress(zeros, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 1}])
+    if codec == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=1).compress(zeros)
+    import brotli
+
+    return brotli.compress(zeros, quality=1)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_decompression_stops_past_the_limit_without_holding_the_rest(codec: str) -> None:
+    """In process (the subprocess bomb test above measures the whole interpreter): exactly the
+    limit decompresses; 8 MiB where 1 KiB is declared is refused after allocating well under 1 MiB
+    (beyond lzma's 64 MiB dictionary, which its decoder allocates up front)."""
+    assert A.decompress_bounded(_bomb(codec, 1024), codec, 1024) == bytes(1024)
+    bomb = _bomb(codec, 8 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            A.decompress_bounded(bomb, codec, 1024)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(info.value) == "decompresses to more than the 1024 bytes the header declares"
+    assert peak < (1 << 20) + (64 << 20 if codec == "lzma" else 0), peak
+
+
+def test_decompressing_with_an_unknown_codec_names_it() -> None:
+    with pytest.raises(ValueError) as info:
+        A.decompress_bounded(b"x", "gzip", 10)
+    assert str(info.value) == "unknown codec 'gzip'"
+
+
+def test_zstd_compresses_at_its_strongest_level() -> None:
+    """Level 22, not zstd's default (3), which leaves bytes on the table (here: on source text)."""
+    import zstandard
+
+    raw = Path(A.__file__).read_bytes()
+    assert len(A.compress_bytes(raw, "zstd")) < 0.95 * len(zstandard.ZstdCompressor().compress(raw))
+
+
+def test_a_codec_whose_package_is_missing_is_refused_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [A.codec_available(c) for c in (*CODECS, "gzip")] == [True, True, True, True, False]
+    A.require_codec("zstd")  # importable here: no error
+    monkeypatch.setattr(A, "CODEC_PACKAGES", {"zstd": "no_such_package_here", "brotli": "brotli"})
+    assert [A.codec_available(c) for c in CODECS] == [True, True, False, True]
+    for codec, package in [("zstd", "no_such_package_here"), ("gzip", "gzip")]:
+        with pytest.raises(A.ArtifactError) as info:
+            A.require_codec(codec)
+        assert str(info.value) == (
+            f"CompressConfig.codec={codec!r} needs the Python package {package!r}, which is not importable "
+            "here: expected one of the codecs available here ['brotli', 'lzma', 'zlib']"
+        )

@@ -256,3 +256,34 @@ def test_solver_edges_the_fullest_pair_below_fill_the_ratio_rule_and_the_width_c
     predicted = f"{bytes_with_margin(narrowest, 1.0):,}"
     with pytest.raises(BudgetError, match=rf"is predicted at {predicted} bytes$"):
         solve_width(preset("small"), code_bytes() + 1_000, margin=1.0)
+
+
+def test_the_widest_mlp_search_agrees_with_a_scan_on_every_path() -> None:
+    """One width, budgets at and just under the predicted bytes of many MLP sizes: below the
+    smallest, in the fp16 region (where the first quantized MLP does not fit but a smaller fp16
+    one does), and where the secant guess lands over or under, so the search gallops either way.
+    The answer and its predicted bytes equal a plain scan's (the reference's rule)."""
+    from loopgolf.search_spaces.budget import _at, _widest_mlp
+
+    config, d = preset("tiny"), 64
+    design, code = attention_design(config), code_bytes()
+    predicted = [0] + [bytes_with_margin(_at(config, d, s * MLP_STEP, design), EQUAL_BYTES_MARGIN, code)
+                       for s in range(1, 80)]  # fmt: skip
+    first = 1 + config.compress.small_tensor_numel // (d * MLP_STEP)
+    assert predicted[first] < predicted[first - 1]  # the fp16 region exists at this width
+
+    def scan(budget: int) -> tuple[int, int] | None:
+        fits = []
+        for s in range(1, len(predicted)):
+            if predicted[s] > budget and s >= first:
+                break
+            fits += [] if predicted[s] > budget else [s]
+        return (fits[-1] * MLP_STEP, predicted[fits[-1]]) if fits else None
+
+    budgets = [predicted[1] - 1, predicted[1], predicted[first] - 1]
+    budgets += [predicted[s] - k for s in (3, 4, 5, 6, 8, 11, 16, 23, 32, 45, 64, 78) for k in (0, 1)]
+    for budget in budgets:
+        fill = _widest_mlp(config, d, budget, EQUAL_BYTES_MARGIN, code, design)
+        got = None if fill is None else (fill.config.model.mlp_hidden, fill.predicted)
+        assert got == scan(budget), budget
+        assert fill is None or fill.config.model.d_model == d

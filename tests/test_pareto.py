@@ -144,3 +144,30 @@ def test_hypervolume_counts_only_competing_rows_unless_told() -> None:
     df = _frame([(1, 1), (0, 0)], feasible=[True, False])
     assert hypervolume(df, {"a": "min", "b": "min"}, (2, 2)) == pytest.approx(1)
     assert hypervolume(df, {"a": "min", "b": "min"}, (2, 2), feasible_only=False) == pytest.approx(4)
+
+
+def test_ranks_are_integers_on_the_frames_own_index() -> None:
+    """The numpy ranks are int64 (empty or not); the Series is named and keeps df's index."""
+    assert non_domination_rank(np.zeros((0, 2))).dtype == np.int64
+    ranks = non_domination_rank(np.array([[1.0, 2.0], [2.0, 3.0]]))
+    assert ranks.dtype == np.int64 and ranks.tolist() == [0, 1]
+    df = _frame([(2, 2), (1, 1), (3, 3)]).set_index(pd.Index([30, 10, 20]))
+    series = pareto_rank(df, {"a": "min", "b": "min"})
+    assert series.name == "pareto_rank" and series.index.tolist() == [30, 10, 20]
+    assert series.to_dict() == {30: 1, 10: 0, 20: 2}
+
+
+def test_nullable_columns_compete_where_they_hold_a_value() -> None:
+    """A Parquet ledger reads back nullable Int64/Float64 columns: <NA> is a missing value, not an error."""
+    df = _frame([(1, 2), (2, 1), (0, 0)]).astype({"a": "Int64", "b": "Float64"})
+    df.loc[2, "a"] = pd.NA
+    mask, losses = objective_matrix(df, {"a": "min", "b": "max"})
+    assert mask.tolist() == [True, True, False] and losses.dtype == np.float64
+    assert losses.tolist() == [[1.0, -2.0], [2.0, -1.0]]
+
+
+def test_an_unknown_column_lists_at_most_twenty_numeric_ones() -> None:
+    df = pd.DataFrame({f"x{i}": [float(i)] for i in range(25)} | {"name": ["a"]})
+    with pytest.raises(LoopgolfError) as info:
+        pareto_front(df, {"nope": "min"})
+    assert str(info.value) == f"objective 'nope': no such column (e.g. {', '.join(f'x{i}' for i in range(20))})"

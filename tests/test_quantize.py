@@ -197,3 +197,9 @@ def test_weights_beyond_the_fp16_range_are_refused_with_their_name() -> None:
         Q.quantize_tensor("big", torch.full((4,), 1e6), Q.Plan("half", "small"))
     with pytest.raises(Q.QuantizeError, match=r"^bad: non-finite weights cannot be quantized$"):
         Q.quantize_tensor("bad", torch.tensor([1.0, float("inf")]), Q.Plan("half", "small"))
+
+
+def test_small_tensor_numel_is_the_largest_small_tensor() -> None:
+    cfg = CompressConfig(small_tensor_numel=64, bits=6)
+    assert Q.plan_tensor("w", 64, True, cfg) == Q.Plan("half", "small")
+    assert Q.plan_tensor("w", 65, True, cfg) == Q.Plan("int", "quantized", 6, cfg.clip_sigma)

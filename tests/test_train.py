@@ -297,3 +297,26 @@ def test_the_loss_is_read_every_n_steps_and_at_the_budget(
     assert reads == [(1, 1), (5, 4), (9, 4), (10, 1)]
     assert metrics["train_steps"] == 10 and metrics["train_tokens"] == 10 * 8 * config.model.seq_len
     assert metrics["train_loss"] == pytest.approx(float(losses[9]), rel=1e-6)  # the last read held one step
+
+
+@pytest.mark.parametrize(("train_seconds", "steps"), [(10.3, 10), (10.7, 11)])
+def test_the_budget_stops_where_it_is_nearest_within_half_a_step(
+    corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, train_seconds: float, steps: int
+) -> None:
+    """Every step takes one second on the training clock. A 10.3 s budget stops after 10 steps
+    (an 11th would end 0.7 s late); a 10.7 s budget runs the 11th (0.3 s late beats 0.7 s early)."""
+    from loopgolf.trial import train
+
+    taken = 0
+    step = train._step
+
+    def counted(run: Any, scale: float) -> None:
+        nonlocal taken
+        step(run, scale)
+        taken += 1
+
+    monkeypatch.setattr(train, "_step", counted)
+    monkeypatch.setattr(train, "TRAIN_CLOCK", lambda: float(taken))  # seconds = steps taken
+    config = tiny(train_seconds=train_seconds, report_every_seconds=1e6, checkpoint_every_seconds=1e6)
+    metrics = run_trial(config, corpus_data, tmp_path / "m")
+    assert (metrics["train_steps"], metrics["train_seconds"]) == (steps, float(steps))

@@ -128,6 +128,7 @@ def compiles(config: TrialConfig, device: torch.device) -> bool:
 
 COMPILE_BACKEND: str | Callable[..., Any] = "inductor"  # torch.compile's backend (tests count graphs with their own)
 LOSS_READ_EVERY = 10  # compiled CUDA steps between host reads of the loss (each read waits for the device)
+TRAIN_CLOCK: Callable[[], float] = time.perf_counter  # times the optimizer steps (tests give steps a fixed time)
 
 
 def loss_read_every(device: torch.device, parallel: DataParallel | None) -> int:
@@ -402,7 +403,7 @@ def _step(run: _Run, scale: float) -> None:
                 group["momentum"] = momentum
     x_np, y_np = run.batch(run.step)
     if run.pending_steps == 0:
-        run.pending_since = time.perf_counter()
+        run.pending_since = TRAIN_CLOCK()
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     mean_loss, refine_fraction = _accumulate(run, x, y)
     if run.parallel is not None:
@@ -429,7 +430,7 @@ def _read_clock(run: _Run) -> float:
     n = run.pending_steps
     loss = float(run.pending_loss) / n  # synchronizes
     refine_fraction = float(run.pending_refined) / n
-    took = time.perf_counter() - run.pending_since
+    took = TRAIN_CLOCK() - run.pending_since
     if run.parallel is not None:  # one clock, one loss, one router threshold on every rank
         agreed = run.parallel.agree_step(loss, took, run.buffers, run.device, means=(refine_fraction,))
         loss, took, (refine_fraction,) = agreed.loss, agreed.seconds, agreed.means
