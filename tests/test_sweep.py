@@ -469,15 +469,20 @@ def test_resume_set_narrows_a_range_and_records_it(corpus_data: Path, tmp_path: 
         extended_raw(first, ["overrides.refine_target={low: 0.1, high: 0.3}"])
 
 
-def test_resume_set_refused_on_the_command_line_changes_nothing(corpus_data: Path, tmp_path: Path) -> None:
+def test_resume_set_refused_on_the_command_line_changes_nothing(
+    corpus_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loopgolf.orchestrator.cli import main
+
     spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
     sweep_dir = Path(spec.sweep_dir)
     sweep_dir.mkdir(parents=True)
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False), encoding="utf-8")
     before = sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()
-    proc = cli("resume", str(sweep_dir), "--set", "budget.train_seconds=5")
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "refused: it changes the budgets" in proc.stderr
+    capsys.readouterr()
+    assert main(["resume", str(sweep_dir), "--set", "budget.train_seconds=5"]) == 2  # in this process: no start-up
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "refused: it changes the budgets" in err
     assert (sorted(p.name for p in sweep_dir.iterdir()), (sweep_dir / "spec.yaml").read_bytes()) == before
 
 
