@@ -4,7 +4,7 @@ A trial whose code raises is a bug, not a data point, and a sweep reports failed
 but goes on, so a spec that crashes some configurations still "works". Each sweep spec
 runs through the real `loopgolf sweep` on the built-in corpus (`corpus_data`: what
 `loopgolf data prepare --vocab-size 1024` makes) at a reduced budget (a
-couple of seconds per trial, two configurations, one seed); everything else is the spec as
+couple of seconds per trial, a few trials, one seed); everything else is the spec as
 shipped. The trial example runs through `loopgolf trial`.
 
     python -m pytest tests/test_examples.py -m slow
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 REDUCED = {  # dotted spec fields: the budget, never the configurations
     "budget.train_seconds": 2,
-    "search.num_samples": 2,  # two configurations (and the routing example's control arms of each pair)
+    "search.num_samples": 4,
     "seeds": 1,
     "base.eval_tokens": 4096,
     "base.quick_eval_tokens": 1024,
