@@ -116,11 +116,11 @@ def test_watch_redraws_until_the_sweep_has_finished() -> None:
 
 
 def _captured_mid_run(data: Path, tmp_path: Path) -> tuple[Path, str]:
-    """A real sweep (four 8-second trials, one at a time), copied once a trial has ended and the
+    """A real sweep (four 4-second trials, one at a time), copied once a trial has ended and the
     next has reported progress, then killed."""
     storage = tmp_path / "sweeps"
     spec = write_spec(tmp_path / "spec.yaml", data, storage, seeds=1, max_concurrent=1,
-                      budget={"artifact_bytes": 2_000_000, "train_seconds": 8},
+                      budget={"artifact_bytes": 2_000_000, "train_seconds": 4},
                       search={"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 4})  # fmt: skip
     sweep_dir, captured = storage / "t", tmp_path / "captured"
     driver = subprocess.Popen([sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(spec)],
@@ -160,7 +160,7 @@ def test_status_of_a_sweep_captured_mid_run(corpus_data: Path, tmp_path: Path) -
     counts = next(line for line in lines if line.startswith("sweep t ["))
     assert f"[{len(ended)}/4 done, 1 running, {3 - len(ended)} queued, 0 failed; ETA " in counts
     trial = next(line for line in lines if line.split()[:1] == [running[0]]).split()
-    assert trial[1:4] == ["step", str(last["step"]), f"{last['elapsed_seconds']:.1f}/8"]
+    assert trial[1:4] == ["step", str(last["step"]), f"{last['elapsed_seconds']:.1f}/4"]
     assert trial[trial.index("val_bpb") + 1] == f"{last['quick_val_bpb']:.4f}"
     assert float(trial[5].replace(",", "")) > 0  # tokens per second
     payload = json.loads(lines[-1])["progress"]
