@@ -564,9 +564,14 @@ class RecurrentLM(nn.Module):
                 refined = self.select(score)
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
                     self._calibrate(score)
-            logits, ce, stats.refined_share = self._refined_outputs(
-                base, x0, cos, sin, refined, refine_mask is not None, targets, base_ce
-            )
+            if self.pads_refinement():
+                # The rung is read here in forward: a graph break inside a called method would
+                # also split the compiled forward at the call (two more graphs).
+                ladder = self.refine_capacities(idx.size(1), refine_mask is not None)
+                capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
+                logits, ce, stats.refined_share = self._padded_outputs(base, x0, cos, sin, refined, capacity, targets)
+            else:
+                logits, ce, stats.refined_share = self._gathered_outputs(base, x0, cos, sin, refined, targets, base_ce)
 
         loss = base_loss = token_ce = base_token_ce = None
         if ce is not None and base_ce is not None:
@@ -577,19 +582,23 @@ class RecurrentLM(nn.Module):
 
         return ModelOutput(logits, loss, base_loss, token_ce, base_token_ce, score, refined, stats)
 
-    def _refined_outputs(
-        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, refined: Tensor, chosen_mask: bool,
+    def _padded_outputs(
+        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, refined: Tensor, capacity: int,
+        targets: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Final logits, per-token CE (None without targets) and refined share of a compiled
+        forward that refines the `refined` (B, T) tokens in rows padded to `capacity`."""
+        padded = PaddedSelection.from_mask(refined, capacity)
+        logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
+        ce = None if targets is None else _token_ce(logits, targets)
+        return logits, ce, refined.sum() / refined.numel()  # the share stays on the device
+
+    def _gathered_outputs(
+        self, base: _BasePass, x0: Tensor, cos: Tensor, sin: Tensor, refined: Tensor,
         targets: Tensor | None, base_ce: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | float]:
-        """Final logits, per-token CE (None without targets) and refined share of a forward
-        that refines the `refined` (B, T) tokens: the base ones, the refined tokens' replaced."""
-        if self.pads_refinement():
-            ladder = self.refine_capacities(refined.size(1), chosen_mask)
-            capacity = ladder[0] if len(ladder) == 1 else self._read_rung(refined.sum(1), ladder)
-            padded = PaddedSelection.from_mask(refined, capacity)
-            logits = padded.scatter(base.logits, self._logits(self._refine(base, x0, cos, sin, padded)))
-            ce = None if targets is None else _token_ce(logits, targets)
-            return logits, ce, refined.sum() / refined.numel()  # the share stays on the device
+    ) -> tuple[Tensor, Tensor | None, float]:
+        """The same for an eager forward, on exactly the refined tokens: the base logits and
+        CE with the refined tokens' replaced."""
         sel = Selection.from_mask(refined)
         if not sel.n:
             return base.logits, base_ce, 0.0
