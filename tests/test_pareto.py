@@ -93,8 +93,8 @@ def test_bad_objectives_messages() -> None:
 
 @pytest.mark.parametrize(
     ("values", "message"),
-    [(np.array([1.0, 2.0]), r"expected a 2-D array \(points x objectives\), got shape \(2,\)"),
-     (np.array([[1.0, np.nan]]), "NaN in the objective values: drop those rows first")],
+    [(np.array([1.0, 2.0]), r"^expected a 2-D array \(points x objectives\), got shape \(2,\)$"),
+     (np.array([[1.0, np.nan]]), "^NaN in the objective values: drop those rows first$")],
 )  # fmt: skip
 def test_the_numpy_core_refuses_bad_input(values: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -106,6 +106,7 @@ def test_the_numpy_core_refuses_bad_input(values: np.ndarray, message: str) -> N
 def test_empty_inputs() -> None:
     empty = np.zeros((0, 2))
     assert non_dominated(empty).tolist() == [] and non_domination_rank(empty).tolist() == []
+    assert non_dominated(empty).dtype == np.bool_  # a mask, usable as an index even when empty
     assert hypervolume_of(empty, [1.0, 1.0]) == 0.0
     assert hypervolume_of(np.zeros((0, 3)), [1.0, 1.0, 1.0]) == 0.0
 
