@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from loopgolf.search_spaces.budget import (
     candidates,
     derive_heads,
     in_ratio_band,
+    ratio_factor,
     solve_width,
     width_grid,
 )
@@ -128,11 +130,11 @@ def test_equal_bytes_fills_the_shared_vs_unique_space(cap: int, bits_codec: tupl
     # The lattice (whole GQA groups x MLP steps of 32) is too coarse for a few deep
     # families at 1 MB (8 unique blocks: one MLP step of 32 costs ~2-6% of the cap):
     # there the solver must return the fullest pair there is, and no pair may reach FILL.
-    ratio = base.model.mlp_hidden / base.model.d_model
+    ratio = Fraction(base.model.mlp_hidden, base.model.d_model)
     for key, config in solved.items():  # a shape in the MLP-ratio band whenever the band holds one
         band = in_ratio_band(candidates(config, cap), ratio)
-        assert not band or abs(math.log(config.model.mlp_hidden / config.model.d_model / ratio)) <= math.log(
-            MLP_RATIO_BAND), key
+        solved_ratio = Fraction(config.model.mlp_hidden, config.model.d_model)
+        assert not band or ratio_factor(solved_ratio, ratio) <= MLP_RATIO_BAND, key
         if key in short:
             best = max(f.predicted for f in band or candidates(config, cap))
             assert best < FILL * cap and bytes_with_margin(config, EQUAL_BYTES_MARGIN) == best, key
@@ -142,9 +144,10 @@ def test_equal_bytes_fills_the_shared_vs_unique_space(cap: int, bits_codec: tupl
 def test_the_mlp_ratio_stays_near_the_bases_when_it_can() -> None:
     base = preset("small")  # MLP 2x
     solved = solve_width(base.replace(n_blocks=3), 4_000_000)
-    ratios = sorted(abs(math.log(f.mlp_ratio / 2.0)) for f in candidates(base.replace(n_blocks=3), 4_000_000)
+    ratios = sorted(ratio_factor(f.mlp_ratio, Fraction(2)) for f in candidates(base.replace(n_blocks=3), 4_000_000)
                     if f.predicted >= FILL * 4_000_000)
-    assert len(ratios) > 1 and abs(math.log(solved.model.mlp_hidden / solved.model.d_model / 2.0)) == ratios[0]
+    solved_ratio = Fraction(solved.model.mlp_hidden, solved.model.d_model)
+    assert len(ratios) > 1 and ratio_factor(solved_ratio, Fraction(2)) == ratios[0]
 
 
 def test_mlp_dim_sets_the_hidden_size_and_the_param_count() -> None:
@@ -167,17 +170,18 @@ def test_solve_width_says_when_nothing_fits() -> None:
     ("shape", "cap"),
     [({"n_blocks": 1, "n_passes": 3, "bits": 6, "codec": "lzma"}, 400_000),
      ({"n_blocks": 3, "n_passes": 1, "n_prelude": 1, "bits": 8, "codec": "zlib"}, 400_000),
-     # Measured 2026-12-02: predicted 0.978, measured 1.021 (the estimate under-predicts this
-     # trained 5-bit brotli d=192 model by 4.3%): a calibration gap of trial/estimate.py.
-     pytest.param({"n_blocks": 2, "n_passes": 2, "refine_passes": 1, "bits": 5, "codec": "brotli"}, 600_000,
-                  marks=pytest.mark.xfail(strict=False, reason="estimate up to 4.3% under at 5-bit brotli"))],
+     ({"n_blocks": 2, "n_passes": 2, "refine_passes": 1, "bits": 5, "codec": "brotli"}, 600_000)],
 )
 def test_trained_equal_bytes_models_fill_within_2_percent(
-    shape: dict[str, object], cap: int, corpus_data: Path, tmp_path: Path
+    shape: dict[str, object], cap: int, challenge_data: Path, tmp_path: Path
 ) -> None:
+    """In the regime the byte prediction is calibrated for: real text in the challenge's
+    tokenizer, 150 training steps. Outside it the prediction drifts, measured 2026-12-03 on
+    the first shape (d192, MLP 224): +2.9% after 40 steps (weights still near their uniform
+    init), and -2.6% after 150 steps on the suite's built-in corpus and tokenizer."""
     from loopgolf.trial.train import run_trial
 
-    base = preset("small").replace(seq_len=128, batch_size=8, train_seconds=60.0, max_steps=40, eval_tokens=4096,
+    base = preset("small").replace(seq_len=128, batch_size=8, train_seconds=600.0, max_steps=150, eval_tokens=4096,
                                    max_artifact_bytes=cap, **shape)
     config = solve_width(base, cap)
     # At a 400 kB cap one 32-wide MLP step is 2-6% of the cap, so the [0.99, 1] fill is not always
@@ -187,7 +191,7 @@ def test_trained_equal_bytes_models_fill_within_2_percent(
     wider_mlp = config.replace(mlp_dim=config.model.mlp_hidden + 32)
     assert bytes_with_margin(wider_mlp, EQUAL_BYTES_MARGIN) / cap > 1.0
     predicted = predict_artifact_bytes(config) / cap
-    metrics = run_trial(config, corpus_data, tmp_path / "t")
+    metrics = run_trial(config, challenge_data, tmp_path / "t")
     assert metrics["status"] == "complete", metrics.get("error")
     assert metrics["byte_fill"] == metrics["artifact_bytes"] / cap
     print(f"{shape} cap {cap:,}: d={config.model.d_model} mlp={config.model.mlp_hidden} "
@@ -211,7 +215,7 @@ def test_derive_heads_bounds_and_the_grids_last_width() -> None:
 
 def test_a_fill_reports_its_mlp_ratio() -> None:
     fill = candidates(preset("tiny"), code_bytes() + 300_000)[0]
-    assert fill.mlp_ratio == fill.config.model.mlp_hidden / fill.config.model.d_model
+    assert fill.mlp_ratio * fill.config.model.d_model == fill.config.model.mlp_hidden  # exact, not a float
 
 
 def test_the_budget_defaults_to_the_configs_cap() -> None:
@@ -248,14 +252,60 @@ def test_solver_edges_the_fullest_pair_below_fill_the_ratio_rule_and_the_width_c
     solved = solve_width(base, 4_000_000)
     full = [f for f in candidates(base, 4_000_000) if f.predicted >= FILL * 4_000_000]
     assert bytes_with_margin(solved, EQUAL_BYTES_MARGIN) >= FILL * 4_000_000
-    nearest = min(abs(math.log(f.mlp_ratio / 2.0)) for f in full)
-    assert abs(math.log(solved.model.mlp_hidden / solved.model.d_model / 2.0)) == nearest
+    nearest = min(ratio_factor(f.mlp_ratio, Fraction(2)) for f in full)
+    assert ratio_factor(Fraction(solved.model.mlp_hidden, solved.model.d_model), Fraction(2)) == nearest
     assert max(f.config.model.d_model for f in candidates(base, 4_000_000, max_d_model=128)) == 128
     assert solve_width(base, 4_000_000, max_d_model=128).model.d_model <= 128
     narrowest = preset("small").replace(d_model=64, n_heads=2, n_kv_heads=1, mlp_dim=MLP_STEP)  # head_dim 32, GQA 2
     predicted = f"{bytes_with_margin(narrowest, 1.0):,}"
     with pytest.raises(BudgetError, match=rf"is predicted at {predicted} bytes$"):
         solve_width(preset("small"), code_bytes() + 1_000, margin=1.0)
+
+
+@pytest.mark.parametrize(("n_blocks", "cap"), [(1, 2_000_000), (3, 4_000_000), (1, 8_000_000), (2, 8_000_000)])
+def test_the_solver_picks_the_nearest_mlp_ratio_among_full_pairs_widest_on_ties(n_blocks: int, cap: int) -> None:
+    """The rule, from its statement: among the pairs that reach FILL, the MLP ratio nearest the
+    base's (as a factor, either way); of equally near ones the widest. These cases were chosen
+    so the rule matters: the fullest pair is not the nearest (1 block at 2 MB; 8 MB), or two
+    full pairs are equally near (3 blocks at 4 MB: ratios 1/2x and 2x the base's)."""
+    base = preset("small").replace(n_blocks=n_blocks)  # MLP 2x
+    fills = candidates(base, cap)
+    band = [f for f in fills if 1 / 4 <= f.mlp_ratio / 2 <= 4] or fills  # MLP_RATIO_BAND = 4
+    full = [f for f in band if f.predicted >= FILL * cap]
+    assert MLP_RATIO_BAND == 4 and len(full) > 1
+
+    def factor(f: budget_module.Fill) -> Fraction:  # exact: 8/3 and 3/2 are both 4/3 from 2
+        return max(f.mlp_ratio / 2, 2 / f.mlp_ratio)
+
+    nearest = min(map(factor, full))
+    tied = [f for f in full if factor(f) == nearest]
+    expected = max(tied, key=lambda f: f.config.model.d_model).config
+    solved = solve_width(base, cap)
+    assert (solved.model.d_model, solved.model.mlp_hidden) == (expected.model.d_model, expected.model.mlp_hidden)
+    fullest = max(full, key=lambda f: f.predicted).config
+    assert len(tied) > 1 or fullest.model != expected.model  # the case tests the rule, not the fullest
+
+
+@pytest.mark.parametrize("shape", ["convex", "concave"])
+def test_the_widest_mlp_search_gallops_far_when_bytes_bend(shape: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes that bend away from the secant through the first probes: the guess lands many
+    steps over (convex) or under (concave) the answer, so the gallop must double its way to
+    a bracket, checking that each lower end fits. A scan of the same bytes is the reference."""
+    from loopgolf.search_spaces.budget import _widest_mlp
+
+    def fake(steps: int) -> int:
+        return 10_000 + (steps * steps if shape == "convex" else int(4_000 * math.sqrt(steps)))
+
+    monkeypatch.setattr(budget_module, "bytes_with_margin",
+                        lambda config, margin, code: fake(config.model.mlp_hidden // MLP_STEP))
+    config, d = preset("tiny").replace(small_tensor_numel=0), 64  # every MLP size quantized
+    design = attention_design(config)
+    for s in range(2, 400, 7):
+        for budget in (fake(s), fake(s) + 1, fake(s + 1) - 1):
+            fill = _widest_mlp(config, d, budget, EQUAL_BYTES_MARGIN, 0, design)
+            widest = max(t for t in range(1, 2 * s + 2) if fake(t) <= budget)
+            assert fill is not None and fill.config.model.mlp_hidden == widest * MLP_STEP, (s, budget)
+            assert fill.predicted == fake(widest) <= budget
 
 
 def test_the_widest_mlp_search_agrees_with_a_scan_on_every_path() -> None:

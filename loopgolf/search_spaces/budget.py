@@ -12,7 +12,7 @@ fills the budget to within `FILL`, the one whose MLP ratio is nearest the base's
 from __future__ import annotations
 
 import dataclasses
-import math
+from fractions import Fraction
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.artifact import code_bytes
@@ -78,8 +78,15 @@ class Fill:
     predicted: int
 
     @property
-    def mlp_ratio(self) -> float:
-        return self.config.model.mlp_hidden / self.config.model.d_model
+    def mlp_ratio(self) -> Fraction:
+        """MLP hidden size / d_model, exact: shapes equally near a ratio tie exactly."""
+        return Fraction(self.config.model.mlp_hidden, self.config.model.d_model)
+
+
+def ratio_factor(ratio: Fraction, base: Fraction) -> Fraction:
+    """How far `ratio` is from `base`, as a factor either way (1 when equal)."""
+    quotient = ratio / base
+    return max(quotient, 1 / quotient)
 
 
 def _at(config: TrialConfig, d: int, hidden: int, design: tuple[int, int]) -> TrialConfig:
@@ -155,14 +162,14 @@ def solve_width(config: TrialConfig, byte_budget: int | None = None, *, margin: 
             f"no width fits {budget:,} bytes: the narrowest, d_model={narrowest.model.d_model} with a "
             f"{MLP_STEP}-wide MLP, is predicted at {bytes_with_margin(narrowest, margin):,} bytes"
         )
-    ratio = config.model.mlp_hidden / config.model.d_model
+    ratio = Fraction(config.model.mlp_hidden, config.model.d_model)
     fills = in_ratio_band(fills, ratio) or fills
     full = [f for f in fills if f.predicted >= FILL * budget]
     if not full:
         return max(fills, key=lambda f: f.predicted).config
-    return min(full, key=lambda f: (abs(math.log(f.mlp_ratio / ratio)), -f.config.model.d_model)).config
+    return min(full, key=lambda f: (ratio_factor(f.mlp_ratio, ratio), -f.config.model.d_model)).config
 
 
-def in_ratio_band(fills: list[Fill], ratio: float) -> list[Fill]:
+def in_ratio_band(fills: list[Fill], ratio: Fraction | float) -> list[Fill]:
     """The candidates whose MLP ratio is within MLP_RATIO_BAND of `ratio`."""
-    return [f for f in fills if abs(math.log(f.mlp_ratio / ratio)) <= math.log(MLP_RATIO_BAND)]
+    return [f for f in fills if ratio_factor(f.mlp_ratio, Fraction(ratio)) <= MLP_RATIO_BAND]
