@@ -30,7 +30,14 @@ from torch import Tensor
 from loopgolf.trial import selection
 from loopgolf.trial.config import ModelConfig
 from loopgolf.trial.model import NO_COND, Block, RecurrentLM, rope_tables
-from loopgolf.trial.selection import PaddedSelection, Selection, capacity_ladder, causal_attend, rung_for
+from loopgolf.trial.selection import (
+    PaddedSelection,
+    RecordKV,
+    Selection,
+    capacity_ladder,
+    causal_attend,
+    rung_for,
+)
 from tests.test_model import build
 
 TOLERANCE = 1e-9
@@ -39,19 +46,7 @@ TOLERANCE = 1e-9
 # ------------------------------------------------------------------------------- oracle
 
 
-class _Recorder:
-    """Causal attention that keeps the K/V it saw (the base pass's cache for the oracle)."""
-
-    def __init__(self) -> None:
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.k, self.v = k, v
-        return causal_attend(q, k, v)
-
-
-def _mixed(cache: _Recorder, mask: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+def _mixed(cache: RecordKV, mask: Tensor) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Dense causal attention whose K/V are fresh at selected positions, cached elsewhere."""
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -78,7 +73,7 @@ def dense_refined_logits(model: RecurrentLM, idx: Tensor, mask: Tensor, fresh: T
     first_coda = len(layers) - c.n_coda
     last_pass = c.n_prelude + c.n_blocks * (c.n_passes - 1)
     stack: list[Tensor] = []
-    caches: dict[int, _Recorder] = {}
+    caches: dict[int, RecordKV] = {}
     coda_addends: list[Tensor | None] = []
     x = x0
     for i, (block, p, j) in enumerate(layers):
@@ -90,7 +85,7 @@ def dense_refined_logits(model: RecurrentLM, idx: Tensor, mask: Tensor, fresh: T
             coda_addends.append(addend)
         if p is not None and j == 0:
             x = model.phase.start(x, p)
-        attend = caches.setdefault(i, _Recorder()) if i >= last_pass else causal_attend
+        attend = caches.setdefault(i, RecordKV()) if i >= last_pass else causal_attend
         x = block(x, x0, cos, sin, attend, model.phase.cond(p, j) if p is not None else NO_COND)
         if i < n_enc:
             stack.append(x)
