@@ -10,6 +10,7 @@ import json
 import lzma
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -179,6 +180,30 @@ def test_saving_a_model_that_does_not_match_its_config_fails(rich_model: Recurre
     with pytest.raises(A.ArtifactError, match="does not match config"):
         A.save_artifact(rich_model, RICH.replace(d_model=128), tmp_path / "a.lga")
     assert not (tmp_path / "a.lga").exists()
+
+
+def test_the_mismatch_message_names_the_first_differing_tensors(rich_model: RecurrentLM, tmp_path: Path) -> None:
+    """A config with one more core block: the differences are that block's tensors, and the
+    message lists the first four of them by name (the model has none of them)."""
+    with pytest.raises(A.ArtifactError) as caught:
+        A.save_artifact(rich_model, RICH.replace(n_blocks=RICH.model.n_blocks + 1), tmp_path / "a.lga")
+    listed = re.findall(r"\('([\w.]+)', \(", str(caught.value))
+    extra = f"core.{RICH.model.n_blocks}."
+    assert len(listed) == 4 and all(name.startswith(extra) for name in listed), str(caught.value)
+    assert listed == sorted(listed) and not any(name in rich_model.state_dict() for name in listed)
+
+
+def test_read_artifact_gives_the_trials_router_seed_and_the_stored_state(
+    rich_model: RecurrentLM, tmp_path: Path
+) -> None:
+    """The `random` signal's draws replay from the file: the model gets the trial's seed."""
+    config = RICH.replace(seed=7)
+    A.save_artifact(rich_model, config, tmp_path / "a.lga")
+    loaded = A.read_artifact(tmp_path / "a.lga")
+    assert loaded.model.router_seed == 7 and loaded.config == config
+    stored = Q.quantize_model(rich_model, config.compress)
+    assert [t.name for t in loaded.state.tensors] == [t.name for t in stored.tensors]
+    assert loaded.state.compress == config.compress
 
 
 # ------------------------------------------------------------------------- bad files
