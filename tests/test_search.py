@@ -145,7 +145,8 @@ def test_the_searcher_writes_no_checkpoint_and_refuses_one(tmp_path: Path) -> No
     search = searcher(tmp_path)
     search.save(str(tmp_path / "searcher.pkl"))
     assert not (tmp_path / "searcher.pkl").exists()
-    with pytest.raises(NotImplementedError):
+    refusal = r"^a sweep resumes from its Optuna study, not from a searcher checkpoint$"
+    with pytest.raises(NotImplementedError, match=refusal):
         search.restore(str(tmp_path / "searcher.pkl"))
 
 
@@ -191,11 +192,76 @@ def test_every_algorithm_survives_tunes_pickling_of_the_searcher(algorithm: str,
     assert isinstance(config, dict) and config["trial_config"]["n_blocks"] in (1, 2, 3)
 
 
-def test_a_configuration_proposed_again_continues_its_seeds(tmp_path: Path) -> None:
-    search = searcher(tmp_path, seeds=2, total=6, space={"n_blocks": Choice((1,))})
+@pytest.mark.parametrize("base_seed", [0, 10])
+def test_a_configuration_proposed_again_continues_its_seeds(base_seed: int, tmp_path: Path) -> None:
+    base = preset("tiny").replace(bits=8, codec="zlib", max_artifact_bytes=2_000_000, seed=base_seed)
+    search = searcher(tmp_path, seeds=2, total=6, space={"n_blocks": Choice((1,))}, base=base)
     configs = [search.suggest(f"t{i}") for i in range(6)]
     assert len({c["config_id"] for c in configs}) == 1  # the space holds one configuration
-    assert sorted(c["trial_config"]["seed"] for c in configs) == [0, 1, 2, 3, 4, 5]
+    assert sorted(c["trial_config"]["seed"] for c in configs) == [base_seed + i for i in range(6)]
+
+
+def test_a_proposal_after_a_crash_counts_each_earlier_run_once(tmp_path: Path) -> None:
+    """Seeds continue after every earlier run of the configuration: an orphan and its re-run
+    (one key) are one run; trials from before keys existed count one each."""
+    space = {"n_blocks": Choice((1,))}
+    search = searcher(tmp_path, seeds=2, total=8, space=space)
+    lost = [search.suggest(f"t{i}") for i in range(2)]  # seeds 0 and 1 start; the driver dies
+    resumed = searcher(tmp_path, seeds=2, total=8, space=space)
+    assert resumed.requeued == 2
+    reruns = [resumed.suggest(f"u{i}") for i in range(2)]
+    assert sorted(c["trial_config"]["seed"] for c in reruns) == [0, 1]
+    assert {c[KEY] for c in reruns} == {c[KEY] for c in lost}
+    for i in range(2):
+        resumed.on_trial_complete(f"u{i}", complete({}))
+    done = resumed.study.trials[-1]
+    for _ in range(3):  # runs recorded before trials had keys
+        resumed.study.add_trial(optuna.trial.create_trial(
+            params=done.params, distributions=done.distributions, values=done.values))
+    proposal = resumed.suggest("u2")
+    assert proposal["trial_config"]["seed"] == 2 + 3  # two keys + three unkeyed runs
+
+
+def test_the_study_minimizes_and_maximizes_as_the_objectives_say(tmp_path: Path) -> None:
+    search = searcher(tmp_path, objectives={"val_bpb": "min", "params": "max"})
+    assert search.study.directions == [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection.MAXIMIZE]
+
+
+def test_an_errored_or_non_finite_trial_fails_in_the_study(tmp_path: Path) -> None:
+    search = searcher(tmp_path, seeds=1, total=4)
+    for i in range(4):
+        search.suggest(f"t{i}")
+    search.on_trial_complete("t0", complete({}), error=True)  # Tune's error flag wins over a result
+    search.on_trial_complete("t1", complete({}, bpb=float("nan")))
+    search.on_trial_complete("t2", complete({}, bpb=float("inf")))
+    search.on_trial_complete("t3", {k: v for k, v in complete({}).items() if k != "val_bpb"})
+    assert [t.state for t in search.study.trials] == [TrialState.FAIL] * 4
+
+
+def test_an_exception_when_telling_optuna_is_reported(tmp_path: Path) -> None:
+    """Only a grid's end is not an error; any other exception from `tell`, a RuntimeError
+    included, is recorded (first one kept) and stops the sweep's suggestions."""
+    class BrokenAfter(optuna.samplers.RandomSampler):
+        def after_trial(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("after_trial broke")
+
+    search = searcher(tmp_path, seeds=1, total=4, sampler=BrokenAfter(seed=0))
+    search.suggest("t0")
+    search.suggest("t1")
+    search.on_trial_complete("t0", complete({}))
+    search.on_trial_complete("t1", complete({}))
+    assert search.error == "RuntimeError: after_trial broke"
+    assert search.suggest("t2") == Searcher.FINISHED
+
+
+def test_the_searcher_takes_an_optuna_storage_object(tmp_path: Path) -> None:
+    storage = optuna.storages.InMemoryStorage()
+    search = SweepSearch(
+        ConfigSampler(SPACE, preset("tiny"), equal_bytes=False, byte_budget=2_000_000), OBJECTIVES, seeds=1,
+        num_samples=1, storage=storage, study_name="s", sampler=make_sampler("random", seed=0), space=SPACE,
+    )
+    search.suggest("t0")
+    assert len(storage.get_all_studies()) == 1 and len(search.study.trials) == 1
 
 
 # ------------------------------------------------------------------ paired control arms
