@@ -36,8 +36,9 @@ if [ "$keep" = 0 ]; then rm -rf mutants; fi
 # lost the other modules' tests (their mutants all read "no tests"), so --keep records it again.
 if [ "$keep" = 1 ]; then rm -f mutants/mutmut-stats.json; fi
 
-jobs="${MUTATION_JOBS:-$(nproc)}"
-echo "# mutmut $(mutmut --version 2>/dev/null | awk '{print $NF}' || true), $jobs worker(s), $(nproc) CPU(s)"
+cpus="$(nproc --all)"  # plain nproc obeys the OMP_NUM_THREADS=1 set above
+jobs="${MUTATION_JOBS:-$cpus}"
+echo "# mutmut $(mutmut --version 2>/dev/null | awk '{print $NF}' || true), $jobs worker(s), $cpus CPU(s)"
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 start=$(date +%s)
 # mutmut's progress line redraws itself; keep the log readable. The whole log (a failing
