@@ -258,6 +258,17 @@ def test_rejects_a_flipped_byte(good_file: bytes, tmp_path: Path) -> None:
     _rejected(tmp_path, bytes(raw), "crc32")
 
 
+def test_a_wrong_payload_length_and_a_corrupt_payload_are_named_exactly(good_file: bytes, tmp_path: Path) -> None:
+    n_name = good_file[5]
+    (n_payload,) = struct.unpack_from("<I", good_file, 6 + n_name)
+    said = f"header says {n_payload} payload bytes, file holds"
+    _rejected(tmp_path, good_file[:-1], re.escape(f"truncated: {said} {n_payload - 1}") + "$")
+    _rejected(tmp_path, good_file + b"\0\0", re.escape(f"has trailing bytes: {said} {n_payload + 2}") + "$")
+    raw = bytearray(good_file)
+    raw[len(raw) // 2] ^= 0x40
+    _rejected(tmp_path, bytes(raw), "payload crc32 mismatch: the file is corrupt$")
+
+
 def test_rejects_an_unknown_version_or_codec(good_file: bytes, tmp_path: Path) -> None:
     _rejected(tmp_path, good_file[:4] + b"\x09" + good_file[5:], "version")
     _rejected(tmp_path, good_file[:6] + b"zzzz" + good_file[10:], "unknown codec")
