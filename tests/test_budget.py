@@ -286,6 +286,20 @@ def test_the_solver_picks_the_nearest_mlp_ratio_among_full_pairs(
     assert max(full, key=lambda f: f.predicted).config.model != expected.model  # the rule, not the fullest
 
 
+def test_solve_width_fills_by_its_own_margin_and_width_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The margin and the width cap reach the candidates, and the pair chosen is a full one."""
+    monkeypatch.setattr(budget_module, "code_bytes", lambda: 50_000)
+    base, cap = preset("small").replace(n_blocks=2), 4_000_000
+    plain = solve_width(base, cap, margin=1.0)  # fills the point estimate, which the default margin forbids
+    assert FILL * cap <= bytes_with_margin(plain, 1.0, 50_000) <= cap
+    assert bytes_with_margin(plain, EQUAL_BYTES_MARGIN, 50_000) > cap
+    default = solve_width(base, cap)
+    assert FILL * cap <= bytes_with_margin(default, EQUAL_BYTES_MARGIN, 50_000) <= cap
+    nearest_anywhere = min(candidates(base, cap), key=lambda f: ratio_factor(f.mlp_ratio, Fraction(2)))
+    assert nearest_anywhere.predicted < FILL * cap  # so the rule must skip a nearer pair that is not full
+    assert solve_width(base, cap, max_d_model=256).model.d_model <= 256 < default.model.d_model
+
+
 def test_equally_near_ratios_go_to_the_widest_and_a_short_band_to_its_fullest(monkeypatch: pytest.MonkeyPatch) -> None:
     """Exact ties: 8/3 and 3/2 are both a factor 4/3 from a base ratio of 2 (as floats their
     logs differ in the last bit, which once picked the narrower). Without a full pair in the
