@@ -220,12 +220,13 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     import pandas as pd
 
     from loopgolf.orchestrator.ledger import Ledger
-    from loopgolf.orchestrator.study import final_trials, load_sweep_study
-    from loopgolf.orchestrator.sweep import planned_total, read_sweep_spec
+    from loopgolf.orchestrator.study import final_trials
+    from loopgolf.orchestrator.sweep import planned_total_reader, read_sweep_spec
 
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)
-    total = planned_total(sweep_dir, spec)
+    planned = planned_total_reader(sweep_dir, spec)
+    total = planned()  # loads the study once; the states below read the same object
     ledger = Ledger(sweep_dir, spec.name, "")
     ledger_problem = None
     try:
@@ -237,9 +238,8 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
         rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
     by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
     study_states: dict[str, int] = {}
-    study = load_sweep_study(sweep_dir, spec.name)
-    if study is not None:
-        for trial in final_trials(study).values():  # one per trial: a re-run supersedes its lost first run
+    if planned.study is not None:
+        for trial in final_trials(planned.study).values():  # one per trial: a re-run supersedes its lost first run
             study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
     metric, mode = next(iter(spec.objectives.items()))
     best = None
