@@ -125,10 +125,18 @@ def _expand(dirs: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[st
     return [f.parent.parent if f.parent.name == "results" else f for f in trials_files(*dirs)]
 
 
+NOT_APPLICABLE = ("Not applicable to script trials: loopgolf sees a script's environment variables, not its "
+                  "model, so it cannot tell looped from unique depth or route refinement; compare configurations "
+                  "in the table and the Pareto fronts below.")  # fmt: skip
+
+
 def _sections(rows: pd.DataFrame, store: TokenStore, cfg: ReportConfig) -> list[Section]:
     out = []
+    scripts_only = bool(len(rows)) and "kind" in rows and bool((rows["kind"] == "script").all())
     for k, question in enumerate(QUESTIONS, start=1):
         answer = question(rows, store, cfg)
+        if scripts_only:  # the per-configuration table (section 1) still applies; the verdicts do not
+            answer = dataclasses.replace(answer, missing=NOT_APPLICABLE, verdict="", figure=None)
         png = plots.png_bytes(answer.figure) if answer.figure is not None else None
         out.append(Section(answer, f"section{k}.png" if png else None, png))
     return out

@@ -123,7 +123,8 @@ def _summarize(outcome: Any, objectives: dict) -> int:
     print_status(sweep_status(sweep_dir))
     front_objectives = dict(objectives) if len(objectives) > 1 else {**objectives, "artifact_bytes": "min"}
     front = pareto_front(load_results(sweep_dir), front_objectives)
-    columns = ["trial_id", *front_objectives, "n_blocks", "n_passes", "d_model", "refine_passes", "signal", "seed"]
+    shape = [c for c in front if str(c).isupper()] or ["n_blocks", "n_passes", "d_model", "refine_passes", "signal"]
+    columns = ["trial_id", *front_objectives, *shape, "seed"]  # a script sweep's shape: its env columns
     print("\nPareto front (" + ", ".join(f"{k}:{v}" for k, v in front_objectives.items()) + "):")
     print(front[[c for c in columns if c in front]].to_string(index=False) if len(front) else "  (no feasible trial)")
     path = report([sweep_dir])
@@ -155,7 +156,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     objectives = parse_objectives(args.objectives)  # bad spec fails before any file is read
     df = load_results(*args.sweep_dirs)
     front = pareto_front(df, objectives, feasible_only=not args.all)
-    front = front[[c for c in PARETO_COLUMNS if c in front and c not in objectives] + list(objectives)]
+    env = [c for c in front if str(c).isupper()]  # a script sweep's configuration: its environment variables
+    front = front[[c for c in (*PARETO_COLUMNS, *env) if c in front and c not in objectives] + list(objectives)]
     if args.format == "csv":
         front.to_csv(sys.stdout, index=False)
     elif args.format == "json":

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from loopgolf.atomic import atomic_write
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.arms import arm_of
+from loopgolf.orchestrator.protocol import TrialRequest, trial_key
 from loopgolf.orchestrator.trialdir import (  # noqa: F401  (STATUSES and the file names are part of the ledger's API)
     METRICS_FILE,
     PROGRESS_FILE,
@@ -57,6 +58,7 @@ _FLOAT_LIST = pa.list_(pa.float64())
 IDENTITY_FIELDS: tuple[pa.Field, ...] = (
     pa.field("sweep", pa.string()),
     pa.field("trial_id", pa.string()),
+    pa.field("kind", pa.string()),  # builtin (loopgolf's model) or script (the user's; protocol.py)
     pa.field("status", pa.string()),
     pa.field("error", pa.string()),  # null unless failed or rejected
     pa.field("config_id", pa.string()),  # hash of the config without the seed: replicates share it
@@ -281,6 +283,7 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
     row |= {
         "sweep": sweep,
         "trial_id": directory.name,
+        "kind": config.get("kind") or "builtin",
         "status": metrics["status"],
         "error": metrics.get("error"),
         "config_id": config.get("config_id"),
@@ -288,7 +291,7 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
         "code_version": code_version,
         "predicted_artifact_bytes": metrics.get("predicted_artifact_bytes", config.get("predicted_artifact_bytes")),
         "raised": bool(metrics.get("raised", False)),
-        "arm": config.get("arm") or (arm_of(flat) if flat else None),
+        "arm": _arm(config, flat),
         "pair_id": config.get("pair_id"),
         "data_fingerprint": config.get("data_fingerprint"),
         "train_budget_seconds": flat.get("train_seconds"),
@@ -299,10 +302,19 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
             row[field.name] = None
     for key in ("artifact_path", "eval_tokens_path"):  # relative to the sweep directory: it may be moved
         if metrics.get(key):
-            row[key] = f"{TRIALS_DIR}/{directory.name}/{Path(metrics[key]).name}"
+            path = Path(metrics[key])  # absolute: a file in the trial's directory; relative: below it
+            row[key] = f"{TRIALS_DIR}/{directory.name}/{path.name if path.is_absolute() else path.as_posix()}"
     for key in ("started_at", "ended_at"):
         row[key] = pd.Timestamp(row[key]) if row.get(key) else pd.NaT
     return row
+
+
+def _arm(record: dict[str, Any], flat: dict[str, Any]) -> str | None:
+    """The trial's arm; a builtin record written before arms were recorded has it in its config."""
+    request = TrialRequest.from_tune(record, fallback_key="?")
+    if request.arm or request.kind != "builtin":
+        return request.arm
+    return arm_of(flat) if flat else None
 
 
 def curve_rows(sweep: str, directory: Path) -> list[dict[str, Any]]:
@@ -439,7 +451,7 @@ def ledger_callback(ledger: Ledger) -> Any:
             self._record(trial, _error_line(trial))
 
         def _record(self, trial: Any, error: str | None) -> None:
-            trial_id = trial.config.get("trial_key", trial.trial_id)
+            trial_id = trial_key(trial)
             try:
                 if error is not None:
                     ledger.record_failure(trial_id, _config_record(trial.config), error, raised=True)

@@ -32,6 +32,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from loopgolf.orchestrator.halving import Decision, RungState, rebuild_state
+from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, read_json, trial_dir, write_json
 
 DECISIONS_FILE = "halving.json"  # <trial dir>/halving.json: {"decisions": [Decision.to_json(), ...]}
@@ -94,7 +95,7 @@ class ParetoHalving(FIFOScheduler):
         if "status" in result or TIME_ATTR not in result or result.get(QUICK_METRIC) is None:
             return TrialScheduler.CONTINUE  # a final report, or one without the quick metric
         config = trial.config
-        key = str(config.get("trial_key", trial.trial_id))
+        key = trial_key(trial)
         if key in self.state.stopped:  # stopped before a driver died: it must not train on
             return TrialScheduler.STOP
         if is_control(config):
@@ -102,8 +103,8 @@ class ParetoHalving(FIFOScheduler):
         if pair_of(config) is not None:
             self.state.join(pair_of(config), key)  # type: ignore[arg-type]
         for rung in self.state.due(key, float(result[TIME_ATTR])):
-            if key not in self.known:
-                self.known[key] = predicted_objectives(config)
+            if key not in self.known:  # only what the objectives need: a script trial predicts nothing
+                self.known[key] = predicted_objectives(config) if set(self.objectives) - {"val_bpb"} else {}
             point = rung_point(self.objectives, result[QUICK_METRIC], self.known[key])
             decision = self.state.judge(key, rung, point, pair_of(config))
             self._log(key, decision)

@@ -52,6 +52,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from loopgolf.orchestrator.arms import arm_of, arm_params, arm_values, is_routed, pair_key
+from loopgolf.orchestrator.protocol import TrialRequest
 from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's API too)
     ARM,
     CONTROLS,
@@ -146,10 +147,14 @@ class SweepSearch(Searcher):
         config = self.sample(trial)
         if SEED_INDEX not in trial.user_attrs:  # proposed by the sampler, not queued
             self._propose(trial, config)
-        arm = arm_of(config["trial_config"])
-        config |= {KEY: trial.user_attrs[KEY], "arm": arm, "pair_id": trial.user_attrs.get(PAIR)}
+        kind = config.get("kind", "builtin")
+        request = TrialRequest(
+            key=trial.user_attrs[KEY], kind=kind, config=config["trial_config"], config_id=config["config_id"],
+            predicted_artifact_bytes=config.get("predicted_artifact_bytes"),
+            arm=arm_of(config["trial_config"]) if kind == "builtin" else None, pair_id=trial.user_attrs.get(PAIR),
+        )  # fmt: skip
         self.live[trial_id] = trial
-        return config
+        return request.to_tune()
 
     def _propose(self, trial: optuna.Trial, config: dict[str, Any]) -> None:
         """Plan a proposal's queue in its user attributes (seed index last), then queue it."""

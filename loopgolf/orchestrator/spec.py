@@ -38,6 +38,14 @@ from typing import Any, Literal
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.arms import ArmsError, parse_controls, space_can_route
 from loopgolf.orchestrator.ledger import METRICS as LEDGER_METRICS
+from loopgolf.orchestrator.script import (
+    ScriptTrial,
+    check_script_data,
+    env_text,
+    script_trial_from_dict,
+    tokenizer_for,
+)
+from loopgolf.search_spaces.spaces import Choice
 from loopgolf.trial.config import (
     ConfigError,
     TrialConfig,
@@ -68,7 +76,7 @@ class SweepSpec:
     name: str
     data: Path
     storage: str = "runs/sweeps"
-    space: str = "shared_vs_unique"
+    space: str | Mapping[str, Any] = "shared_vs_unique"  # a named space; a script sweep's env var -> dimension
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     base: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     equal_bytes: bool = False
@@ -89,8 +97,14 @@ class SweepSpec:
     halving_eta: int = 3  # pareto_halving: keep the best 1/eta at each rung
     halving_min_seconds: float | None = None  # pareto_halving: the first rung; None = train_seconds / eta^2
     controls: tuple[str, ...] | None = None  # None: every supported arm when the space can route
+    trial: ScriptTrial | None = None  # a script sweep: `space` is then a mapping of env var -> dimension
 
     def __post_init__(self) -> None:
+        if self.trial is not None:
+            self._check_script()
+        elif not isinstance(self.space, str):
+            raise SpecError(f"space={self.space!r}: expected the name of a space (a mapping of environment "
+                            "variables is a script sweep's: add `trial: {script: ...}`)")  # fmt: skip
         if self.controls is not None:
             try:  # the normal form: a tuple in the fixed order (a resume queues arms the same way)
                 object.__setattr__(self, "controls", parse_controls(self.controls))
@@ -102,7 +116,7 @@ class SweepSpec:
             raise SpecError(f"storage={self.storage!r}: is a file; expected a directory for sweeps")
         if not Path(self.data).is_dir():
             raise SpecError(f"data={str(self.data)!r}: no such directory (run `loopgolf data prepare --out ...`)")
-        if not (Path(self.data) / "manifest.json").is_file():
+        if self.trial is None and not (Path(self.data) / "manifest.json").is_file():
             raise SpecError(f"data={str(self.data)!r}: no manifest.json (run `loopgolf data prepare --out ...`)")
         if self.algorithm not in ("tpe", "nsga2", "random", "grid"):
             raise SpecError(f"search.algorithm={self.algorithm!r}: expected one of tpe, nsga2, random, grid")
@@ -118,8 +132,10 @@ class SweepSpec:
                 raise SpecError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
         if self.artifact_bytes < 1:
             raise SpecError(f"budget.artifact_bytes={self.artifact_bytes}: expected >= 1")
-        if self.train_seconds <= 0 or self.eval_seconds < 0:
-            raise SpecError("budget: expected train_seconds > 0 and eval_seconds >= 0")
+        fixed_steps = self.trial is not None and int(self.base.get("max_steps") or 0) > 0
+        if self.train_seconds < 0 or (self.train_seconds == 0 and not fixed_steps) or self.eval_seconds < 0:
+            zero = " (or 0 with base.max_steps: a fixed-step search)" if self.trial is not None else ""
+            raise SpecError(f"budget: expected train_seconds > 0{zero} and eval_seconds >= 0")
         if self.cpu <= 0 or self.gpu < 0:
             raise SpecError(f"resources: cpu={self.cpu}, gpu={self.gpu}: expected cpu > 0 and gpu >= 0")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
@@ -142,6 +158,36 @@ class SweepSpec:
             )
         if self.early_stopping == "asha" and list(self.objectives) != ["val_bpb"]:
             raise SpecError("early_stopping=asha needs objectives {val_bpb: min}: it compares quick val bpb over time")
+
+    def _check_script(self) -> None:
+        """What a script sweep cannot have: the builtin model's fields, widths and arms."""
+        if not isinstance(self.space, Mapping) or not self.space:
+            raise SpecError("space: a script sweep expects a mapping of environment variable -> dimension, "
+                            "e.g. {NUM_LAYERS: [8, 9, 10]}")  # fmt: skip
+        for name, value in {"overrides": self.overrides, "equal_bytes": self.equal_bytes,
+                            "controls": self.controls}.items():  # fmt: skip
+            if value:
+                raise SpecError(f"{name}: applies to the builtin model, not to a script sweep; remove it")
+        unknown = sorted(set(self.base) - {"max_steps", "seed"})
+        if unknown:
+            raise SpecError(f"base.{unknown[0]}: a script sweep's base takes max_steps and seed only "
+                            "(the script's own settings go in trial.env)")  # fmt: skip
+        for key in ("max_steps", "seed"):
+            value = self.base.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"base.{key}={value!r}: expected an integer >= 0")
+        if self.workers != 1:
+            raise SpecError(f"resources.workers={self.workers}: a script trial is one process, or torchrun with "
+                            "resources.gpu processes; expected workers: 1")  # fmt: skip
+        if self.early_stopping == "pareto_halving" and set(self.objectives) != {"val_bpb"}:
+            raise SpecError("early_stopping=pareto_halving in a script sweep needs objectives {val_bpb: min}: a "
+                            "script's bytes are known only when it ends")  # fmt: skip
+
+    def script_budget(self) -> dict[str, Any]:
+        """The fields every script trial's config carries beside the space's values."""
+        return {"seed": int(self.base.get("seed", 0)), "train_seconds": float(self.train_seconds),
+                "max_steps": int(self.base.get("max_steps", 0)), "max_artifact_bytes": int(self.artifact_bytes),
+                "max_eval_seconds": float(self.eval_seconds)}  # fmt: skip
 
     def _check_halving(self) -> None:
         eta = self.halving_eta
@@ -180,14 +226,22 @@ class SweepSpec:
     def is_local(self) -> bool:
         return "://" not in self.storage
 
-    def search_space(self) -> dict[str, Any]:
-        """The named space with the spec's overrides applied."""
-        from loopgolf.search_spaces.spaces import apply_overrides, named_space
+    @property
+    def is_script(self) -> bool:
+        return self.trial is not None
 
+    def search_space(self) -> dict[str, Any]:
+        """The named space with the spec's overrides applied; a script sweep's own dimensions."""
+        from loopgolf.search_spaces.spaces import apply_overrides, dimension, named_space
+
+        if not isinstance(self.space, str):
+            return {name: dimension(name, value) for name, value in self.space.items()}
         return apply_overrides(named_space(self.space), self.overrides)
 
     def control_arms(self) -> tuple[str, ...]:
         """The arms queued beside every routed configuration the sampler proposes."""
+        if self.trial is not None:
+            return ()
         if self.controls is not None:
             return self.controls
         routes = space_can_route(self.search_space(), self.base_config().to_flat())
@@ -210,7 +264,7 @@ class SweepSpec:
             "name": self.name,
             "data": str(Path(self.data).resolve()),
             "storage": self.storage,
-            "space": self.space,
+            "space": self.space if isinstance(self.space, str) else dict(self.space),
             "overrides": dict(self.overrides),
             "base": dict(self.base),
             "equal_bytes": self.equal_bytes,
@@ -231,7 +285,7 @@ class SweepSpec:
             "tracking_uri": self.tracking_uri,
             "early_stopping": self._early_stopping_yaml(),
             "controls": list(self.controls) if self.controls is not None else None,
-        }
+        } | ({"trial": self.trial.to_yaml_dict()} if self.trial is not None else {})
 
     def _early_stopping_yaml(self) -> str | dict[str, Any] | None:
         if self.early_stopping != "pareto_halving":
@@ -247,7 +301,7 @@ _NESTED = {
     "resources": {"cpu": "cpu", "gpu": "gpu", "workers": "workers"},
 }  # fmt: skip
 _TOP = {"name", "data", "storage", "space", "overrides", "base", "equal_bytes", "seeds", "max_concurrent",
-        "tracking_uri", "early_stopping", "controls"}  # fmt: skip
+        "tracking_uri", "early_stopping", "controls", "trial"}  # fmt: skip
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -289,6 +343,11 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
     for key in ("overrides", "base"):
         if key in values and not isinstance(values[key], Mapping):
             raise SpecError(f"{key}: expected a mapping of config field: value")
+    if values.get("trial") is not None:
+        if not isinstance(values["trial"], Mapping):
+            raise SpecError(f"trial: expected a mapping with `script: path/to/train_gpt.py`, got {values['trial']!r}")
+        values["trial"] = script_trial_from_dict(values["trial"])
+        values["base"] = {k: _numeric(f"base.{k}", v, int) for k, v in dict(values.get("base") or {}).items()}
     try:
         spec = SweepSpec(**values)
     except TypeError as exc:
@@ -329,6 +388,10 @@ def _check_space(spec: SweepSpec) -> None:
     """Unknown space or field, empty range, or a space where nothing fits the byte cap."""
     from loopgolf.search_spaces.spaces import apply_overrides, grid_values, named_space, smallest_predicted_bytes
 
+    if spec.trial is not None:
+        _check_script_space(spec, spec.trial)
+        return
+
     try:
         base = spec.base_config()
     except ConfigError as exc:
@@ -355,6 +418,22 @@ def _check_space(spec: SweepSpec) -> None:
             f"space {spec.space!r}: no configuration fits budget.artifact_bytes={spec.artifact_bytes:,}; "
             f"the smallest predicts {smallest:,} bytes"
         )
+
+
+def _check_script_space(spec: SweepSpec, trial: ScriptTrial) -> None:
+    """A script sweep: its data (shards and a tokenizer), its space's names and dimensions."""
+    from loopgolf.search_spaces.spaces import grid_values
+
+    check_script_data(spec.data)
+    tokenizer_for(trial, spec.data)
+    trial.check_space(list(spec.space))
+    space = spec.search_space()
+    for name, dim in space.items():
+        values = dim.values if isinstance(dim, Choice) else ()
+        for value in values:
+            env_text(f"space.{name}", value)
+    if spec.algorithm == "grid":
+        grid_values(space)
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> SweepSpec:

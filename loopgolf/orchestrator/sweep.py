@@ -93,12 +93,17 @@ def _tracking_uri(spec: SweepSpec, sweep_dir: Path) -> str:
 
 
 def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
+    from loopgolf.orchestrator.script import ScriptSampler
     from loopgolf.orchestrator.search import SweepSearch, make_sampler
-    from loopgolf.search_spaces.spaces import ConfigSampler, apply_overrides, grid_values, named_space
+    from loopgolf.search_spaces.spaces import ConfigSampler, grid_values
 
-    space = apply_overrides(named_space(spec.space), spec.overrides)
+    space = spec.search_space()
+    if spec.trial is not None:
+        sample: Any = ScriptSampler(space, spec.script_budget())
+    else:
+        sample = ConfigSampler(space, spec.base_config(), spec.equal_bytes, spec.artifact_bytes)
     return SweepSearch(
-        ConfigSampler(space, spec.base_config(), spec.equal_bytes, spec.artifact_bytes),
+        sample,
         spec.objectives,
         seeds=spec.seeds,
         num_samples=spec.num_samples,
@@ -126,6 +131,14 @@ def planned_total_reader(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> 
 def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
     from ray import tune
 
+    if spec.trial is not None:  # the user's script, in a process group of its own (script_trainable.py)
+        from loopgolf.orchestrator.script_trainable import script_trial
+
+        return tune.with_resources(
+            tune.with_parameters(script_trial, trial=spec.trial, data_dir=str(spec.data), cpus=spec.cpu,
+                                 gpus=spec.gpu, sweep_dir=str(sweep_dir)),
+            {"cpu": spec.cpu, "gpu": spec.gpu},
+        )  # fmt: skip
     from loopgolf.orchestrator.trainable import train_trial
 
     if spec.workers == 1:
@@ -185,7 +198,9 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
             max_concurrent_trials=spec.max_concurrent,
             # A data-parallel trial's actor owns its Ray Train run (controller, workers): never hand
             # it to the next trial, so a stopped trial (ASHA) takes its run down with it.
-            reuse_actors=spec.workers == 1,
+            # A script trial's worker is its watchdog's parent: a stopped trial's worker goes, and the
+            # script's processes with it (supervise.py), rather than serving the next trial.
+            reuse_actors=spec.workers == 1 and spec.trial is None,
         ),
         run_config=tune.RunConfig(
             name=session,
@@ -291,6 +306,8 @@ def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
     (every trial scores the same tokens in the same windows; trial/eval_tokens.py)."""
     from loopgolf.trial.eval_tokens import write_stream
 
+    if spec.trial is not None:  # a script evaluates on its own; it writes no per-token files
+        return
     base = spec.base_config()
     write_stream(sweep_dir / "results", spec.data, base.train.eval_tokens, base.model.seq_len)
 

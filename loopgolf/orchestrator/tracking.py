@@ -19,13 +19,8 @@ from typing import Any
 from ray.tune import Callback
 
 from loopgolf.orchestrator.progress import counts_line, sweep_progress
+from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, final_metrics, trial_dir
-
-KEY = "trial_key"
-
-
-def _key(trial: Any) -> str:
-    return str(trial.config.get(KEY, trial.trial_id))
 
 
 class MlflowTracking(Callback):
@@ -46,7 +41,7 @@ class MlflowTracking(Callback):
     def _run(self, trial: Any) -> str:
         from mlflow.entities import Param
 
-        key = _key(trial)
+        key = trial_key(trial)
         if key in self.runs:
             return self.runs[key]
         found = self.client.search_runs(
@@ -90,7 +85,7 @@ class MlflowTracking(Callback):
 
     def _end(self, trial: Any, status: str) -> None:
         run_id = self._run(trial)
-        directory = trial_dir(self.sweep_dir, _key(trial))
+        directory = trial_dir(self.sweep_dir, trial_key(trial))
         metrics = final_metrics(directory) or {}
         artifact = metrics.get("artifact_path")
         if artifact:
@@ -128,7 +123,7 @@ class ProgressPrinter(Callback):
         self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(f"trial {_key(trial)} started")
+        self._line(f"trial {trial_key(trial)} started")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, errored=False)
@@ -141,10 +136,10 @@ class ProgressPrinter(Callback):
         value = result.get(self.metric)
         if result.get("status") == "complete" and result.get("feasible") and value is not None:
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
-            self.best = (float(value), _key(trial)) if better else self.best
+            self.best = (float(value), trial_key(trial)) if better else self.best
         this = trial_outcome(result, self.metric, errored)
         best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        self._line(f"trial {_key(trial)}: {this}{best}")
+        self._line(f"trial {trial_key(trial)}: {this}{best}")
 
     def _line(self, event: str) -> None:
         # the trial's own files are written before Tune reports the event (the ledger callback,

@@ -35,12 +35,10 @@ Tuner, `Tuner(trainer)`, is the V1 API, deprecated, and refuses V2 trainers.)
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import os
 import pickle
-import platform
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,15 +50,15 @@ from ray import tune
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.trialdir import (
-    METRICS_FILE,
-    PROGRESS_FILE,
-    TRIAL_FILE,
     TRIAL_RECORD,
-    final_metrics,
+    append_progress,
+    finish,
+    hardware,
     read_json,
+    start_record,
     trial_dir,
-    write_json,
 )
+from loopgolf.orchestrator.trialdir import now as _now
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.distributed import DataParallel, backend_for, check_divisible
 from loopgolf.trial.prepare import MANIFEST
@@ -128,10 +126,6 @@ def trial_directory(sweep_dir: str, config: dict[str, Any]) -> Path:
     return trial_dir(sweep_dir, config["trial_key"])
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat()
-
-
 def data_fingerprint(data_dir: str | os.PathLike[str]) -> str:
     """The prepared data's identity: a hash of its manifest (sources' and tokenizer's sha256,
     token and document counts; no paths), so a moved copy has the same fingerprint."""
@@ -139,34 +133,11 @@ def data_fingerprint(data_dir: str | os.PathLike[str]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def hardware(cpus: float, gpus: float, workers: int = 1) -> str:
-    """Where a trial runs, as the report groups it: accelerator, CPU model and counts."""
-    model = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]  # fmt: skip
-        model = names[0] if names else model
-    except OSError:
-        pass  # not Linux: platform's name stands
-    text = f"{cpus:g} cpu {model}"
-    if gpus and torch.cuda.is_available():
-        text = f"{gpus:g} gpu {torch.cuda.get_device_name(0)}, {text}"
-    return f"{workers} workers x ({text})" if workers > 1 else text
-
-
 def _start(directory: Path, config: dict[str, Any], data_dir: str, where: str) -> dict[str, Any] | None:
     """Record the trial's config; its final metrics if it had already finished (never train twice)."""
-    if read_json(directory / TRIAL_FILE) is None:
-        record = {k: config.get(k) for k in TRIAL_RECORD}
-        record |= {"data_fingerprint": data_fingerprint(data_dir), "hardware": where}
-        write_json(directory / TRIAL_FILE, record)
-    return final_metrics(directory)
-
-
-def append_progress(directory: Path, progress: dict[str, Any]) -> None:
-    """One line of the learning curve; a line torn by a kill is skipped by the reader."""
-    with open(directory / PROGRESS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(progress, default=_json_default, sort_keys=True) + "\n")
+    record = {k: config.get(k) for k in TRIAL_RECORD} | {"data_fingerprint": data_fingerprint(data_dir),
+                                                          "hardware": where}  # fmt: skip
+    return start_record(directory, record)
 
 
 def train_trial(
@@ -207,8 +178,7 @@ def train_trial(
         "ended_at": _now(),
         "resumed_from_step": resume_state["step"] if resume_state else 0,
     }
-    write_json(directory / METRICS_FILE, metrics)
-    tune.report(metrics)
+    finish(directory, metrics, tune.report)
 
 
 # ------------------------------------------------------------------ data parallel (Ray Train)
@@ -268,8 +238,7 @@ def _train_data_parallel(
     metrics.pop("checkpoint_dir_name", None)
     metrics |= {"config_id": config["config_id"], "seed": trial_config.train.seed, "started_at": started_at,
                 "ended_at": _now()}  # fmt: skip
-    write_json(directory / METRICS_FILE, metrics)
-    tune.report(metrics)
+    finish(directory, metrics, tune.report)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:

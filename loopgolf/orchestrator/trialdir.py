@@ -11,13 +11,17 @@ read with `json` only: nothing in a trial directory is loaded in a way that runs
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loopgolf.atomic import atomic_write_json
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.protocol import RECORD_KEYS
 
 # rejected: predicted over the byte cap, never trained; stopped: by early stopping, before its final metrics
 STATUSES = ("complete", "rejected", "failed", "stopped")
@@ -26,7 +30,7 @@ TRIAL_FILE = "trial.json"
 METRICS_FILE = "metrics.json"
 PROGRESS_FILE = "progress.jsonl"
 # The keys of the Tune config (the searcher's) that trial.json keeps; the trainable adds where it ran.
-TRIAL_RECORD = ("trial_key", "trial_config", "config_id", "predicted_artifact_bytes", "arm", "pair_id")
+TRIAL_RECORD = RECORD_KEYS
 
 
 def trial_dir(sweep_dir: str | os.PathLike[str], trial_id: str) -> Path:
@@ -81,3 +85,45 @@ def progress_lines(directory: Path) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             lines.append(item)
     return lines
+
+
+def append_progress(directory: Path, progress: dict[str, Any]) -> None:
+    """One line of the learning curve; a line torn by a kill is skipped by the reader."""
+    with open(directory / PROGRESS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(progress, default=_json_default, sort_keys=True) + "\n")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def hardware(cpus: float, gpus: float, workers: int = 1) -> str:
+    """Where a trial runs, as the report groups it: accelerator, CPU model and counts."""
+    model = platform.processor() or platform.machine()
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    except OSError:
+        pass  # not Linux: platform's name stands
+    text = f"{cpus:g} cpu {model}"
+    if gpus:
+        import torch  # here only: the trial directory's readers need no torch
+
+        if torch.cuda.is_available():
+            text = f"{gpus:g} gpu {torch.cuda.get_device_name(0)}, {text}"
+    return f"{workers} workers x ({text})" if workers > 1 else text
+
+
+def start_record(directory: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """Record the trial's config when it first starts; its final metrics if it had already
+    finished (a trial is never run twice)."""
+    if read_json(directory / TRIAL_FILE) is None:
+        write_json(directory / TRIAL_FILE, record)
+    return final_metrics(directory)
+
+
+def finish(directory: Path, metrics: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
+    """Every trainable's ending: the final metrics to metrics.json (atomically), then to Tune."""
+    write_json(directory / METRICS_FILE, metrics)
+    report(metrics)

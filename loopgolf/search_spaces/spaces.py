@@ -111,29 +111,29 @@ def apply_overrides(space: Space, overrides: Mapping[str, Any]) -> dict[str, Dim
     for field, spec in overrides.items():
         if field not in FIELD_SECTION:
             raise SpaceError(f"override {field!r}: unknown config field; expected one of {sorted(FIELD_SECTION)}")
-        current = result.get(field)
-        if isinstance(spec, Mapping):
-            keys = set(spec)
-            if keys == {"choices"} or keys == {"add"}:
-                values = tuple(spec.get("choices", ())) or (
-                    (current.values if isinstance(current, Choice) else ()) + tuple(spec["add"])
-                )
-                result[field] = Choice(tuple(dict.fromkeys(values)))
-            elif keys <= {"low", "high", "step", "log"} and {"low", "high"} <= keys:
-                if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
-                    result[field] = IntRange(spec["low"], spec["high"], spec.get("step", 1))
-                else:
-                    result[field] = FloatRange(float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)))
-            else:
-                raise SpaceError(
-                    f"override {field}={dict(spec)!r}: expected a value, {{low, high}}, {{choices: [...]}} "
-                    "or {add: [...]}"
-                )
-        elif isinstance(spec, list):
-            result[field] = Choice(tuple(spec))
-        else:
-            result[field] = Choice((spec,))
+        result[field] = dimension(field, spec, result.get(field))
     return result
+
+
+def dimension(name: str, spec: Any, current: Dimension | None = None) -> Dimension:
+    """One dimension from its YAML form (the syntax of `overrides`, and of a script's `space`)."""
+    if isinstance(spec, Mapping):
+        keys = set(spec)
+        if keys == {"choices"} or keys == {"add"}:
+            values = tuple(spec.get("choices", ())) or (
+                (current.values if isinstance(current, Choice) else ()) + tuple(spec["add"])
+            )
+            return Choice(tuple(dict.fromkeys(values)))
+        if keys <= {"low", "high", "step", "log"} and {"low", "high"} <= keys:
+            if isinstance(spec["low"], int) and isinstance(spec["high"], int) and not spec.get("log"):
+                return IntRange(spec["low"], spec["high"], spec.get("step", 1))
+            return FloatRange(float(spec["low"]), float(spec["high"]), bool(spec.get("log", False)))
+        raise SpaceError(
+            f"override {name}={dict(spec)!r}: expected a value, {{low, high}}, {{choices: [...]}} or {{add: [...]}}"
+        )
+    if isinstance(spec, list):
+        return Choice(tuple(spec))
+    return Choice((spec,))
 
 
 def derive(values: Mapping[str, Any], base: TrialConfig, equal_bytes: bool, byte_budget: int) -> TrialConfig:
@@ -197,9 +197,13 @@ def smallest_predicted_bytes(space: Space, base: TrialConfig, equal_bytes: bool)
 
 def config_id(config: TrialConfig) -> str:
     """Identity of a configuration without its seed: replicates share it."""
-    flat = config.to_flat()
-    flat.pop("seed")
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
+    return flat_config_id(config.to_flat())
+
+
+def flat_config_id(flat: Mapping[str, Any]) -> str:
+    """Identity of a flat configuration (any kind of trial) without its seed."""
+    rest = {k: v for k, v in flat.items() if k != "seed"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def contains(dim: Dimension, value: Any) -> bool:
