@@ -37,6 +37,14 @@ REDUCED = {  # dotted spec fields: the budget, never the configurations
 }
 
 
+REDUCED_SCRIPT = {  # a script sweep's budget: its own seconds and samples, fewer val tokens for the script
+    "budget.train_seconds": 3,
+    "search.num_samples": 4,
+    "seeds": 1,
+    "trial.env.VAL_TOKENS": 4096,
+}
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", "loopgolf.orchestrator.cli", *args], capture_output=True, text=True, timeout=900
@@ -46,7 +54,8 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_every_example_is_covered() -> None:
-    assert {p.name for p in EXAMPLES} >= {"routing.yaml", "smoke.yaml", "shared_vs_unique.yaml", "trial_tiny.yaml"}
+    assert {p.name for p in EXAMPLES} >= {"routing.yaml", "smoke.yaml", "shared_vs_unique.yaml", "trial_tiny.yaml",
+                                          "script_sweep.yaml"}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -63,7 +72,8 @@ def test_example_runs_with_zero_failed_trials(example: Path, corpus_data: Path, 
         metrics = json.loads(proc.stdout.strip().splitlines()[-1])
         assert metrics["status"] == "complete", metrics.get("error")
         return
-    overrides = [f"{key}={value}" for key, value in REDUCED.items()]
+    reduced = REDUCED_SCRIPT if "trial" in spec else REDUCED
+    overrides = [f"{key}={value}" for key, value in reduced.items()]
     run("sweep", str(example), "--data", str(corpus_data), "--storage", str(tmp_path), "--name", "ex",
         *(arg for o in overrides for arg in ("--set", o)))
     trials = pd.read_parquet(tmp_path / "ex" / "results" / "trials.parquet")

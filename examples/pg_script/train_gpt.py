@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
-INT8_MIN_NUMEL = 4096  # smaller float tensors stay fp16: their scales would cost more than they save
+INT8_OVER_NUMEL = 4096  # int8 only above this: for small tensors the row scales eat the savings
 EVAL_BATCH_SEQS = 32
 
 
@@ -80,7 +80,7 @@ PARSERS: dict[str, Callable[[str], object]] = {
 
 
 def require(ok: bool, message: str) -> None:
-    if not ok:  # written as `not ok` so that NaN, which fails every comparison, is rejected too
+    if not ok:
         raise ConfigError(message)
 
 
@@ -91,11 +91,12 @@ def load_config(env: Mapping[str, str], world_size: int) -> Config:
         if raw is None:
             continue
         try:
-            values[field.name] = PARSERS[str(field.type)](raw)
+            values[field.name] = PARSERS[str(field.type)](raw)  # field.type is the annotation text: "int", ...
         except (ValueError, KeyError):
             raise ConfigError(f"{name}={raw!r} is not a valid {field.type}") from None
     cfg = Config(**values)  # type: ignore[arg-type]
-    # in order: a later check may divide by a value an earlier one vouched for
+    # Each check states what is valid, so NaN (false in every comparison) fails it. In order:
+    # a later check may divide by a value that an earlier one vouched for.
     require(cfg.iterations >= 1, "ITERATIONS must be >= 1")
     require(cfg.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0")
     for name in ("warmdown_iters", "val_loss_every", "train_log_every", "val_tokens", "matrix_lr", "scalar_lr",
@@ -390,7 +391,7 @@ def quantize(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         t = t.detach().cpu()
         if not t.is_floating_point():
             packed[f"raw/{name}"] = t
-        elif t.ndim >= 2 and t.numel() > INT8_MIN_NUMEL:
+        elif t.ndim >= 2 and t.numel() > INT8_OVER_NUMEL:
             rows = t.float().reshape(t.shape[0], -1)
             scale = (rows.abs().amax(dim=1) / 127.0).clamp_min(1e-6).half()  # floor: an all-zero row
             q = torch.round(rows / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
@@ -486,14 +487,22 @@ def run(cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
     roundtrip_eval(cfg, val, luts, rank, world_size, device, log)
 
 
+def fail(message: object) -> int:
+    print(f"train_gpt.py: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main() -> int:
+    try:  # set by torchrun; a plain `python train_gpt.py` is rank 0 of 1
+        rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return fail("RANK, LOCAL_RANK and WORLD_SIZE must be integers")
     try:
-        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        require(0 <= rank < world_size, f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
         cfg = load_config(os.environ, world_size)
-    except (ValueError, ConfigError) as e:
-        print(f"train_gpt.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    except ConfigError as e:
+        return fail(e)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -504,8 +513,7 @@ def main() -> int:
     try:
         run(cfg, rank, world_size, device)
     except ConfigError as e:
-        print(f"train_gpt.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return fail(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

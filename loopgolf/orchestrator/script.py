@@ -48,7 +48,7 @@ DEFAULT_NAMES: Mapping[str, str] = {
     "data": "DATA_PATH", "tokenizer": "TOKENIZER_PATH",
 }  # fmt: skip
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf"
+_NUM = r"(?:[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf)"
 
 # The challenge baseline's lines. `final` matches every quantizer's roundtrip line of the
 # records (final_int8_zlib_roundtrip_exact, final_int6_roundtrip_exact, ...); the last match

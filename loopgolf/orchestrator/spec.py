@@ -39,6 +39,7 @@ from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.arms import ArmsError, parse_controls, space_can_route
 from loopgolf.orchestrator.ledger import METRICS as LEDGER_METRICS
 from loopgolf.orchestrator.script import (
+    ScriptError,
     ScriptTrial,
     check_script_data,
     env_text,
@@ -346,7 +347,10 @@ def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
     if values.get("trial") is not None:
         if not isinstance(values["trial"], Mapping):
             raise SpecError(f"trial: expected a mapping with `script: path/to/train_gpt.py`, got {values['trial']!r}")
-        values["trial"] = script_trial_from_dict(values["trial"])
+        try:
+            values["trial"] = script_trial_from_dict(values["trial"])
+        except ScriptError as exc:
+            raise SpecError(str(exc)) from None
         values["base"] = {k: _numeric(f"base.{k}", v, int) for k, v in dict(values.get("base") or {}).items()}
     try:
         spec = SweepSpec(**values)
@@ -389,7 +393,10 @@ def _check_space(spec: SweepSpec) -> None:
     from loopgolf.search_spaces.spaces import apply_overrides, grid_values, named_space, smallest_predicted_bytes
 
     if spec.trial is not None:
-        _check_script_space(spec, spec.trial)
+        try:
+            _check_script_space(spec, spec.trial)
+        except ScriptError as exc:
+            raise SpecError(str(exc)) from None
         return
 
     try:

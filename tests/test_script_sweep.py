@@ -1,0 +1,148 @@
+"""Script sweeps end to end: the example script trained by real trials under Ray Tune.
+
+- every trial's bytes, metrics and environment against what the script wrote and logged;
+- the driver killed with kill -9 mid-sweep: no process of a script survives it, and
+  `resume` runs every (configuration, seed) exactly once, the in-flight one again from
+  the start (attempt 2);
+- a 2-GPU trial launched through torchrun on a CPU machine whose Ray declares 2 GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "script_sweep.yaml"
+SCRIPT = REPO / "examples" / "pg_script" / "train_gpt.py"
+FAKE = Path(__file__).resolve().parent / "fixtures" / "fake_train_gpt.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path: Path, data: Path, **changes: Any) -> Path:
+    raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    raw |= {"data": str(data), "storage": str(tmp_path / "sweeps"), "name": "s"}
+    raw["trial"]["script"] = str(SCRIPT)
+    raw["trial"]["env"] |= {"VAL_TOKENS": 4096}
+    raw |= changes
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115  (closed by the child's exit)
+    return subprocess.Popen([sys.executable, "-m", "loopgolf.orchestrator.cli", *args], stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+
+
+def _wait(condition: Any, what: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        assert proc is None or proc.poll() is None, f"the driver exited while waiting for {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _processes_in(root: Path) -> list[int]:
+    """Processes whose working directory is under `root` (a script runs in its trial's run/)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(root) + "/"):
+                found.append(int(entry.name))
+    return found
+
+
+def _check_trial_against_its_files(sweep: Path, row: pd.Series, budget_seconds: float) -> None:
+    directory = sweep / "trials" / row["trial_id"]
+    run = directory / "run"
+    assert row["model_bytes"] == (run / "final_model.int8.ptz").stat().st_size
+    assert row["code_bytes"] == SCRIPT.stat().st_size
+    assert row["artifact_bytes"] == row["model_bytes"] + row["code_bytes"] == row["artifact_bytes_logged"]
+    log = (run / "logs" / f"{row['trial_id']}.txt").read_text()  # RUN_ID is the trial key
+    assert log == (directory / "stdout.log").read_text()
+    final = re.findall(r"^final_int8_zlib_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", log, re.M)
+    assert [(row["val_loss"], row["val_bpb"])] == [(float(a), float(b)) for a, b in final]
+    assert f"seed:{row['seed']}\n" in log and f"max_wallclock_seconds:{budget_seconds:.3f}\n" in log
+    assert re.search(rf"num_loops:{row['NUM_LOOPS']} ", log)  # the space's value reached the script
+
+
+def test_script_sweep_killed_with_kill_9_resumes_every_trial_exactly_once(corpus_data: Path, tmp_path: Path) -> None:
+    spec = _spec(tmp_path, corpus_data, budget={"artifact_bytes": 400_000, "train_seconds": 5},
+                 search={"algorithm": "random", "objectives": {"val_bpb": "min", "artifact_bytes": "min"},
+                         "num_samples": 3, "seed": 1}, seeds=2)  # fmt: skip
+    sweep = tmp_path / "sweeps" / "s"
+
+    def one_done_one_running() -> bool:
+        done = {p.parent.name for p in sweep.glob("trials/*/metrics.json")}
+        running = {p.parent.name for p in sweep.glob("trials/*/progress.jsonl")} - done
+        return bool(done) and any(_processes_in(sweep / "trials" / k) for k in running)
+
+    driver = _cli("sweep", str(spec), log=tmp_path / "driver.log")
+    try:
+        _wait(one_done_one_running, "a finished trial and a running one", driver)
+        in_flight = {p.parent.name for p in sweep.glob("trials/*/progress.jsonl")} - {
+            p.parent.name for p in sweep.glob("trials/*/metrics.json")}
+        assert _processes_in(sweep)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    _wait(lambda: not _processes_in(sweep), "every script process to end with the killed driver", timeout=120)
+    resumed = _cli("resume", str(sweep), log=tmp_path / "resume.log")
+    assert resumed.wait(timeout=900) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    trials = pd.read_parquet(sweep / "results" / "trials.parquet")
+    assert len(trials) == 6 and trials["trial_id"].is_unique and (trials["status"] == "complete").all()
+    assert (trials.groupby("config_id")["seed"].apply(sorted) == pd.Series([[0, 1]] * 3).values).all()
+    assert (trials["kind"] == "script").all() and trials["arm"].isna().all()
+    for key in in_flight:  # run again from the start, the lost attempt kept beside it
+        row = trials.set_index("trial_id").loc[key]
+        assert row["attempt"] == 2 and (sweep / "trials" / key / "run.1" / "stdout.log").is_file()
+    for _, row in trials.iterrows():
+        _check_trial_against_its_files(sweep, row, 5.0)
+
+
+def test_a_two_gpu_script_trial_runs_through_torchrun_on_the_gpus_ray_assigns(
+    corpus_data: Path, tmp_path: Path
+) -> None:
+    raw = {"name": "g", "data": str(corpus_data), "storage": str(tmp_path), "trial": {"script": str(FAKE)},
+           "space": {"MODEL_SIZE": [100]}, "budget": {"artifact_bytes": 100_000, "train_seconds": 30},
+           "search": {"algorithm": "grid", "num_samples": 1}, "resources": {"cpu": 1, "gpu": 2}}  # fmt: skip
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    code = (
+        "import sys, ray\n"
+        "from loopgolf.orchestrator import sweep\n"
+        "sweep._ray_environment(None)\n"  # what the CLI sets before Ray starts, then a Ray that declares GPUs
+        "ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)\n"
+        f"outcome = sweep.run_sweep(sweep.load_spec({str(spec)!r}))\n"
+        "sys.exit(outcome.exit_status)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "g" / "trials" / "trial_00000" / "run"
+    ranks = [json.loads((run / f"env.{r}.json").read_text()) for r in (0, 1)]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in ranks] == [("0", "0", "2"), ("1", "1", "2")]
+    assert {e["CUDA_VISIBLE_DEVICES"] for e in ranks} == {"0,1"}  # the two GPUs Ray assigned the trial
+    trials = pd.read_parquet(tmp_path / "g" / "results" / "trials.parquet")
+    assert trials["status"].tolist() == ["complete"] and trials["model_bytes"].tolist() == [100]
+    assert trials["hardware"].str.startswith("1 cpu").all()
