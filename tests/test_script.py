@@ -298,9 +298,24 @@ def test_a_stopped_trial_ends_its_whole_process_group(tmp_path: Path, corpus_dat
     _gone([int((run / "pid.0").read_text()), int((run / "child.pid").read_text())])
 
 
-def test_a_killed_worker_takes_the_script_with_it(tmp_path: Path, corpus_data: Path) -> None:
-    """kill -9 of the process that runs the trial (a Tune worker whose driver died): the supervisor
-    sees its parent go and ends the script and the child it started in its own session."""
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("victim", ["worker", "worker and launcher"])
+def test_a_killed_worker_takes_the_script_with_it(tmp_path: Path, corpus_data: Path, victim: str) -> None:
+    """kill -9 of the process that runs the trial (a Tune worker whose driver died), alone or with
+    its direct children (Ray kills those when a worker exits): the script and the child it
+    started in a session of its own end with it."""
     directory = tmp_path / "trials" / "trial_00003"
     code = (
         "import sys; from pathlib import Path\n"
@@ -320,7 +335,10 @@ def test_a_killed_worker_takes_the_script_with_it(tmp_path: Path, corpus_data: P
         time.sleep(0.1)
     pids = [int((directory / "run" / "pid.0").read_text()), int(child.read_text())]
     assert all(_alive(p) for p in pids)
-    os.kill(worker.pid, signal.SIGKILL)
+    launchers = _children(worker.pid) if victim != "worker" else []
+    assert len(launchers) == (1 if victim != "worker" else 0)
+    for pid in [worker.pid, *launchers]:
+        os.kill(pid, signal.SIGKILL)
     worker.wait()
     _gone(pids)
 

@@ -148,3 +148,31 @@ def test_a_two_gpu_script_trial_runs_through_torchrun_on_the_gpus_ray_assigns(
     trials = pd.read_parquet(tmp_path / "g" / "results" / "trials.parquet")
     assert trials["status"].tolist() == ["complete"] and trials["model_bytes"].tolist() == [100]
     assert trials["hardware"].str.startswith("1 cpu").all()
+
+
+def test_early_stopping_ends_a_script_trial_and_every_process_it_started(corpus_data: Path, tmp_path: Path) -> None:
+    """ASHA stops the second seed (its val_bpb is worse at the first rung): the trial is recorded
+    as stopped, and neither its script nor the child the script started in a session of its own
+    survives."""
+    raw = {"name": "e", "data": str(corpus_data), "storage": str(tmp_path), "space": {"MODEL_SIZE": [100]},
+           "trial": {"script": str(FAKE), "env": {"FAKE_MODE": "slow"}}, "early_stopping": "asha", "seeds": 2,
+           "budget": {"artifact_bytes": 100_000, "train_seconds": 6}, "max_concurrent": 1,
+           "search": {"algorithm": "grid", "num_samples": 1, "objectives": {"val_bpb": "min"}}}  # fmt: skip
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    driver = _cli("sweep", str(spec), log=tmp_path / "driver.log")
+    assert driver.wait(timeout=600) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    trials = pd.read_parquet(tmp_path / "e" / "results" / "trials.parquet").set_index("seed")
+    assert trials["status"].to_dict() == {0: "complete", 1: "stopped"}
+    stopped = tmp_path / "e" / "trials" / trials.loc[1, "trial_id"]
+    assert trials.loc[1, "train_seconds"] < 6 and trials.loc[1, "quick_val_bpb"] == 3.0
+    pids = [int((stopped / "run" / name).read_text()) for name in ("pid.0", "child.pid")]
+    _wait(lambda: not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids),
+          "the stopped trial's processes to end", timeout=60)  # fmt: skip
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

@@ -2,15 +2,17 @@
 
     python -m loopgolf.orchestrator.supervise -- python train_gpt.py
 
-The trial starts this supervisor in a new session (its own process group) and the
-supervisor starts the command as its child, in that group. Every poll it records the
+The trial starts a launcher (`launch`) that forks the supervisor into a session of its
+own (its own process group), and the supervisor starts the command as its child, in
+that group. Every poll it records the
 command's descendants from /proc, including those that left the group: torchrun starts
 each worker in a session of its own, so a signal to the group alone would miss them.
 It ends all of them (SIGTERM, then SIGKILL after `GRACE_SECONDS`):
 
 - when it receives SIGTERM or SIGINT (the trial is stopped, or runs past its time);
-- when its parent dies (the Tune worker was killed, e.g. with the driver): the orphan
-  sees its parent change;
+- when the Tune worker exits or is killed (e.g. with the driver): the launcher sees its
+  parent change and tells the supervisor; or Ray kills the launcher with the worker (it
+  kills a worker's direct children) and the supervisor sees its own parent change;
 - when the command exits, any descendant it left behind (a daemon, a stuck worker).
 
 It exits with the command's status (128 + signal when a signal ended it). Linux only:
@@ -110,8 +112,8 @@ def _reap() -> None:
         pass
 
 
-def supervise(argv: list[str]) -> int:
-    parent = os.getppid()
+def supervise(argv: list[str], parent: int) -> int:
+    """Run `argv` to its end, or end it with everything it started when told to or orphaned."""
     tree = Tree()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -136,6 +138,33 @@ def supervise(argv: list[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
+def launch(argv: list[str]) -> int:
+    """The trial's handle on the supervisor: it forks the supervisor into a session of its own
+    and waits for it, passing SIGTERM / SIGINT on. Ray kills a worker's direct children when
+    the worker exits (RAY_kill_child_processes_on_worker_exit), with SIGKILL: that reaches this
+    launcher, never the supervisor, which sees the launcher go and ends the command's tree."""
+    launcher = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        os.setsid()
+        code = 1
+        try:
+            code = supervise(argv, parent=launcher)
+        finally:
+            os._exit(code)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _frame: os.kill(pid, number))
+    worker, told = os.getppid(), False
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) % 256
+        if os.getppid() != worker and not told:  # the trial's process died and left this launcher behind
+            os.kill(pid, signal.SIGTERM)
+            told = True
+        time.sleep(POLL_SECONDS)  # polling two conditions: the supervisor's exit and the worker's life
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["--"]:
@@ -143,7 +172,7 @@ def main() -> None:
     if not argv:
         print("usage: python -m loopgolf.orchestrator.supervise -- COMMAND [ARG...]", file=sys.stderr)
         raise SystemExit(2)
-    raise SystemExit(supervise(argv))
+    raise SystemExit(launch(argv))
 
 
 if __name__ == "__main__":
