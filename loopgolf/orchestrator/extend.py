@@ -42,6 +42,7 @@ INCOMPARABLE = {
     "early_stopping": "which trials are stopped early",
     "name": "the study's name",
     "storage": "where the sweep lives",
+    "trial": "the script a trial runs and what it receives",
 }
 
 

@@ -18,6 +18,12 @@
     early_stopping: null            # or asha (single objective only), or
                                     # {algorithm: pareto_halving, eta: 3, min_seconds: 2} (halving.py)
 
+A script sweep (orchestrator/script.py) names the user's training script instead:
+
+    trial: {script: train_gpt.py, env: {NUM_HEADS: 8}}
+    space: {NUM_LAYERS: [9, 10, 11], MATRIX_LR: {low: 0.02, high: 0.06, log: true}}
+    base: {max_steps: 0, seed: 0}   # ITERATIONS when > 0 (then train_seconds may be 0); the first SEED
+
 Every bad value is one LoopgolfError naming it, raised before a directory is made.
 
 Accounting: `num_samples` counts the configurations the sampler proposes. Each routed one

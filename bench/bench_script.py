@@ -1,0 +1,88 @@
+"""What loopgolf adds to a script trial: the example script alone vs the same run as a trial.
+
+    python bench/bench_script.py [--data runs/demo/data] [--seconds 8]
+
+Three runs of `examples/pg_script/train_gpt.py` with the same environment, one after the
+other on this machine: (1) alone, `python train_gpt.py`; (2) as a trial without Ray
+(`run_script`: the supervisor, the log streamed and parsed, the bytes measured); (3) as a
+one-trial sweep (`loopgolf sweep`: Ray, Tune, Optuna, the ledger, MLflow, the report).
+It prints each wall time and the ratio to (1). One sample each: on a noisy machine,
+compare ratios from the same run, and read the load average it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from loopgolf.orchestrator.protocol import TrialRequest
+from loopgolf.orchestrator.script import ScriptTrial, trial_environment
+from loopgolf.orchestrator.script_trainable import run_script
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "pg_script" / "train_gpt.py"
+SETTINGS = {"NUM_LAYERS": 4, "MODEL_DIM": 96, "NUM_LOOPS": 2, "MATRIX_LR": 0.02, "NUM_HEADS": 4, "NUM_KV_HEADS": 2,
+            "VAL_LOSS_EVERY": 20, "VAL_TOKENS": 8192}  # fmt: skip
+
+
+def alone(data: Path, seconds: float, out: Path) -> float:
+    env = trial_environment(ScriptTrial(script=SCRIPT), SETTINGS, seed=0, run_id="alone", data=data,
+                            train_seconds=seconds, max_steps=0, base=os.environ) | {"OMP_NUM_THREADS": "1"}  # fmt: skip
+    out.mkdir(parents=True)
+    start = time.monotonic()
+    subprocess.run([sys.executable, str(SCRIPT)], cwd=out, env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.monotonic() - start
+
+
+def as_trial(data: Path, seconds: float, out: Path) -> float:
+    config = SETTINGS | {"seed": 0, "train_seconds": seconds, "max_steps": 0, "max_artifact_bytes": 16_000_000,
+                         "max_eval_seconds": 0.0}  # fmt: skip
+    request = TrialRequest(key="trial", kind="script", config=config, config_id="bench")
+    start = time.monotonic()
+    metrics = run_script(request, ScriptTrial(script=SCRIPT), data, out, cpus=1, gpus=0, report=lambda _: None)
+    assert metrics["status"] == "complete", metrics
+    return time.monotonic() - start
+
+
+def as_sweep(data: Path, seconds: float, out: Path) -> tuple[float, float]:
+    spec = {"name": "bench", "data": str(data), "storage": str(out),
+            "trial": {"script": str(SCRIPT), "env": {k: v for k, v in SETTINGS.items() if k not in ("NUM_LAYERS",)}},
+            "space": {"NUM_LAYERS": [SETTINGS["NUM_LAYERS"]]}, "budget": {"train_seconds": seconds},
+            "search": {"algorithm": "grid", "num_samples": 1}, "max_concurrent": 1}  # fmt: skip
+    path = out / "spec.yaml"
+    out.mkdir(parents=True)
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(path)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    total = time.monotonic() - start
+    metrics = json.loads((out / "bench" / "trials" / "trial_00000" / "metrics.json").read_text())
+    return float(metrics["wall_seconds"]), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "runs" / "demo" / "data")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="bench_script-"))
+    base = alone(args.data.resolve(), args.seconds, root / "alone")
+    trial = as_trial(args.data.resolve(), args.seconds, root / "trial")
+    sweep_trial, sweep_total = as_sweep(args.data.resolve(), args.seconds, root / "sweep")
+    print(f"load average {os.getloadavg()[0]:.2f}; train budget {args.seconds:g} s; one sample each")
+    for name, wall in [("script alone", base), ("as a trial (run_script)", trial),
+                       ("as a trial in a sweep (its wall_seconds)", sweep_trial),
+                       ("the whole one-trial sweep (Ray start, report)", sweep_total)]:  # fmt: skip
+        print(f"{name:48s} {wall:7.2f} s  {wall / base:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
