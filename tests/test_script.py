@@ -228,7 +228,7 @@ def test_a_trial_measures_bytes_from_disk_and_passes_its_environment(tmp_path: P
     assert metrics["code_bytes"] == FAKE.stat().st_size and metrics["artifact_bytes"] == 4321 + FAKE.stat().st_size
     assert metrics["artifact_bytes_logged"] == metrics["artifact_bytes"] and "warning" not in metrics
     assert metrics | {"wall_seconds": 0} == metrics | {
-        "status": "complete", "val_bpb": 2.6, "val_loss": 4.5, "final_metric_line": "final_int8_zlib_roundtrip_exact",
+        "status": "complete", "val_bpb": 2.6, "val_loss": 4.498, "final_metric_line": "final_int8_zlib_roundtrip_exact",
         "train_steps": 20, "train_seconds": 0.2, "params": 4321, "eval_seconds": 1.5, "attempt": 1, "exit_code": 0,
         "feasible": True, "byte_violation": metrics["artifact_bytes"] - 100_000, "wall_seconds": 0,
         "artifact_path": "run/final_model.int8.ptz"}  # fmt: skip

@@ -177,8 +177,8 @@ def test_the_yaml_dict_round_trips(data: Path) -> None:
         ({"resources": {"cpus": 2}}, "resources.cpus: unknown field; expected one of ['cpu', 'gpu', 'workers']"),
         ({"sead": 2},
          "unknown spec field 'sead'; expected one of ['base', 'budget', 'controls', 'data', 'early_stopping', "
-         "'equal_bytes', 'max_concurrent', 'name', 'overrides', 'resources', 'search', 'seeds', 'space', 'storage', "
-         "'tracking_uri', 'trial']"),
+         "'equal_bytes', 'max_concurrent', 'name', 'overrides', 'promotion', 'resources', 'search', 'seeds', 'space', "
+         "'storage', 'tracking_uri', 'trial']"),
         ({"overrides": [1, 2]}, "overrides: expected a mapping of config field: value"),
         ({"base": "tiny"}, "base: expected a mapping of config field: value"),
         ({"base": {"n_blockz": 1}}, "base: unknown config field 'n_blockz'"),

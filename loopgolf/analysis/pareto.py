@@ -309,3 +309,41 @@ def hypervolume(
             raise LoopgolfError(f"hypervolume: {len(ref)} reference values for {len(objectives)} objectives")
     signs = np.array([1.0 if d == "min" else -1.0 for d in objectives.values()])
     return hypervolume_of(losses, np.asarray(ref) * signs)
+
+
+def config_means(df: pd.DataFrame, objectives: Objectives) -> pd.DataFrame:
+    """Each configuration a sampler proposed (never a control arm alone): the mean of every
+    objective over its complete, feasible seeds, and how many seeds that is. One row per
+    (sweep, config_id), sorted by the objectives in order (each in its direction)."""
+    _check_objectives(df, objectives)
+    ok = feasible_complete(df)
+    if "arm" in df:  # a routed configuration or an unpaired one; its arms come along when it is promoted
+        ok &= df["arm"].isna() | (df["arm"] == "routed") | df.get("pair_id", pd.Series(index=df.index)).isna()
+    rows = df[ok]
+    if rows.empty:
+        return pd.DataFrame(columns=["sweep", "config_id", "seeds", *objectives])
+    means = rows.groupby(["sweep", "config_id"], sort=False)[list(objectives)].mean()
+    means.insert(0, "seeds", rows.groupby(["sweep", "config_id"], sort=False).size())
+    ascending = [direction == "min" for direction in objectives.values()]
+    return means.reset_index().sort_values(list(objectives), ascending=ascending, kind="stable", ignore_index=True)
+
+
+def choose_configurations(df: pd.DataFrame, objectives: Objectives, *, top: int | None = None,
+                          front: bool = False) -> list[str]:  # fmt: skip
+    """What `loopgolf promote` re-runs: the `top` configurations by their mean over seeds on the
+    first objective, or the feasible Pareto front of the configurations' means (never a
+    single seed's value)."""
+    if front == (top is not None):
+        raise LoopgolfError("promote: expected exactly one of --front or --top K")
+    if top is not None and (isinstance(top, bool) or top < 1):
+        raise LoopgolfError(f"--top {top}: expected an integer >= 1")
+    means = config_means(df, objectives)
+    if means.empty:
+        return []
+    if front:
+        mask, losses = objective_matrix(means.assign(status="complete", feasible=True), objectives)
+        means = means.iloc[np.flatnonzero(mask)[non_dominated(losses)]]
+    else:
+        first = next(iter(objectives))
+        means = means.sort_values(first, ascending=objectives[first] == "min", kind="stable").head(top)
+    return [str(c) for c in means["config_id"]]

@@ -107,6 +107,47 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _summarize(outcome, read_sweep_spec(args.sweep_dir).objectives)
 
 
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from loopgolf.analysis.pareto import choose_configurations
+    from loopgolf.orchestrator.promote import check_new, describe, promoted_spec, source_trials
+    from loopgolf.orchestrator.sweep import read_sweep_spec, run_sweep
+
+    source_dir = Path(args.sweep_dir).resolve()
+    source = read_sweep_spec(source_dir)
+    trials = source_trials(source_dir)
+    chosen = choose_configurations(trials, dict(source.objectives), top=args.top, front=args.front)
+    spec = promoted_spec(source_dir, trials, chosen, args.name, args.seeds, args.set or ())
+    check_new(spec, source_dir)
+    print(describe(spec), file=sys.stderr)
+    return _summarize(run_sweep(spec, address=args.address), spec.objectives)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from loopgolf.orchestrator.export import export_record
+
+    record = _record_markdown(args.sweep_dir, args.config_id, args.reference) if args.reference else ""
+    out = export_record(args.sweep_dir, args.config_id, args.out, seeds=args.seeds, name=args.title,
+                        blurb=args.blurb or "", author=args.author, github_id=args.github_id,
+                        record_test=record)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def _record_markdown(sweep_dir: str, config_id: str, reference: str) -> str:
+    """The record test's row of one configuration, as the export README shows it."""
+    from loopgolf.analysis.report import md_table
+    from loopgolf.analysis.results import load_results
+    from loopgolf.analysis.transfer import parse_reference, record_test
+
+    df = load_results(sweep_dir)
+    answer = record_test(df, parse_reference(reference, df))
+    table = answer.table
+    if "config_id" in table:
+        table = table[table["config_id"].astype(str).str.startswith(config_id[:10])]
+    return "\n\n".join(part for part in (answer.method, md_table(table, 50) if len(table) else "", answer.verdict)
+                       if part)
+
+
 def _summarize(outcome: Any, objectives: dict) -> int:
     """The end of a sweep: status, the Pareto front, the report; the last line counts errors.
 
@@ -235,6 +276,30 @@ def _add_sweep_commands(sub: Any) -> None:
     extend = "extend the sweep: search.num_samples=N, max_concurrent, or narrow a range (overrides.F={low, high})"
     resume.add_argument("--set", action="append", metavar="KEY=VALUE", help=extend)
     resume.set_defaults(run=_cmd_resume)
+
+    promote = sub.add_parser("promote", help="re-run a sweep's best configurations at a higher fidelity, fresh seeds")
+    promote.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the source sweep (read, never written)")
+    choice = promote.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--top", type=int, metavar="K", help="the K best configurations by their mean over seeds")
+    choice.add_argument("--front", action="store_true", help="the feasible Pareto front of the configurations' means")
+    promote.add_argument("--name", required=True, help="the new sweep's name (beside the source unless --set storage)")
+    promote.add_argument("--seeds", type=int, default=3, metavar="N", help="fresh seeds per configuration (default 3)")
+    promote.add_argument("--set", action="append", metavar="KEY=VALUE",
+                         help="a fidelity field: budget.train_seconds, base.max_steps, resources.gpu, data, ...")
+    promote.add_argument("--address", metavar="ADDR")
+    promote.set_defaults(run=_cmd_promote)
+
+    export = sub.add_parser("export", help="a configuration's trials as a record folder (submission.json, logs)")
+    export.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    export.add_argument("config_id", metavar="CONFIG_ID", help="a config_id of the sweep (a unique prefix will do)")
+    export.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    export.add_argument("--seeds", type=int, default=3, metavar="N", help="refuse fewer complete seeds (default 3)")
+    export.add_argument("--reference", metavar="REF", help="the record test against val_bpb=X, a config_id or a sweep")
+    export.add_argument("--title", metavar="NAME", help="submission.json's name (default: sweep and config_id)")
+    export.add_argument("--blurb", metavar="TEXT")
+    export.add_argument("--author", metavar="NAME", help="written to submission.json only when given")
+    export.add_argument("--github-id", metavar="ID", help="written to submission.json only when given")
+    export.set_defaults(run=_cmd_export)
 
     status = sub.add_parser("status", help="progress of a sweep and of its running trials, without Ray")
     status.add_argument("sweep_dir", metavar="SWEEP_DIR")

@@ -78,6 +78,10 @@ IDENTITY_FIELDS: tuple[pa.Field, ...] = (
     pa.field("data_fingerprint", pa.string()),
     pa.field("train_budget_seconds", pa.float64()),
     pa.field("hardware", pa.string()),
+    # a promoted sweep's trial (orchestrator/promote.py): "<source sweep>:<config_id>" it re-runs, and
+    # the fields its sweep changed from the source's (JSON); null otherwise
+    pa.field("promoted_from", pa.string()),
+    pa.field("fidelity", pa.string()),
 )
 
 METRIC_FIELDS: tuple[pa.Field, ...] = (
@@ -296,6 +300,8 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
         "data_fingerprint": config.get("data_fingerprint"),
         "train_budget_seconds": flat.get("train_seconds"),
         "hardware": config.get("hardware"),
+        "promoted_from": config.get("promoted_from"),
+        "fidelity": config.get("fidelity"),
     }
     for field in trials_schema():  # a list column a trial lacks is null, not NaN (Arrow casts no float to a list)
         if pa.types.is_list(field.type) and row.get(field.name) is None:

@@ -29,10 +29,11 @@ from typing import Any, Literal
 TrialKind = Literal["builtin", "script"]
 KINDS: tuple[str, ...] = ("builtin", "script")
 # The Tune config's keys (and trial.json's, which keeps them): stable, sweeps on disk use them.
-KEY, KIND, CONFIG, CONFIG_ID, PREDICTED, ARM, PAIR = (
-    "trial_key", "kind", "trial_config", "config_id", "predicted_artifact_bytes", "arm", "pair_id",
+KEY, KIND, CONFIG, CONFIG_ID, PREDICTED, ARM, PAIR, PROMOTED, FIDELITY = (
+    "trial_key", "kind", "trial_config", "config_id", "predicted_artifact_bytes", "arm", "pair_id", "promoted_from",
+    "fidelity",
 )  # fmt: skip
-RECORD_KEYS = (KEY, KIND, CONFIG, CONFIG_ID, PREDICTED, ARM, PAIR)
+RECORD_KEYS = (KEY, KIND, CONFIG, CONFIG_ID, PREDICTED, ARM, PAIR, PROMOTED, FIDELITY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ class TrialRequest:
     predicted_artifact_bytes: int | None = None  # None: not predictable before the run (a script)
     arm: str | None = None  # routed or a control arm (orchestrator/arms.py); None for an unpaired kind
     pair_id: str | None = None
+    promoted_from: str | None = None  # a promoted sweep's trial: "<source sweep>:<source config_id>"
+    fidelity: str | None = None  # and the fields its sweep changed from the source's (JSON)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -59,7 +62,8 @@ class TrialRequest:
 
     def to_tune(self) -> dict[str, Any]:
         return {KEY: self.key, KIND: self.kind, CONFIG: dict(self.config), CONFIG_ID: self.config_id,
-                PREDICTED: self.predicted_artifact_bytes, ARM: self.arm, PAIR: self.pair_id}  # fmt: skip
+                PREDICTED: self.predicted_artifact_bytes, ARM: self.arm, PAIR: self.pair_id,
+                PROMOTED: self.promoted_from, FIDELITY: self.fidelity}  # fmt: skip
 
     @classmethod
     def from_tune(cls, config: Mapping[str, Any], fallback_key: str = "") -> TrialRequest:
@@ -73,6 +77,8 @@ class TrialRequest:
             predicted_artifact_bytes=config.get(PREDICTED),
             arm=config.get(ARM),
             pair_id=config.get(PAIR),
+            promoted_from=config.get(PROMOTED),
+            fidelity=config.get(FIDELITY),
         )
 
     @classmethod

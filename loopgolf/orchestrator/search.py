@@ -44,7 +44,7 @@ study (no pickles). It uses only Optuna's public ask / tell / enqueue API:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import optuna
@@ -59,6 +59,7 @@ from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's
     FOLLOWS,
     KEY,
     PAIR,
+    PROMOTED,
     REPLAY_OF,
     SEED_INDEX,
     counted_keys,
@@ -71,7 +72,7 @@ from loopgolf.search_spaces.spaces import FIXED, Dimension
 
 CONSTRAINTS = ("byte_violation", "eval_violation")
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
-_KEPT_ATTRS = (SEED_INDEX, FOLLOWS, CONTROLS, ARM, PAIR, FIXED, KEY)  # what a re-run of an orphan keeps
+_KEPT_ATTRS = (SEED_INDEX, FOLLOWS, CONTROLS, ARM, PAIR, FIXED, KEY, PROMOTED)  # what a re-run of an orphan keeps
 OWN = "proposal"  # in a proposal's queue, beside its arms: a replicate of the proposal's own configuration
 
 
@@ -100,6 +101,8 @@ class SweepSearch(Searcher):
         sampler: optuna.samplers.BaseSampler,
         space: Mapping[str, Dimension] | None = None,
         controls: Collection[str] = (),
+        promoted: Sequence[Mapping[str, Any]] = (),
+        fidelity: str | None = None,
     ) -> None:
         super().__init__()  # Tune's metric/mode stay unset: the study holds the directions
         self.sample = sample
@@ -118,6 +121,8 @@ class SweepSearch(Searcher):
         )
         self.live: dict[str, optuna.Trial] = {}  # Tune trial id -> its Optuna trial (asked, not yet told)
         self.error: str | None = None  # the first exception raised inside Optuna; no suggestions after it
+        self.fidelity = fidelity  # a promoted sweep's: the fields it changed from its source (JSON)
+        self.promoted = self.enqueue_promoted(promoted)
         self.requeued = self.requeue_orphans()
         self.completed = self.complete_queues()
 
@@ -152,6 +157,7 @@ class SweepSearch(Searcher):
             key=trial.user_attrs[KEY], kind=kind, config=config["trial_config"], config_id=config["config_id"],
             predicted_artifact_bytes=config.get("predicted_artifact_bytes"),
             arm=arm_of(config["trial_config"]) if kind == "builtin" else None, pair_id=trial.user_attrs.get(PAIR),
+            promoted_from=trial.user_attrs.get(PROMOTED), fidelity=self.fidelity,
         )  # fmt: skip
         self.live[trial_id] = trial
         return request.to_tune()
@@ -181,6 +187,7 @@ class SweepSearch(Searcher):
                 if (arm, index) in queued or (arm == OWN and index == first):
                     continue
                 follower = {SEED_INDEX: index, FOLLOWS: attrs[KEY]} | ({PAIR: pair} if pair else {})
+                follower |= {PROMOTED: attrs[PROMOTED]} if PROMOTED in attrs else {}
                 if arm == OWN:  # a replicate of the proposal itself, routed or not
                     self.study.enqueue_trial(params, user_attrs=follower)
                 else:
@@ -265,6 +272,17 @@ class SweepSearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         raise NotImplementedError("a sweep resumes from its Optuna study, not from a searcher checkpoint")
+
+    def enqueue_promoted(self, promoted: Sequence[Mapping[str, Any]]) -> int:
+        """A promoted sweep's proposals: each chosen configuration's params, queued once (a driver
+        killed while queuing them left some out; the rest are queued by the next one)."""
+        present = {t.user_attrs.get(PROMOTED) for t in self.study.get_trials(deepcopy=False)}
+        added = 0
+        for item in promoted:
+            if item[PROMOTED] not in present:
+                self.study.enqueue_trial(dict(item["params"]), user_attrs={PROMOTED: item[PROMOTED]})
+                added += 1
+        return added
 
     def requeue_orphans(self) -> int:
         """Fail the trials a dead driver left RUNNING and enqueue them again, key and seed kept."""

@@ -105,6 +105,9 @@ class SweepSpec:
     halving_min_seconds: float | None = None  # pareto_halving: the first rung; None = train_seconds / eta^2
     controls: tuple[str, ...] | None = None  # None: every supported arm when the space can route
     trial: ScriptTrial | None = None  # a script sweep: `space` is then a mapping of env var -> dimension
+    # a promoted sweep (orchestrator/promote.py): {source, fidelity: {dotted key: value}, configs: [{promoted_from,
+    # params}]}; its proposals are those configurations, not the sampler's
+    promotion: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.trial is not None:
@@ -112,6 +115,11 @@ class SweepSpec:
         elif not isinstance(self.space, str):
             raise SpecError(f"space={self.space!r}: expected the name of a space (a mapping of environment "
                             "variables is a script sweep's: add `trial: {script: ...}`)")  # fmt: skip
+        if "seed" in self.overrides:
+            raise SpecError("overrides.seed: seeds are never searched (the challenge bans seed brute-forcing); set "
+                            "base.seed, and `seeds: N` replicates every configuration")  # fmt: skip
+        if self.promotion is not None:
+            self._check_promotion()
         if self.controls is not None:
             try:  # the normal form: a tuple in the fixed order (a resume queues arms the same way)
                 object.__setattr__(self, "controls", parse_controls(self.controls))
@@ -165,6 +173,18 @@ class SweepSpec:
             )
         if self.early_stopping == "asha" and list(self.objectives) != ["val_bpb"]:
             raise SpecError("early_stopping=asha needs objectives {val_bpb: min}: it compares quick val bpb over time")
+
+    def _check_promotion(self) -> None:
+        promotion = self.promotion or {}
+        configs = promotion.get("configs")
+        if set(promotion) != {"source", "fidelity", "configs"} or not isinstance(configs, list) or not configs:
+            raise SpecError("promotion: expected {source, fidelity, configs: [{promoted_from, params}, ...]} "
+                            "(written by `loopgolf promote`)")  # fmt: skip
+        if any(not isinstance(c, Mapping) or set(c) != {"promoted_from", "params"} for c in configs):
+            raise SpecError("promotion.configs: expected items {promoted_from, params}")
+        if self.num_samples != len(configs):
+            raise SpecError(f"search.num_samples={self.num_samples}: a promoted sweep runs its {len(configs)} "
+                            "configurations; expected that many")  # fmt: skip
 
     def _check_script(self) -> None:
         """What a script sweep cannot have: the builtin model's fields, widths and arms."""
@@ -292,7 +312,8 @@ class SweepSpec:
             "tracking_uri": self.tracking_uri,
             "early_stopping": self._early_stopping_yaml(),
             "controls": list(self.controls) if self.controls is not None else None,
-        } | ({"trial": self.trial.to_yaml_dict()} if self.trial is not None else {})
+        } | ({"trial": self.trial.to_yaml_dict()} if self.trial is not None else {}) | (
+            {"promotion": dict(self.promotion)} if self.promotion is not None else {})
 
     def _early_stopping_yaml(self) -> str | dict[str, Any] | None:
         if self.early_stopping != "pareto_halving":
@@ -308,10 +329,10 @@ _NESTED = {
     "resources": {"cpu": "cpu", "gpu": "gpu", "workers": "workers"},
 }  # fmt: skip
 _TOP = {"name", "data", "storage", "space", "overrides", "base", "equal_bytes", "seeds", "max_concurrent",
-        "tracking_uri", "early_stopping", "controls", "trial"}  # fmt: skip
+        "tracking_uri", "early_stopping", "controls", "trial", "promotion"}  # fmt: skip
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     head, _, rest = key.partition(".")
     if not rest:
         raw[head] = value
@@ -319,7 +340,7 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node = raw.setdefault(head, {})
     if not isinstance(node, dict):
         raise SpecError(f"--set {key}: {head!r} is not a mapping in the spec")
-    _set_dotted(node, rest, value)
+    set_dotted(node, rest, value)
 
 
 def spec_from_dict(raw: Mapping[str, Any]) -> SweepSpec:
@@ -457,7 +478,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), **f
             key, value = parse_override(text)
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     for key, value in fields.items():
         if value is not None:
             raw[key] = value

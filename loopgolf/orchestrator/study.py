@@ -21,6 +21,7 @@ FOLLOWS = "follows"  # user attr of a queued replicate or arm: the key of the pr
 CONTROLS = "controls"  # user attr of a proposal: the control arms queued beside it ([] when unpaired)
 ARM = "arm"  # user attr of a queued arm trial: its control arm
 PAIR = "pair_id"  # user attr of a paired trial (routed or arm): arms.pair_key of its routed configuration
+PROMOTED = "promoted_from"  # user attr of a promoted proposal and what follows it: "<source sweep>:<config_id>"
 
 
 def trial_key(number: int) -> str:

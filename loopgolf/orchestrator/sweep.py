@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import stat
 import subprocess
@@ -112,6 +113,8 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
         space=space,
         controls=spec.control_arms(),
+        promoted=(spec.promotion or {}).get("configs", ()),
+        fidelity=json.dumps(spec.promotion["fidelity"], sort_keys=True) if spec.promotion else None,
     )
 
 

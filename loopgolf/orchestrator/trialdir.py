@@ -115,11 +115,24 @@ def hardware(cpus: float, gpus: float, workers: int = 1) -> str:
     return f"{workers} workers x ({text})" if workers > 1 else text
 
 
+def environment_versions() -> dict[str, str]:
+    """The versions a trial ran with (a record folder's requirements.txt is written from them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "sentencepiece"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue  # not installed where the trial ran: nothing to pin
+    return found
+
+
 def start_record(directory: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     """Record the trial's config when it first starts; its final metrics if it had already
     finished (a trial is never run twice)."""
     if read_json(directory / TRIAL_FILE) is None:
-        write_json(directory / TRIAL_FILE, record)
+        write_json(directory / TRIAL_FILE, record | {"versions": environment_versions()})
     return final_metrics(directory)
 
 
