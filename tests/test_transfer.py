@@ -174,7 +174,10 @@ def test_a_promoted_sweep_without_its_source_asks_for_both() -> None:
 def test_a_configuration_that_failed_at_the_promoted_fidelity_is_listed_and_left_out() -> None:
     df = _promotion([1.00, 1.01, 1.02, 1.03], [0.90, 0.91, 0.92, 0.93])
     df.loc[df["config_id"] == "big0", "feasible"] = False  # e.g. over the byte cap at the longer budget
+    crashed = _trials("proxy", "src3", [0.1], first_seed=7, status="failed")  # a failed proxy trial: not counted
+    df = pd.concat([df, pd.DataFrame(crashed)], ignore_index=True)
     [r] = transfer_stats(df)
+    assert r.configs.set_index("config_id").loc["src3", "proxy_n"] == 3
     assert len(r.configs) == 4 and len(r.both) == 3 and r.correlation.n == 3
     failed = r.configs.set_index("config_id").loc["src0"]
     assert failed["promoted_n"] == 0 and failed["proxy_n"] == 3

@@ -27,6 +27,7 @@ from loopgolf.analysis.questions import (
 from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results, trials_files
 from loopgolf.analysis.token_questions import robustness, where_refinement_helps
 from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
+from loopgolf.analysis.transfer import parse_reference, record_test, transfer
 from loopgolf.atomic import atomic_write_bytes
 from loopgolf.errors import LoopgolfError
 
@@ -142,6 +143,20 @@ def _sections(rows: pd.DataFrame, store: TokenStore, cfg: ReportConfig) -> list[
     return out
 
 
+def _promotion_sections(df: pd.DataFrame, reference: str | None) -> list[Section]:
+    """Transfer (when a promoted sweep is among the sweeps) and the record test (with --reference)."""
+    answers = []
+    if "promoted_from" in df and df["promoted_from"].notna().any():
+        answers.append(transfer(df))
+    if reference is not None:
+        answers.append(record_test(df, parse_reference(reference, df)))
+    out = []
+    for k, answer in enumerate(answers, start=len(QUESTIONS) + 1):
+        png = plots.png_bytes(answer.figure) if answer.figure is not None else None
+        out.append(Section(answer, f"section{k}.png" if png else None, png))
+    return out
+
+
 def _fronts(df: pd.DataFrame, rows: pd.DataFrame) -> list[Front]:
     out = []
     for name, objectives in PARETO_VIEWS:
@@ -191,6 +206,7 @@ def report(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     config: ReportConfig | None = None,
+    reference: str | None = None,
 ) -> Path:
     """Write report.md (+ PNGs) and report.html for one or many sweeps; returns report.md's path.
 
@@ -208,7 +224,7 @@ def report(
     store = TokenStore(df, where)
     has_tokens = any(store.has(t) for t in rows["trial_id"])
     store_notes = [] if has_tokens else ["no per-token evaluation files: intervals cover seeds only"]
-    sections = _sections(rows, store, cfg)
+    sections = _sections(rows, store, cfg) + _promotion_sections(df, reference)
     fronts = _fronts(df, rows)
     quick = _curves(curves, df)
     header = _header(df, rows, cfg, store_notes)

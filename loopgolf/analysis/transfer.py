@@ -460,7 +460,7 @@ def _decision(n: int, test: _Test | None, ref: Reference, min_seeds: int, margin
         return f"no: Δ = {test.delta_nats:+.4f} nats, needs ≤ {-margin:+.4g}"
     if math.isnan(test.p):
         return "no: the seeds do not vary, so there is no test"
-    if test.p > 10 * alpha:
+    if test.p >= alpha:
         return f"no: p = {test.p:.3g} ≥ {alpha:g}"
     return f"yes: Δ = {test.delta_nats:+.4f} nats, p = {test.p:.2g} < {alpha:g}"
 

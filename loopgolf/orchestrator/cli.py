@@ -212,7 +212,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from loopgolf.analysis.report import report
 
-    path = report(args.sweep_dirs, out_dir=args.out)
+    path = report(args.sweep_dirs, out_dir=args.out, reference=args.reference)
     print(f"wrote {path}")
     return 0
 
@@ -279,7 +279,7 @@ def _add_sweep_commands(sub: Any) -> None:
 
     promote = sub.add_parser("promote", help="re-run a sweep's best configurations at a higher fidelity, fresh seeds")
     promote.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the source sweep (read, never written)")
-    choice = promote.add_mutually_exclusive_group(required=True)
+    choice = promote.add_mutually_exclusive_group()  # one of them: choose_configurations says so in one line
     choice.add_argument("--top", type=int, metavar="K", help="the K best configurations by their mean over seeds")
     choice.add_argument("--front", action="store_true", help="the feasible Pareto front of the configurations' means")
     promote.add_argument("--name", required=True, help="the new sweep's name (beside the source unless --set storage)")
@@ -321,6 +321,8 @@ def _add_analysis_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="write the hypothesis report (Markdown + PNG plots)")
     report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="sweep directories (globs allowed)")
     report.add_argument("--out", metavar="DIR", help="output directory (default: FIRST_SWEEP_DIR/report)")
+    report.add_argument("--reference", metavar="REF", help="add the record test: val_bpb=X, val_loss=X, a config_id "
+                        "or a sweep name")  # fmt: skip
     report.set_defaults(run=_cmd_report)
 
 
