@@ -17,13 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.ledger import (
     Ledger,
     _arrow_type,
     _config_record,
     _error_line,
-    _first_line,
     _merge,
     curve_rows,
     curves_schema,
@@ -265,8 +264,8 @@ def test_curve_rows_skip_what_is_not_a_point_and_go_on(tmp_path: Path) -> None:
 
 
 def test_first_lines_of_exceptions() -> None:
-    assert _first_line(ValueError("  bad\nmore  ")) == "bad"
-    assert _first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("  bad\nmore  ")) == "bad"
+    assert first_line(ValueError()) == "ValueError"
 
 
 def test_a_trial_without_a_config_record_and_a_stopped_one_without_a_trial_file(tmp_path: Path) -> None:

@@ -134,3 +134,38 @@ def test_promote_then_export_a_script_configuration(corpus_data: Path, tmp_path:
     assert "torch==" in (tmp_path / "rec" / "requirements.txt").read_text()
     text = (tmp_path / "rec" / "README.md").read_text()
     assert "## Reproduce" in text and "SEED=2 " in text and "FAKE_BPB=" in text
+
+
+@pytest.mark.slow
+def test_a_builtin_configuration_is_promoted_with_its_arms_and_exported_with_its_artifacts(
+    corpus_data: Path, tmp_path: Path
+) -> None:
+    """A routed builtin configuration: its control arms come along to the promoted sweep, and the
+    export holds each seed's artifact byte for byte and says it is not a train_gpt.py submission."""
+    spec = {"name": "b", "data": str(corpus_data), "storage": str(tmp_path), "space": "shared_vs_unique",
+            "overrides": {"n_blocks": 1, "n_passes": 2, "n_prelude": 0, "n_coda": 0, "d_model": 32,
+                          "refine_passes": 1},
+            "base": {"preset": "tiny", "batch_size": 8, "eval_tokens": 4096, "quick_eval_tokens": 1024,
+                     "calibration_tokens": 4096, "signal": "entropy", "bits": 8, "codec": "zlib",
+                     "report_every_seconds": 1.0, "checkpoint_every_seconds": 1.0},
+            "controls": ["no_refine"], "budget": {"artifact_bytes": 2_000_000, "train_seconds": 1},
+            "search": {"algorithm": "grid", "num_samples": 1}, "seeds": 1, "max_concurrent": 2}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    assert _cli("sweep", str(tmp_path / "spec.yaml")).returncode == 0
+    proc = _cli("promote", str(tmp_path / "b"), "--top", "1", "--name", "b2", "--seeds", "3",
+                "--set", "budget.train_seconds=2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    full = pd.read_parquet(tmp_path / "b2" / "results" / "trials.parquet")
+    assert sorted(zip(full["arm"], full["seed"], strict=True)) == [
+        ("no_refine", 1), ("no_refine", 2), ("no_refine", 3), ("routed", 1), ("routed", 2), ("routed", 3)]
+    assert full["promoted_from"].nunique() == 1 and (full["status"] == "complete").all()
+    routed = full[full["arm"] == "routed"].sort_values("seed")
+    done = _cli("export", str(tmp_path / "b2"), routed["config_id"].iloc[0], "--out", str(tmp_path / "rec"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for _, row in routed.iterrows():
+        exported = (tmp_path / "rec" / f"model_seed{row['seed']}.lgart").read_bytes()
+        assert exported == (tmp_path / "b2" / row["artifact_path"]).read_bytes()
+    payload = json.loads((tmp_path / "rec" / "submission.json").read_text())
+    assert payload["bytes_total"] == int(routed["artifact_bytes"].max()) and payload["seeds"] == [1, 2, 3]
+    assert "author" not in payload and "github_id" not in payload  # never invented
+    assert "Not a single-file `train_gpt.py` submission" in (tmp_path / "rec" / "README.md").read_text()

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.ledger import (  # noqa: F401  (re-exported: the analysis API names them)
     CURVES_FILE,
     IDENTITY_FIELDS,
@@ -42,7 +42,6 @@ from loopgolf.orchestrator.ledger import (  # noqa: F401  (re-exported: the anal
     STATUSES,
     TRIALS_FILE,
     _conform,
-    _first_line,
     config_fields,
     curves_schema,
     trials_schema,
@@ -90,7 +89,7 @@ def _read(file: Path, schema: pa.Schema, required: tuple[str, ...]) -> pa.Table:
     try:
         table = pq.read_table(file)
     except (OSError, pa.ArrowException) as exc:
-        raise LoopgolfError(f"{file}: cannot read Parquet ({_first_line(exc)})") from exc
+        raise LoopgolfError(f"{file}: cannot read Parquet ({first_line(exc)})") from exc
     missing = [name for name in required if name not in table.column_names]
     if missing:
         raise LoopgolfError(f"{file}: missing required column(s) {missing}")
@@ -120,7 +119,7 @@ def _load(
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:  # only extra, unschema'd columns can disagree
-        raise LoopgolfError(f"cannot combine {[str(f) for f in files]}: {_first_line(exc)}") from exc
+        raise LoopgolfError(f"cannot combine {[str(f) for f in files]}: {first_line(exc)}") from exc
     return table.to_pandas(types_mapper=_PANDAS_TYPES.get)
 
 

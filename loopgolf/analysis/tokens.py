@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 
 STREAM_FILE = Path("results") / "eval_stream.parquet"
 LN2 = math.log(2.0)
@@ -59,7 +59,7 @@ def _read(path: Path, schema: pa.Schema) -> pd.DataFrame:
     try:
         table = pq.read_table(path, columns=schema.names)
     except (OSError, pa.ArrowException, KeyError) as exc:
-        raise LoopgolfError(f"{path}: cannot read {schema.names} ({str(exc).splitlines()[0]})") from exc
+        raise LoopgolfError(f"{path}: cannot read {schema.names} ({first_line(exc)})") from exc
     return table.to_pandas()
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loopgolf.atomic import atomic_write
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.arms import arm_of
 from loopgolf.orchestrator.protocol import TrialRequest, trial_key
 from loopgolf.orchestrator.trialdir import (  # noqa: F401  (STATUSES and the file names are part of the ledger's API)
@@ -197,7 +197,7 @@ def _to_arrow(values: pd.Series, type_: pa.DataType | None, name: str) -> pa.Arr
             # timestamps may drop sub-microsecond digits (the schema keeps microseconds)
             return pa.array(values, from_pandas=True).cast(type_, safe=not pa.types.is_timestamp(type_))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise LoopgolfError(f"column {name!r}: cannot store as {type_} ({_first_line(exc)})") from exc
+        raise LoopgolfError(f"column {name!r}: cannot store as {type_} ({first_line(exc)})") from exc
 
 
 def _table_from_frame(df: pd.DataFrame, schema: pa.Schema | None) -> pa.Table:
@@ -241,11 +241,6 @@ def write_table(data: pd.DataFrame | pa.Table, path: str | os.PathLike[str], sch
 # ------------------------------------------------------------------------- reading
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _conform(table: pa.Table, schema: pa.Schema | None, source: str) -> pa.Table:
     """Every schema column present and of its type (typed nulls when absent); extras kept after."""
     if schema is None:
@@ -260,7 +255,7 @@ def _conform(table: pa.Table, schema: pa.Schema | None, source: str) -> pa.Table
                     column = column.cast(field.type)
                 except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                     raise LoopgolfError(
-                        f"{source}: column {field.name!r} is {column.type}, expected {field.type} ({_first_line(exc)})"
+                        f"{source}: column {field.name!r} is {column.type}, expected {field.type} ({first_line(exc)})"
                     ) from exc
             arrays.append(column)
         else:
@@ -436,7 +431,7 @@ def _read_table(path: Path) -> pd.DataFrame | None:
     try:
         return pq.read_table(path).to_pandas()
     except (OSError, pa.ArrowException) as exc:
-        raise LoopgolfError(f"{path}: unreadable ({_first_line(exc)})") from exc
+        raise LoopgolfError(f"{path}: unreadable ({first_line(exc)})") from exc
 
 
 def _upsert(old: pd.DataFrame | None, rows: list[dict[str, Any]], trial_id: str, path: Path, schema: pa.Schema) -> None:
@@ -466,7 +461,7 @@ def ledger_callback(ledger: Ledger) -> Any:
                 else:
                     ledger.record(trial_id)
             except Exception as exc:  # the trial is over; the ledger is rebuilt when the sweep ends
-                print(f"loopgolf: warning: ledger: trial {trial_id}: {_first_line(exc)}", file=sys.stderr)
+                print(f"loopgolf: warning: ledger: trial {trial_id}: {first_line(exc)}", file=sys.stderr)
 
     return ResultsLedger()
 

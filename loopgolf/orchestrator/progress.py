@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from loopgolf.errors import first_line
 from loopgolf.orchestrator.trialdir import (
     PROGRESS_FILE,
     TRIAL_FILE,
@@ -232,7 +233,7 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         rows = pd.read_parquet(ledger.trials_file) if ledger.trials_file.exists() else pd.DataFrame(columns=["status"])
     except (OSError, ValueError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         ledger_problem = f"{ledger.trials_file} is unreadable ({first}); counted from the trial directories"
         trial_rows = ledger.rows()[0]
         rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])

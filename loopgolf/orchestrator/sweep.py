@@ -35,7 +35,7 @@ import yaml
 
 import loopgolf
 from loopgolf.atomic import atomic_write_text
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.lock import sweep_lock
 from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
 
@@ -346,7 +346,7 @@ def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:  # the safe loader: a tag that would construct an object is an error, never run
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise SweepError(f"{path}: not a readable sweep spec ({first})") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping of spec fields")

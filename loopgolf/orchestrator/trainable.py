@@ -48,7 +48,7 @@ import ray
 import torch
 from ray import tune
 
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.trialdir import (
     TRIAL_RECORD,
     append_progress,
@@ -82,7 +82,7 @@ def load_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise LoopgolfError(f"{path}: not a loadable training state ({first})") from None
 
 

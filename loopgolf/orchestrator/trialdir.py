@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loopgolf.atomic import atomic_write_json
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.protocol import RECORD_KEYS
 
 # rejected: predicted over the byte cap, never trained; stopped: by early stopping, before its final metrics
@@ -58,7 +58,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise LoopgolfError(f"{path}: not a readable JSON file ({str(exc).strip().splitlines()[0]})") from None
+        raise LoopgolfError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
     if not isinstance(payload, dict):
         raise LoopgolfError(f"{path}: expected a JSON object, got {type(payload).__name__}")
     return payload

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from loopgolf.atomic import atomic_write
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -146,7 +146,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> object:
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as exc:  # sentencepiece's parse errors are RuntimeError
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"tokenizer {str(path)!r}: not a SentencePiece model ({first})") from None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from loopgolf.errors import first_line
 from loopgolf.trial.data import (
     DataError,
     byte_table,
@@ -232,7 +233,7 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict:
     except FileNotFoundError:
         raise DataError(f"data dir {str(data_dir)!r}: no {MANIFEST} (run `loopgolf data prepare`)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: not valid JSON ({first_line(exc)})") from None
     vocab = manifest.get("tokenizer", {}).get("vocab_size") if isinstance(manifest, dict) else None
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1 or not isinstance(splits, dict):
