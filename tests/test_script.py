@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from loopgolf.orchestrator.protocol import TrialRequest
@@ -352,3 +353,11 @@ def test_a_rerun_starts_afresh_and_keeps_the_earlier_attempt(tmp_path: Path, cor
     assert (directory / "run.1" / "stdout.log").is_file()
     assert (directory / "run" / "final_model.int8.ptz").stat().st_size == 20 and second["model_bytes"] == 20
     assert fresh_run_dir(directory)[0] == 3 and not any((directory / "run").iterdir())
+
+
+def test_a_script_configuration_is_described_by_its_variables() -> None:
+    from loopgolf.analysis.evidence import describe_config
+
+    row = {"kind": "script", "NUM_LAYERS": 9, "MATRIX_LR": 0.04, "EMPTY": None, "val_bpb": 1.2, "n_blocks": None}
+    assert describe_config(row) == "MATRIX_LR=0.04 NUM_LAYERS=9"
+    assert describe_config(pd.Series(row)) == "MATRIX_LR=0.04 NUM_LAYERS=9"

@@ -91,7 +91,8 @@ def describe_config(row: pd.Series | dict) -> str:
         return default if value is None or (not isinstance(value, (list, np.ndarray)) and pd.isna(value)) else value
 
     if get("kind", "builtin") == "script":  # a script trial is its environment: the upper-case columns
-        settings = {k: get(k) for k in row if isinstance(k, str) and k.isupper() and get(k) != "?"}
+        names = row.index if isinstance(row, pd.Series) else list(row)
+        settings = {k: get(k) for k in names if isinstance(k, str) and k.isupper() and get(k) != "?"}
         return " ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "script"
     text = f"d{get('d_model')} {get('n_prelude', 0)}+{get('n_blocks')}x{get('n_passes')}+{get('n_coda', 0)}"
     if get("phase", "none") != "none":
