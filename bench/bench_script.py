@@ -61,7 +61,7 @@ def as_sweep(data: Path, seconds: float, out: Path) -> tuple[float, float]:
     out.mkdir(parents=True)
     path.write_text(yaml.safe_dump(spec), encoding="utf-8")
     start = time.monotonic()
-    subprocess.run([sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(path)], check=True,
+    subprocess.run([sys.executable, "-m", "loopgolf.cli", "sweep", str(path)], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     total = time.monotonic() - start
     metrics = json.loads((out / "bench" / "trials" / "trial_00000" / "metrics.json").read_text())

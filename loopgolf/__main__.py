@@ -2,6 +2,6 @@
 
 import sys
 
-from loopgolf.orchestrator.cli import main
+from loopgolf.cli import main
 
 sys.exit(main())

@@ -347,7 +347,7 @@ def test_welch_matches_scipy_and_summary_ci() -> None:
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    from loopgolf.orchestrator.cli import build_parser  # the CLI over the analysis API
+    from loopgolf.cli import build_parser  # the CLI over the analysis API
 
     return build_parser().parse_args(argv)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loopgolf.orchestrator.cli import build_parser
+from loopgolf.cli import build_parser
 from loopgolf.orchestrator.spec import load_spec
 from loopgolf.trial.config import TrialConfig, load_trial_config
 from tests.conftest import REPO
@@ -123,7 +123,7 @@ def test_every_sub_command_runs_a_function_of_the_cli_module() -> None:
     commands = sorted({row[0] for row in SURFACE})
     for command in commands:
         args = parser.parse_args([*command.split(), *_required_arguments(command)])
-        assert args.run.__module__ == "loopgolf.orchestrator.cli"
+        assert args.run.__module__ == "loopgolf.cli"
         assert args.run.__name__ == "_cmd_" + command.replace(" ", "_")
 
 
@@ -134,7 +134,7 @@ def _required_arguments(command: str) -> list[str]:
 
 
 def test_a_missing_sub_command_is_a_usage_error() -> None:
-    proc = subprocess.run([sys.executable, "-m", "loopgolf.orchestrator.cli"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "loopgolf.cli"], capture_output=True, text=True)
     assert proc.returncode == 2 and "the following arguments are required: command" in proc.stderr
 
 

@@ -196,7 +196,7 @@ def cluster_spec(path: Path, data_dir: Path, storage: Path, num_samples: int, tr
 
 
 def sweep_command(spec: Path, address: str) -> list[str]:
-    return [sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(spec), "--address", address]
+    return [sys.executable, "-m", "loopgolf.cli", "sweep", str(spec), "--address", address]
 
 
 def finished_study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:

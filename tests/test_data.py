@@ -402,7 +402,7 @@ def test_prepare_with_vocab_size_trains_a_challenge_style_tokenizer(
 def test_prepare_cli_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", "data", "prepare", *args, "--out", str(out)],
+        [sys.executable, "-m", "loopgolf.cli", "data", "prepare", *args, "--out", str(out)],
         capture_output=True,
         text=True,
     )
@@ -416,7 +416,7 @@ def test_prepare_cli_writes_shards_and_summary(corpus_data: Path, tmp_path: Path
     out, text = tmp_path / "out", tmp_path / "corpus.txt"
     text.write_text("\n\n".join(t for _, t in default_corpus()), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", "data", "prepare", "--text", str(text),
+        [sys.executable, "-m", "loopgolf.cli", "data", "prepare", "--text", str(text),
          "--tokenizer", str(corpus_data / "tokenizer.model"), "--out", str(out)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

@@ -252,7 +252,7 @@ def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data:
                      "report_every_seconds": 0.5, "checkpoint_every_seconds": 1.0}  # fmt: skip
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(tmp_path / "spec.yaml")],
+        [sys.executable, "-m", "loopgolf.cli", "sweep", str(tmp_path / "spec.yaml")],
         capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

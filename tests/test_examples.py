@@ -47,7 +47,7 @@ REDUCED_SCRIPT = {  # a script sweep's budget: its own seconds and samples, fewe
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", *args], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "loopgolf.cli", *args], capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, f"loopgolf {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc

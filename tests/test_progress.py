@@ -123,7 +123,7 @@ def _captured_mid_run(data: Path, tmp_path: Path) -> tuple[Path, str]:
                       budget={"artifact_bytes": 2_000_000, "train_seconds": 4},
                       search={"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 4})  # fmt: skip
     sweep_dir, captured = storage / "t", tmp_path / "captured"
-    driver = subprocess.Popen([sys.executable, "-m", "loopgolf.orchestrator.cli", "sweep", str(spec)],
+    driver = subprocess.Popen([sys.executable, "-m", "loopgolf.cli", "sweep", str(spec)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -152,7 +152,7 @@ def test_status_of_a_sweep_captured_mid_run(corpus_data: Path, tmp_path: Path) -
     last = [json.loads(line) for line in (trials[running[0]] / "progress.jsonl").read_text().splitlines()
             if line.endswith("}")][-1]  # fmt: skip
     # `status` in a process where importing Ray fails: it must not need it
-    code = ("import sys; sys.modules['ray'] = None; from loopgolf.orchestrator.cli import main; "
+    code = ("import sys; sys.modules['ray'] = None; from loopgolf.cli import main; "
             f"sys.exit(main(['status', {str(captured)!r}]))")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

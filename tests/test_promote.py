@@ -80,7 +80,7 @@ def _digest(root: Path) -> str:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loopgolf.orchestrator.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "loopgolf.cli", *args], capture_output=True, text=True,
                           timeout=900, cwd=REPO)  # fmt: skip
 
 

@@ -44,7 +44,7 @@ def _spec(tmp_path: Path, data: Path, **changes: Any) -> Path:
 
 def _cli(*args: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115  (closed by the child's exit)
-    return subprocess.Popen([sys.executable, "-m", "loopgolf.orchestrator.cli", *args], stdout=out,
+    return subprocess.Popen([sys.executable, "-m", "loopgolf.cli", *args], stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
 
 

@@ -60,7 +60,7 @@ def write_spec(path: Path, data_dir: Path, storage: Path, **changes: Any) -> Pat
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "loopgolf.cli", *args], capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -81,7 +81,7 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 def test_bad_specs_fail_with_one_line_and_leave_no_sweep_dir(
     corpus_data: Path, tmp_path: Path, changes: dict[str, Any], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loopgolf.orchestrator.cli import main
+    from loopgolf.cli import main
 
     storage = tmp_path / "sweeps"
     spec = write_spec(tmp_path / "spec.yaml", corpus_data, storage, **changes)
@@ -146,7 +146,7 @@ def _start(log: Path, *args: str, env: dict[str, str] | None = None) -> subproce
     """A driver in its own process group; its output goes to a file (a pipe could fill and block it)."""
     with log.open("w") as out:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "loopgolf.orchestrator.cli", *args],
+            [sys.executable, "-m", "loopgolf.cli", *args],
             stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env,
         )  # fmt: skip
     driver.log = log  # type: ignore[attr-defined]
@@ -472,7 +472,7 @@ def test_resume_set_narrows_a_range_and_records_it(corpus_data: Path, tmp_path: 
 def test_resume_set_refused_on_the_command_line_changes_nothing(
     corpus_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from loopgolf.orchestrator.cli import main
+    from loopgolf.cli import main
 
     spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
     sweep_dir = Path(spec.sweep_dir)

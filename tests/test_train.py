@@ -96,7 +96,7 @@ def test_twenty_second_trial_beats_unigram_and_artifact_eval_reproduces_it(
     assert saved["val_bpb"] == metrics["val_bpb"]
 
     proc = subprocess.run(
-        [sys.executable, "-m", "loopgolf.orchestrator.cli", "artifact", "eval", str(artifact),
+        [sys.executable, "-m", "loopgolf.cli", "artifact", "eval", str(artifact),
          "--data", str(corpus_data)],
         capture_output=True, text=True, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )  # fmt: skip
@@ -181,7 +181,7 @@ def test_a_trial_is_feasible_only_within_both_caps(
 
 
 def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_data: Path, tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "loopgolf.orchestrator.cli", "trial", str(REPO / "examples" / "trial_tiny.yaml"),
+    cli = [sys.executable, "-m", "loopgolf.cli", "trial", str(REPO / "examples" / "trial_tiny.yaml"),
            "--data", str(corpus_data), "--out", str(tmp_path / "cli")]  # fmt: skip
     bad = subprocess.run([*cli, "--set", "n_blockz=3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown config field 'n_blockz'" in bad.stderr

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from loopgolf.analysis import plots
+from loopgolf.analysis.parts import Front, Section, cell, visible
 
 if TYPE_CHECKING:
     from loopgolf.analysis.evidence import ReportConfig
-    from loopgolf.analysis.report import Front, Section
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -32,14 +32,12 @@ img { max-width: 100%; }
 
 
 def _table(table: pd.DataFrame, max_rows: int) -> str:
-    from loopgolf.analysis.report import _cell, visible
-
     table = visible(table)
     if table.empty:
         return "<p><em>(no rows)</em></p>"
     head = "".join(f"<th>{html_lib.escape(str(c))}</th>" for c in table.columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html_lib.escape(_cell(v).replace(chr(92) + '|', '|'))}</td>" for v in row) + "</tr>"
+        "<tr>" + "".join(f"<td>{html_lib.escape(cell(v).replace(chr(92) + '|', '|'))}</td>" for v in row) + "</tr>"
         for row in table.head(max_rows).itertuples(index=False)
     )
     more = f"<p><em>{len(table) - max_rows} more rows not shown.</em></p>" if len(table) > max_rows else ""

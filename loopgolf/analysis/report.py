@@ -11,14 +11,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from loopgolf.analysis import html_report, plots
 from loopgolf.analysis.evidence import METRIC, ReportConfig, competing, describe_config, group_columns
 from loopgolf.analysis.pareto import pareto_front
+from loopgolf.analysis.parts import Front, Section, md_table
 from loopgolf.analysis.questions import (
-    Answer,
     after_compression,
     routed_vs_controls,
     routing_overhead,
@@ -48,64 +47,6 @@ def front_table(df: pd.DataFrame, objectives: dict[str, str]) -> pd.DataFrame:
     front = pareto_front(df, objectives)  # type: ignore[arg-type]
     front = front.assign(config=[describe_config(row) for _, row in front.iterrows()])
     return front[[c for c in _FRONT_COLUMNS if c in front]].reset_index(drop=True)
-
-
-# ------------------------------------------------------------------------- Markdown
-
-
-def _cell(value: object) -> str:
-    if value is None or (not isinstance(value, (list, np.ndarray)) and pd.isna(value)):
-        return "–"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        if value.is_integer() and abs(value) >= 1e3:
-            return f"{value:,.0f}" if abs(value) < 1e7 else f"{value:.4g}"
-        return f"{value:.3g}" if abs(value) >= 1e3 or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def visible(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader sees (`_`-prefixed ones feed the plots)."""
-    return table[[c for c in table.columns if not str(c).startswith("_")]]
-
-
-def md_table(table: pd.DataFrame, max_rows: int | None = None) -> str:
-    """A GitHub-flavoured Markdown table (no dependency on `tabulate`)."""
-    table = visible(table)
-    if table.empty:
-        return "_(no rows)_"
-    shown = table if max_rows is None else table.head(max_rows)
-    lines = ["| " + " | ".join(map(str, shown.columns)) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    if max_rows is not None and len(table) > max_rows:
-        lines.append(f"\n_{len(table) - max_rows} more rows not shown._")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------- assembly
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-    """One section as both renderers need it: the answer, its PNG (file name and bytes)."""
-
-    answer: Answer
-    png_name: str | None
-    png: bytes | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Front:
-    name: str
-    x: str
-    table: pd.DataFrame  # front_table rows
-    rows: pd.DataFrame  # all competing trials with a value of x
-    front_rows: pd.DataFrame
-    png: bytes | None
 
 
 def _load(dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, dict[str, Path], pd.DataFrame | None]:

@@ -186,7 +186,7 @@ def sweep_progress(sweep_dir: str | os.PathLike[str], name: str, total: int, max
 
 def live_progress(sweep_dir: str | os.PathLike[str]) -> SweepProgress:
     """The progress of the sweep in `sweep_dir`, sized by its saved spec."""
-    from loopgolf.orchestrator.sweep import planned_total, read_sweep_spec
+    from loopgolf.orchestrator.sweepdir import planned_total, read_sweep_spec
 
     spec = read_sweep_spec(sweep_dir)
     return sweep_progress(sweep_dir, spec.name, planned_total(sweep_dir, spec), spec.max_concurrent)
@@ -222,7 +222,7 @@ def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
     from loopgolf.orchestrator.ledger import Ledger
     from loopgolf.orchestrator.study import final_trials
-    from loopgolf.orchestrator.sweep import planned_total_reader, read_sweep_spec
+    from loopgolf.orchestrator.sweepdir import planned_total_reader, read_sweep_spec
 
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)

@@ -35,20 +35,23 @@ import yaml
 
 import loopgolf
 from loopgolf.atomic import atomic_write_text
-from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.lock import sweep_lock
-from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
+from loopgolf.orchestrator.spec import SweepSpec
+from loopgolf.orchestrator.sweepdir import (
+    SPEC_FILE,
+    STUDY_FILE,
+    SweepError,
+    planned_total,
+    planned_total_reader,
+    read_sweep_raw,
+    read_sweep_spec,
+)
 
-SPEC_FILE = "spec.yaml"
 TUNE_DIR = "tune"
 # What the Tune trial of a data-parallel trial (workers > 1) reserves for itself: it only drives Ray Train.
 DRIVER_MEMORY_BYTES = 64 * 2**20
 # Exit statuses of `sweep` / `resume` (docs: README and the CLI's help).
 EXIT_OK, EXIT_TRIALS_RAISED, EXIT_SEARCHER_FAILED = 0, 1, 3
-
-
-class SweepError(LoopgolfError):
-    """A sweep directory is missing, or not in the state the command needs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +111,7 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         spec.objectives,
         seeds=spec.seeds,
         num_samples=spec.num_samples,
-        storage=f"sqlite:///{sweep_dir / 'optuna.db'}",
+        storage=f"sqlite:///{sweep_dir / STUDY_FILE}",
         study_name=spec.name,
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
         space=space,
@@ -116,19 +119,6 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         promoted=(spec.promotion or {}).get("configs", ()),
         fidelity=json.dumps(spec.promotion["fidelity"], sort_keys=True) if spec.promotion else None,
     )
-
-
-def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
-    """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
-    has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
-    return planned_total_reader(sweep_dir, spec)()
-
-
-def planned_total_reader(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> Any:
-    """A PlannedTotal for this sweep: the study loaded once, re-read at every call."""
-    from loopgolf.orchestrator.study import PlannedTotal
-
-    return PlannedTotal(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
 
 
 def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
@@ -285,7 +275,7 @@ def outcome(spec: SweepSpec, sweep_dir: Path, ledger: Any, searcher_error: str |
 
     ledger.rebuild()  # the ledger from the truth, whatever happened to it meanwhile
     finished = ledger.finished_dirs()
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / STUDY_FILE}")
     open_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     unfinished = {t.user_attrs.get(KEY, t.number) for t in study.get_trials(deepcopy=False, states=open_states)}
     return SweepOutcome(
@@ -330,29 +320,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:
         return _drive(spec, sweep_dir, address)
 
 
-def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
-    from loopgolf.orchestrator.extend import HISTORY
-
-    raw = read_sweep_raw(sweep_dir)
-    raw.pop(HISTORY, None)  # what `resume --set` changed, and when (extend.py)
-    return spec_from_dict(raw)
-
-
-def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """spec.yaml as written: the spec's fields and its history."""
-    path = Path(sweep_dir) / SPEC_FILE
-    if not path.is_file():
-        raise SweepError(f"{str(sweep_dir)!r} is not a sweep directory (no {SPEC_FILE})")
-    try:  # the safe loader: a tag that would construct an object is an error, never run
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = first_line(exc)
-        raise SweepError(f"{path}: not a readable sweep spec ({first})") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: expected a mapping of spec fields")
-    return raw
-
-
 def resume_sweep(
     sweep_dir: str | os.PathLike[str], address: str | None = None, sets: Sequence[str] = ()
 ) -> SweepOutcome:
@@ -366,7 +333,7 @@ def resume_sweep(
     if sets:
         extended_raw(read_sweep_raw(sweep_dir), sets)  # a refused change fails before the lock is taken
     with sweep_lock(sweep_dir):
-        if not (sweep_dir / "optuna.db").is_file():
+        if not (sweep_dir / STUDY_FILE).is_file():
             raise SweepError(f"{str(sweep_dir)!r} has no study (optuna.db) yet: start it again with `loopgolf sweep`")
         if sets:
             stored = read_sweep_raw(sweep_dir)

@@ -1,0 +1,60 @@
+"""The sweep directory as the sweep's commands read it: its spec and its planned total.
+
+    spec.yaml             the resolved spec (what `resume` rebuilds the Tuner from)
+    optuna.db             the Optuna study
+
+Kept apart from sweep.py (which builds and runs the Tuner) so that `status` and the
+progress line read a sweep without importing Ray, and so that nothing that sweep.py
+imports needs sweep.py back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loopgolf.errors import LoopgolfError, first_line
+from loopgolf.orchestrator.extend import HISTORY
+from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
+from loopgolf.orchestrator.study import PlannedTotal
+
+SPEC_FILE = "spec.yaml"
+STUDY_FILE = "optuna.db"
+
+
+class SweepError(LoopgolfError):
+    """A sweep directory is missing, or not in the state the command needs."""
+
+
+def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
+    raw = read_sweep_raw(sweep_dir)
+    raw.pop(HISTORY, None)  # what `resume --set` changed, and when (extend.py)
+    return spec_from_dict(raw)
+
+
+def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """spec.yaml as written: the spec's fields and its history."""
+    path = Path(sweep_dir) / SPEC_FILE
+    if not path.is_file():
+        raise SweepError(f"{str(sweep_dir)!r} is not a sweep directory (no {SPEC_FILE})")
+    try:  # the safe loader: a tag that would construct an object is an error, never run
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise SweepError(f"{path}: not a readable sweep spec ({first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping of spec fields")
+    return raw
+
+
+def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
+    """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
+    has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
+    return planned_total_reader(sweep_dir, spec)()
+
+
+def planned_total_reader(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTotal:
+    """A PlannedTotal for this sweep: the study loaded once, re-read at every call."""
+    return PlannedTotal(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
