@@ -56,6 +56,14 @@ def _mixed(cache: RecordKV, mask: Tensor) -> Callable[[Tensor, Tensor, Tensor], 
     return attend
 
 
+def _pass_part(model: RecurrentLM, p: int | None, j: int) -> torch.nn.Module | None:
+    """Partial sharing, by definition: pass p >= 1 of core block j uses its own untied attention
+    or MLP; pass 0 (and everything under share all) the block's own."""
+    if p is None or p == 0 or model.config.share == "all":
+        return None
+    return model.untied[f"pass{p}"][j]
+
+
 def dense_refined_logits(model: RecurrentLM, idx: Tensor, mask: Tensor, fresh: Tensor | None = None) -> Tensor:
     """The refined forward's logits by definition: every position computed, selected ones kept.
 
@@ -86,7 +94,8 @@ def dense_refined_logits(model: RecurrentLM, idx: Tensor, mask: Tensor, fresh: T
         if p is not None and j == 0:
             x = model.phase.start(x, p)
         attend = caches.setdefault(i, RecordKV()) if i >= last_pass else causal_attend
-        x = block(x, x0, cos, sin, attend, model.phase.cond(p, j) if p is not None else NO_COND)
+        x = block(x, x0, cos, sin, attend, model.phase.cond(p, j) if p is not None else NO_COND,
+                  _pass_part(model, p, j))
         if i < n_enc:
             stack.append(x)
         if i == first_coda - 1:
@@ -96,7 +105,9 @@ def dense_refined_logits(model: RecurrentLM, idx: Tensor, mask: Tensor, fresh: T
         p = c.n_passes + r
         h = model.phase.start(h, p)
         for j, block in enumerate(model.core):
-            h = block(h, x0, cos, sin, _mixed(caches[last_pass + j], fresh), model.phase.cond(p, j))
+            # a refinement pass reuses the last base pass's untied parts (refinement stores no weights)
+            own = _pass_part(model, c.n_passes - 1, j)
+            h = block(h, x0, cos, sin, _mixed(caches[last_pass + j], fresh), model.phase.cond(p, j), own)
     for i, block in enumerate(model.coda):
         if coda_addends[i] is not None:
             h = h + coda_addends[i]
@@ -182,19 +193,29 @@ rows_strategy = st.lists(
     unet_skips=st.booleans(),
     phase=st.sampled_from(["none", "scale", "lora", "embed"]),
     refine_passes=st.integers(1, 2),
+    share=st.sampled_from(["all", "attn", "mlp"]),
     rows=rows_strategy,
     seed=st.integers(0, 2**16),
 )
 def test_gathered_refinement_equals_the_dense_oracle(
     batch: int, seq_len: int, heads: tuple[int, int], n_prelude: int, n_blocks: int, n_passes: int, n_coda: int,
-    unet_skips: bool, phase: str, refine_passes: int, rows: list[tuple[float, float, float]], seed: int,
+    unet_skips: bool, phase: str, refine_passes: int, share: str, rows: list[tuple[float, float, float]], seed: int,
 ) -> None:
     config = tiny(
         seq_len=seq_len, n_heads=heads[0], n_kv_heads=heads[1], n_prelude=n_prelude, n_blocks=n_blocks,
         n_passes=n_passes, n_coda=n_coda, unet_skips=unet_skips, phase=phase, refine_passes=refine_passes,
-        lora_rank=2,
+        lora_rank=2, share=share,
     )
     check(config, row_masks(batch, seq_len, [(d, min(lo, hi), max(lo, hi)) for d, lo, hi in rows], seed), seed)
+
+
+@pytest.mark.parametrize("share", ["attn", "mlp"])
+def test_each_partial_sharing_mode_equals_the_dense_oracle(share: str) -> None:
+    """Three passes, two blocks, two refinement passes: every untied part is used, and the
+    refinement passes must take the last base pass's (the oracle's definition)."""
+    config = tiny(seq_len=65, n_heads=4, n_kv_heads=2, n_blocks=2, n_passes=3, n_coda=1, refine_passes=2,
+                  phase="lora", lora_rank=2, share=share)  # fmt: skip
+    check(config, row_masks(3, 65, [(0.3, 0.0, 1.0), (0.9, 0.5, 1.0), (0.05, 0.0, 0.4)], seed=5))
 
 
 def test_largest_shape_with_imbalanced_rows() -> None:

@@ -62,8 +62,12 @@ def _q1_subsets(looped: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     blocks = int_column(looped, "n_blocks", 1)
     width = int_column(looped, "d_model", 0)
     median = float(width.median()) if len(width) else 0.0
+    share = looped["share"].fillna("all") if "share" in looped else pd.Series("all", index=looped.index)
     return [
         ("all looped", looped),
+        ("fully shared (share all)", looped[share == "all"]),
+        ("attention shared, MLP per pass (share attn)", looped[share == "attn"]),
+        ("MLP shared, attention per pass (share mlp)", looped[share == "mlp"]),
         ("strict sharing (phase none)", looped[phase == "none"]),
         ("relaxed (per-pass phase)", looped[phase != "none"]),
         ("single block", looped[blocks == 1]),
@@ -74,7 +78,7 @@ def _q1_subsets(looped: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def shared_vs_unique(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) -> Answer:
-    """Looped without refinement vs unique depth, per group, split by phase mode, blocks and width."""
+    """Looped without refinement vs unique depth, per group, split by share mode, phase mode, blocks and width."""
     passes, refine = int_column(rows, "n_passes", 1), int_column(rows, "refine_passes", 0)
     out: list[dict[str, object]] = []
     for group, part in budget_groups(rows):

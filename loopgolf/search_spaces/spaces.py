@@ -75,6 +75,7 @@ SHARED_VS_UNIQUE: Space = {
     "n_prelude": Choice((0, 1)),
     "n_coda": Choice((0, 1)),
     "d_model": Choice((64, 96, 128, 192, 256)),
+    "share": Choice(("all", "attn", "mlp")),  # what the passes share; the rest is per pass
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),

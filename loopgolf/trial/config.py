@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 from loopgolf.errors import LoopgolfError
 
 PhaseMode = Literal["none", "scale", "lora", "embed"]
+ShareMode = Literal["all", "attn", "mlp"]  # what the looped core's passes share (the rest is per pass)
 RouterSignal = Literal["entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random"]
 Activation = Literal["relu2", "gelu", "silu"]
 QatMode = Literal["none", "noise", "ste"]
@@ -93,6 +94,9 @@ class ModelConfig:
     rope_base: float = 10_000.0
     seq_len: int = 256
     loop_start: float = 0.0  # fraction of the training budget before the core loops
+    # What the core's passes share: all (whole blocks), attn (attention shared, an MLP per pass:
+    # "untie the repeated MLPs"), mlp (the MLP shared, an attention per pass). Prelude and coda are unique.
+    share: ShareMode = "all"
     phase: PhaseMode = "none"
     lora_rank: int = 4
     refine_passes: int = 0  # extra core applications on selected tokens

@@ -67,6 +67,19 @@ def _block(prefix: str, c: ModelConfig) -> list[TensorSpec]:
     return [TensorSpec(f"{prefix}.{name}", shape) for name, shape in shapes.items()]
 
 
+def _untied(c: ModelConfig) -> list[TensorSpec]:
+    """The per-pass parts partial sharing stores (model.untied_parts): passes 1.. of each core block."""
+    if c.share == "all" or c.n_passes == 1:
+        return []
+    part = "mlp" if c.share == "attn" else "attn"
+    specs = []
+    for p in range(1, c.n_passes):
+        for j in range(c.n_blocks):
+            specs += [TensorSpec(f"untied.pass{p}.{j}.{s.name.split('.', 3)[3]}", s.shape)
+                      for s in _block(f"x.{j}", c) if s.name.startswith(f"x.{j}.{part}.")]  # fmt: skip
+    return specs
+
+
 def _phase(c: ModelConfig) -> list[TensorSpec]:
     n_index, d = c.n_passes + c.refine_passes, c.d_model
     if c.phase == "scale":
@@ -89,6 +102,7 @@ def inventory(c: ModelConfig) -> tuple[TensorSpec, ...]:
     specs = [TensorSpec("tok_emb.weight", (c.vocab_size, c.d_model))]
     for part, n in (("prelude", c.n_prelude), ("core", c.n_blocks), ("coda", c.n_coda)):
         specs += [spec for i in range(n) for spec in _block(f"{part}.{i}", c)]
+    specs += _untied(c)
     if c.unet_skips and c.effective_depth // 2:
         specs.append(TensorSpec("skip_weights", (c.effective_depth // 2, c.d_model)))
     specs += _phase(c)

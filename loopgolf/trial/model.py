@@ -168,15 +168,32 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(c.d_model), torch.zeros(c.d_model))))
 
     def forward(
-        self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, attend: Attend, cond: PassCond = NO_COND
+        self, x: Tensor, x0: Tensor, cos: Tensor, sin: Tensor, attend: Attend, cond: PassCond = NO_COND,
+        own: Untied | None = None,
     ) -> Tensor:
+        """`own`: this pass's untied attention or MLP, in place of the block's (share attn / mlp)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         attn_scale, mlp_scale = self.attn_scale, self.mlp_scale
         if cond.gain is not None:
             attn_scale, mlp_scale = attn_scale * cond.gain, mlp_scale * cond.gain
-        x = x + attn_scale.to(x.dtype) * self.attn(rms_norm(x), cos, sin, attend, cond)
-        return x + mlp_scale.to(x.dtype) * self.mlp(rms_norm(x), cond.lora_fc)
+        attn = own if isinstance(own, Attention) else self.attn
+        mlp = own if isinstance(own, MLP) else self.mlp
+        x = x + attn_scale.to(x.dtype) * attn(rms_norm(x), cos, sin, attend, cond)
+        return x + mlp_scale.to(x.dtype) * mlp(rms_norm(x), cond.lora_fc)
+
+
+Untied = nn.Module  # an Attention or MLP of one (pass, core block): what `share` leaves per pass
+
+
+def untied_parts(c: ModelConfig) -> nn.ModuleDict:
+    """The core's per-pass parts under partial sharing: `pass<p>` (p >= 1) holds, per core block,
+    its own MLP (share attn) or attention (share mlp); pass 0 uses the block's. Empty for
+    share all, or a core that runs once. State-dict names say the pass: untied.pass1.0.fc.weight."""
+    if c.share == "all" or c.n_passes == 1:
+        return nn.ModuleDict()
+    part = MLP if c.share == "attn" else Attention
+    return nn.ModuleDict({f"pass{p}": nn.ModuleList(part(c) for _ in range(c.n_blocks)) for p in range(1, c.n_passes)})
 
 
 # --------------------------------------------------------------- 2. phase conditioning
@@ -316,6 +333,7 @@ class RecurrentLM(nn.Module):
         self.prelude = nn.ModuleList(Block(c) for _ in range(c.n_prelude))
         self.core = nn.ModuleList(Block(c) for _ in range(c.n_blocks))
         self.coda = nn.ModuleList(Block(c) for _ in range(c.n_coda))
+        self.untied = untied_parts(c)
         n_skips = c.effective_depth // 2 if c.unet_skips else 0  # min(encoder, decoder) layers
         self.skip_weights = nn.Parameter(torch.ones(n_skips, c.d_model)) if n_skips else None
         self.phase = Phase(c)
@@ -353,9 +371,21 @@ class RecurrentLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def effective_params(self) -> int:
-        """Parameters of the unrolled base path: core blocks counted n_passes times."""
+        """Parameters of the unrolled base path: what the passes share counted n_passes times
+        (each pass's untied parts are already counted once, as stored)."""
         core = sum(p.numel() for p in self.core.parameters())
+        if len(self.untied):  # pass 0's own parts are in the core blocks; they are not shared
+            kind = "mlp" if self.config.share == "attn" else "attn"
+            core -= sum(p.numel() for block in self.core for p in getattr(block, kind).parameters())
         return self.unique_params() + (self.config.n_passes - 1) * core
+
+    def own_parts(self, p: int, j: int) -> Untied | None:
+        """Core block j's untied part in pass p (None: the block's own, as in pass 0 and share all).
+        A refinement pass (p >= n_passes) uses the last base pass's: refinement stores nothing."""
+        if not len(self.untied):
+            return None
+        p = min(p, self.n_passes_used - 1)
+        return self.untied[f"pass{p}"][j] if p >= 1 else None
 
     def _rope(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
         if torch.compiler.is_compiling():  # in the graph: a cache filled while tracing would recompile
@@ -390,7 +420,7 @@ class RecurrentLM(nn.Module):
             x = self.phase.start(x, p)
             for j, block in enumerate(self.core):
                 attend = core_kv[j] if core_kv and p == passes - 1 else causal_attend
-                x = unet(block, x, x0, cos, sin, attend, self.phase.cond(p, j))
+                x = unet(block, x, x0, cos, sin, attend, self.phase.cond(p, j), self.own_parts(p, j))
         h_last = x
         coda_kv = [RecordKV() for _ in self.coda] if record_kv else []
         for i, block in enumerate(self.coda):
@@ -523,7 +553,7 @@ class RecurrentLM(nn.Module):
             p = c.n_passes + r
             h = self.phase.start(h, p)
             for j, block in enumerate(self.core):
-                h = block(h, x0s, cs, sn, sel.attend(base.core_kv[j]), self.phase.cond(p, j))
+                h = block(h, x0s, cs, sn, sel.attend(base.core_kv[j]), self.phase.cond(p, j), self.own_parts(p, j))
         for i, block in enumerate(self.coda):
             skip = base.coda_skips[i]
             if skip is not None:
