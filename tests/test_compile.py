@@ -59,8 +59,9 @@ def losses_by_step(config: Any, data: Path, out: Path, on_report: Any = None) ->
     return losses
 
 
+@pytest.mark.parametrize("share", ["all", "mlp"])  # mlp: an untied attention per pass, K/V recorded from it
 def test_a_compiled_routed_trial_builds_a_bounded_set_of_graphs_before_the_clock_and_matches_eager(
-    corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: str
 ) -> None:
     counter = GraphCounter()
     monkeypatch.setattr(train, "COMPILE_BACKEND", counter)
@@ -75,7 +76,7 @@ def test_a_compiled_routed_trial_builds_a_bounded_set_of_graphs_before_the_clock
 
     monkeypatch.setattr(RecurrentLM, "_read_rung", recording)
     graphs_on_the_clock: list[int] = []
-    compiled = losses_by_step(routed(compile="on"), corpus_data, tmp_path / "compiled",
+    compiled = losses_by_step(routed(compile="on", share=share), corpus_data, tmp_path / "compiled",
                               on_report=lambda: graphs_on_the_clock.append(counter.graphs))
     ladder = RecurrentLM(routed().model).refine_capacities(routed().model.seq_len)
     assert len(ladder) == 4
@@ -86,7 +87,7 @@ def test_a_compiled_routed_trial_builds_a_bounded_set_of_graphs_before_the_clock
     primed, clock = rungs[: 2 * len(ladder)], rungs[2 * len(ladder) :]
     assert primed == list(ladder) * 2 and len(clock) == 8 and set(clock) <= set(ladder)
 
-    eager = losses_by_step(routed(compile="off"), corpus_data, tmp_path / "eager")
+    eager = losses_by_step(routed(compile="off", share=share), corpus_data, tmp_path / "eager")
     assert compiled == pytest.approx(eager, rel=1e-4)  # padded and gathered layouts agree to rounding (7e-6 seen)
     assert len(set(eager)) == 8
 
