@@ -267,3 +267,58 @@ def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data:
     assert {"train_loss", "quick_val_bpb"} <= set(curves["metric"]) and curves["step"].nunique() >= 3
     # rank 0's resumable state: Ray Train checkpoints in the trial's directory, found again by name on a restart
     assert list(sweep_dir.glob("trials/*/train/checkpoint_*/training_state.pt"))
+
+
+# --------------------------------------------------------------------- sharded Muon
+
+SHAPES = [(48, 32), (32, 32), (16, 32), (64, 16), (32, 48)]  # five matrices: shares of 3/2 (world 2), 2/2/1 (3)
+
+
+def _muon_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in SHAPES]
+
+
+def _muon_steps(params: list[torch.nn.Parameter], steps: int, parallel: DataParallel | None) -> torch.optim.Muon:
+    """`steps` Muon steps on gradients every rank computes alike (a fixed function of step and matrix)."""
+    muon = torch.optim.Muon(params, lr=0.05, weight_decay=0.01, momentum=0.95, adjust_lr_fn="original")
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        if parallel is None:
+            muon.step()
+        else:
+            parallel.step_sharded(muon)
+        muon.zero_grad(set_to_none=True)
+    return muon
+
+
+def _sharded_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        parallel = DataParallel.from_process_group()
+        params = _muon_params()
+        muon = _muon_steps(params, 4, parallel)
+        stepped = [i for i, p in enumerate(params) if "momentum_buffer" in muon.state.get(p, {})]
+        parallel.gather_optimizer_state(muon)
+        whole = [muon.state[p]["momentum_buffer"] for p in params]
+        torch.save({"params": [p.detach() for p in params], "stepped": stepped, "momentum": whole},
+                   Path(out, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_muon_equals_one_process_and_each_rank_steps_only_its_share(world: int, tmp_path: Path) -> None:
+    single_params = _muon_params()
+    single = _muon_steps(single_params, 4, None)
+    mp.spawn(_sharded_rank, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["stepped"] == [i for i in range(len(SHAPES)) if i % world == rank]  # its share, no other
+        for mine, one in zip(got["params"], single_params, strict=True):
+            torch.testing.assert_close(mine, one.detach(), rtol=0, atol=0)  # the same arithmetic, per matrix
+        for mine, p in zip(got["momentum"], single_params, strict=True):  # rank 0's checkpoint copy is whole
+            torch.testing.assert_close(mine, single.state[p]["momentum_buffer"], rtol=0, atol=0)

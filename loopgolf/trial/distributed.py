@@ -4,17 +4,22 @@
     run_trial(config, data_dir, out_dir, reporter, parallel=parallel)
 
 The trial stays one Python function; a rank differs from the single-process run in
-five places only, all here:
+six places only, all here:
 
 - Data: every rank draws the same global batch (`TrainBatches.batch(step)`, a pure
   function of seed and step) and keeps its contiguous slice of rows, so the data order
   is that of one process with the same `batch_size`. `batch_size % world_size == 0`.
 - Gradients: averaged over ranks after backward, in one flat all-reduce. The loss is a
   mean over equally many tokens per rank, so the average of the ranks' gradients is the
-  gradient of the global batch, and Muon / AdamW (run whole on every rank) see exactly
-  the single-process gradient. A parameter no rank computed a gradient for keeps `None`
-  (the optimizers skip it, as in one process); one that only some ranks touched counts
-  zeros from the others.
+  gradient of the global batch, and the optimizers see exactly the single-process
+  gradient. A parameter no rank computed a gradient for keeps `None` (the optimizers
+  skip it, as in one process); one that only some ranks touched counts zeros from the
+  others.
+- Muon is sharded (`step_sharded`): each rank orthogonalizes its share of the block
+  matrices (matrix i on rank i mod world, as the challenge deals them) and one
+  all-reduce gathers the stepped matrices; AdamW (the small tensors) runs whole on every
+  rank. Before a checkpoint the ranks complete rank 0's copy of the momentum buffers
+  (`gather_optimizer_state`), so a resumed run continues exactly.
 - Agreement: after every step the ranks exchange (loss, step time, float buffers) in one
   small collective. All ranks then hold the mean loss, the slowest rank's step time (so
   the clock, hence the stopping step, report and checkpoint times, and the LR schedule,
@@ -144,6 +149,57 @@ class DataParallel:
             if any_grad > 0:
                 p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
             offset += n
+
+    # ---- Muon, sharded: each rank orthogonalizes its share of the matrices
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank steps matrix `index` of the Muon group (round robin, as the challenge deals them)."""
+        return index % self.world_size == self.rank
+
+    def step_sharded(self, optimizer: torch.optim.Optimizer) -> None:
+        """One step of `optimizer` (Muon) on this rank's share, then the new values to every rank.
+
+        The other matrices' gradients are set aside (the optimizer skips a parameter without
+        one, and keeps no momentum for it), so each rank runs Newton-Schulz on 1/world of the
+        matrices. Then one all-reduce gathers the stepped values: each rank contributes its
+        own and zeros elsewhere, and x + 0 = x exactly, so every replica holds the owner's
+        result bit for bit, which is the single-process step (Muon treats each matrix alone).
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, p in enumerate(params):
+            if not self.owns(index):
+                p.grad = None
+        optimizer.step()
+        self._gather_owned([p.data for p in params])
+
+    def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, key: str = "momentum_buffer") -> None:
+        """Complete every rank's copy of a sharded optimizer's per-matrix state (before a checkpoint:
+        rank 0's state then resumes every rank exactly). A matrix no rank has stepped yet has none."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        present = torch.tensor([float(key in optimizer.state.get(p, {})) for p in params], device=params[0].device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
+        stepped = [p for p, flag in zip(params, present.tolist(), strict=True) if flag]
+        for p in stepped:
+            optimizer.state[p].setdefault(key, torch.zeros_like(p))
+        owned = {id(p) for index, p in enumerate(params) if self.owns(index)}
+        buffers = [optimizer.state[p][key] for p in stepped]
+        self._gather_owned(buffers, mine=[id(p) in owned for p in stepped])
+
+    def _gather_owned(self, tensors: Sequence[torch.Tensor], mine: Sequence[bool] | None = None) -> None:
+        """Every rank's owned tensors to every rank, in one flat all-reduce (non-owners send zeros)."""
+        if not tensors:
+            return
+        mine = [self.owns(i) for i in range(len(tensors))] if mine is None else mine
+        pieces = [t.reshape(-1).float() if own else torch.zeros(t.numel(), device=t.device)
+                  for t, own in zip(tensors, mine, strict=True)]  # fmt: skip
+        flat = torch.cat(pieces)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
 
     def barrier(self, device: torch.device) -> None:
         """Wait for every rank (a one-element all-reduce on the training device: any backend, no warnings)."""

@@ -411,7 +411,10 @@ def _step(run: _Run, scale: float) -> None:
     if config.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
     for opt in run.optimizers:
-        opt.step()
+        if run.parallel is not None and isinstance(opt, torch.optim.Muon):
+            run.parallel.step_sharded(opt)  # this rank's share of Newton-Schulz; the rest gathered
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
     run.pending_loss = run.pending_loss + mean_loss
     run.pending_refined = run.pending_refined + refine_fraction
@@ -454,6 +457,10 @@ def _report(run: _Run, reporter: Reporter, scale: float, checkpoint: bool) -> No
         quick = evaluate(run.model, run.val.quick_val, run.val.table, batch_size=run.config.train.batch_size,
                          device=run.device)
         progress["quick_val_bpb"] = quick.val_bpb
+    if checkpoint and run.parallel is not None:  # every rank: rank 0's copy of the sharded Muon state, whole
+        for opt in run.optimizers:
+            if isinstance(opt, torch.optim.Muon):
+                run.parallel.gather_optimizer_state(opt)
     reporter(progress, run.training_state() if checkpoint and run.is_main else None)
     if run.parallel is not None:  # rank 0's quick eval and checkpoint stay off every rank's clock
         run.parallel.barrier(run.device)
