@@ -2,7 +2,8 @@
 
     name: smoke
     data: runs/demo/data            # a prepared data dir (relative to the current directory)
-    storage: runs/sweeps            # the sweep lives in <storage>/<name>; or an object-store URI
+    storage: runs/sweeps            # the sweep lives in <storage>/<name>: a local path (run_sweep
+                                    # refuses a URI such as s3://...; object stores are not supported)
     space: shared_vs_unique         # a named space (loopgolf.search_spaces.spaces)
     overrides: {n_passes: [1, 2]}   # fix a field, narrow a range, replace or add choices
     base: {preset: tiny, batch_size: 16}   # fixed trial fields under the sampled ones

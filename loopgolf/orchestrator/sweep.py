@@ -7,7 +7,8 @@ The sweep directory `<storage>/<name>/` is the whole state of one sweep:
     optuna.db             the Optuna study (sqlite; `optuna-dashboard sqlite:///...optuna.db`)
     mlflow.db             MLflow's tracking store, unless the spec names a server
     trials/<trial_id>/    each trial: trial.json, progress.jsonl, checkpoints/, artifact, metrics.json
-    results/              trials.parquet, curves.parquet (the ledger), report.md and plots
+    results/              trials.parquet, curves.parquet (the ledger), eval_stream.parquet
+    report/               report.md with its PNG plots, and report.html (`loopgolf report`'s default)
     tune/<session>/       Ray Tune's own files of each driver session; never read again
 
 Resume builds a fresh Tuner whose searcher continues the study (trials a dead driver

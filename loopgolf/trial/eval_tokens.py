@@ -7,7 +7,8 @@ document, position in document and frequency bucket each scored token is.
 
 - `<trial>/eval_tokens.parquet`: per scored position, in scoring order: `ce` (float32,
   nats, final logits), `base_ce` (the base pass's CE: equal to ce when nothing is
-  refined), `refined` (bool), `router_score` (float32; null without a router), `bytes`.
+  refined), `refined` (bool), `router_score` (float32; NaN, not null, when the model
+  does not refine: refine_passes = 0), `bytes`.
 - `<sweep>/results/eval_stream.parquet`: per scored position: `token` (id), `document`
   (index of its document in the val split), `position` (its position there; the
   document's BOS is position 0), `freq_bucket` (decile of the token's frequency in the
@@ -44,7 +45,7 @@ class TokenScores:
     ce: np.ndarray  # float32
     base_ce: np.ndarray  # float32
     refined: np.ndarray  # bool
-    router_score: np.ndarray | None  # float32, None without a router
+    router_score: np.ndarray | None  # float32, None without refinement (written as NaN)
     bytes: np.ndarray  # int32
 
 
