@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loopgolf.trial.config import ConfigError, TrialConfig, preset
-from loopgolf.trial.distributed import DataParallel, check_divisible
+from loopgolf.trial.distributed import DataParallel, GradientBuckets, check_divisible
 from loopgolf.trial.train import run_trial
 
 # A fixed-step trial: the schedule follows steps (train_seconds is out of reach), so runs
@@ -322,3 +322,68 @@ def test_sharded_muon_equals_one_process_and_each_rank_steps_only_its_share(worl
             torch.testing.assert_close(mine, one.detach(), rtol=0, atol=0)  # the same arithmetic, per matrix
         for mine, p in zip(got["momentum"], single_params, strict=True):  # rank 0's checkpoint copy is whole
             torch.testing.assert_close(mine, single.state[p]["momentum_buffer"], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- gradients during backward
+
+
+class _Net(torch.nn.Module):
+    """Three layers; rank-dependent use: the last is used by rank 0 only, the middle by no rank when told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, rank: int, skip_b: bool) -> torch.Tensor:
+        h = self.a(x)
+        h = h if skip_b else self.b(h).relu()
+        return (self.c(h) if rank == 0 else h).square().mean()
+
+
+def _bucket_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    from loopgolf.trial import distributed
+
+    torch.set_num_threads(1)
+    distributed.BUCKET_BYTES = 8 * 9 * 4  # one Linear's weight and bias a bucket: several buckets
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        parallel = DataParallel.from_process_group()
+        results = {}
+        for skip_b in (False, True):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
+            flat_net, bucket_net = _Net(), _Net()
+            flat_net(x, rank, skip_b).backward()
+            parallel.average_gradients(list(flat_net.parameters()))
+            buckets = GradientBuckets(parallel, list(bucket_net.parameters()))
+            buckets.arm()
+            bucket_net(x, rank, skip_b).backward()
+            started_in_backward = len(buckets.handles)
+            buckets.finish()
+            buckets.remove()
+            results[skip_b] = {
+                "started": started_in_backward, "n_buckets": len(buckets.buckets),
+                # gloo may sum three ranks in another order for another buffer size: equal to rounding
+                "same": [(p.grad is None and q.grad is None) or (p.grad is not None and q.grad is not None
+                          and torch.allclose(p.grad, q.grad, rtol=1e-6, atol=1e-9))
+                         for p, q in zip(flat_net.parameters(), bucket_net.parameters(), strict=True)],
+                "none": [q.grad is None for q in bucket_net.parameters()],
+            }  # fmt: skip
+        torch.save(results, Path(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradient_buckets_equal_the_flat_average_and_start_during_backward(world: int, tmp_path: Path) -> None:
+    mp.spawn(_bucket_rank, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for skip_b, got in results.items():
+            assert all(got["same"]), (rank, skip_b)  # the very gradients of the flat all-reduce
+            assert got["n_buckets"] == 3
+            # b unused by every rank keeps no gradient; c, used by rank 0 only, is averaged with zeros
+            assert got["none"] == [False, False, skip_b, skip_b, False, False]
+        # backward started the buckets it completed, in order: rank 0 all three; the others none
+        # (their first bucket, c's, never fills: finish() starts it, then the rest, in the same order)
+        assert results[False]["started"] == (3 if rank == 0 else 0)

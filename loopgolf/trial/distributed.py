@@ -9,9 +9,10 @@ six places only, all here:
 - Data: every rank draws the same global batch (`TrainBatches.batch(step)`, a pure
   function of seed and step) and keeps its contiguous slice of rows, so the data order
   is that of one process with the same `batch_size`. `batch_size % world_size == 0`.
-- Gradients: averaged over ranks after backward, in one flat all-reduce. The loss is a
-  mean over equally many tokens per rank, so the average of the ranks' gradients is the
-  gradient of the global batch, and the optimizers see exactly the single-process
+- Gradients: averaged over ranks, in buckets whose all-reduces start while backward is
+  still running (`GradientBuckets`, DDP's scheme on torch's public grad hooks). The loss
+  is a mean over equally many tokens per rank, so the average of the ranks' gradients is
+  the gradient of the global batch, and the optimizers see exactly the single-process
   gradient. A parameter no rank computed a gradient for keeps `None` (the optimizers
   skip it, as in one process); one that only some ranks touched counts zeros from the
   others.
@@ -247,3 +248,81 @@ class DataParallel:
             dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
             scale = table[0].abs().clamp_min(1e-30)
             return float(((table - table[0]).abs() / scale).max())
+
+
+# ------------------------------------------------------------------ gradients, overlapped with backward
+
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+
+
+class GradientBuckets:
+    """Averages gradients over ranks while backward still runs, in buckets (what DDP does).
+
+    Parameters go into buckets of about BUCKET_BYTES in reverse order (the order backward
+    produces their gradients). A post-accumulate-grad hook (`Tensor.register_post_accumulate_grad_hook`,
+    torch's public mechanism) marks a parameter ready; when a bucket and every bucket
+    before it are ready, its all-reduce starts asynchronously, so communication overlaps
+    the rest of backward. `finish()` starts what is left, in the same order (a bucket with a
+    parameter this rank did not use sends zeros for it), waits, and writes the averages:
+    exactly `DataParallel.average_gradients`, bucket by bucket. Every rank starts the
+    buckets in one order, so the collectives match whatever each rank's backward did.
+    Only the last micro-batch's backward communicates: `arm()` before it.
+    """
+
+    def __init__(self, parallel: DataParallel, params: Sequence[torch.nn.Parameter]) -> None:
+        self.parallel = parallel
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in reversed(list(params)):
+            if not self.buckets or size + p.numel() * 4 > BUCKET_BYTES:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * 4
+        self.bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self.handles: list[tuple[dist.Work, torch.Tensor]] = []
+        self.ready: list[set[int]] = [set() for _ in self.buckets]
+        self.armed = False
+        self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def arm(self) -> None:
+        """The next backward is the step's last: its gradients are final and go out as they come."""
+        self.armed, self.handles, self.ready = True, [], [set() for _ in self.buckets]
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        self.ready[self.bucket_of[id(param)]].add(id(param))  # a set: a hook firing twice counts once
+        while len(self.handles) < len(self.buckets) and len(self.ready[len(self.handles)]) == len(
+            self.buckets[len(self.handles)]
+        ):
+            self._start(len(self.handles))
+
+    def _start(self, b: int) -> None:
+        bucket = self.buckets[b]
+        device = bucket[0].device
+        has_grad = torch.tensor([p.grad is not None for p in bucket], dtype=torch.float32, device=device)
+        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in bucket]
+        flat = torch.cat([*pieces, has_grad])
+        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.parallel.group, async_op=True)
+        self.handles.append((work, flat))
+
+    def finish(self) -> None:
+        """Start the buckets backward did not complete, wait for all, write the averaged gradients."""
+        while len(self.handles) < len(self.buckets):
+            self._start(len(self.handles))
+        for (work, flat), bucket in zip(self.handles, self.buckets, strict=True):
+            work.wait()
+            counted = flat[-len(bucket) :].tolist()
+            values = flat[: -len(bucket)].div_(self.parallel.world_size)
+            offset = 0
+            for p, any_grad in zip(bucket, counted, strict=True):
+                n = p.numel()
+                p.grad = values[offset : offset + n].view_as(p).to(p.dtype) if any_grad > 0 else None
+                offset += n
+        self.armed, self.handles = False, []
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+

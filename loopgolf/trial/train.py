@@ -52,7 +52,7 @@ from loopgolf.atomic import atomic_write_json
 from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import DataError, TrainBatches
-from loopgolf.trial.distributed import DataParallel, check_divisible, grad_accum_steps
+from loopgolf.trial.distributed import DataParallel, GradientBuckets, check_divisible, grad_accum_steps
 from loopgolf.trial.estimate import predict_artifact_bytes
 from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
 from loopgolf.trial.evaluate import ValData, autocast_for, eval_metrics, evaluate, read_val_data, resolve_device
@@ -259,6 +259,7 @@ class _Run:
     params: list[torch.nn.Parameter] = dataclasses.field(init=False)
     buffers: list[torch.Tensor] = dataclasses.field(init=False)
     grad_accum: int = dataclasses.field(init=False)  # micro-batches per rank per step
+    buckets: GradientBuckets | None = dataclasses.field(init=False)  # data parallel: all-reduce during backward
     step: int = 0
     elapsed: float = 0.0  # training clock: optimizer steps only
     train_tokens: int = 0
@@ -279,6 +280,7 @@ class _Run:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.buffers = list(self.model.buffers())
         self.grad_accum = grad_accum_steps(self.config, self.world)
+        self.buckets = GradientBuckets(self.parallel, self.params) if self.parallel is not None else None
 
     @property
     def world(self) -> int:
@@ -379,10 +381,12 @@ def _accumulate(run: _Run, x_all: torch.Tensor, y_all: torch.Tensor) -> tuple[to
     accum = run.grad_accum
     losses: list[torch.Tensor] = []
     refined: torch.Tensor | float = 0.0
-    for x, y in zip(x_all.chunk(accum), y_all.chunk(accum), strict=True):
+    for i, (x, y) in enumerate(zip(x_all.chunk(accum), y_all.chunk(accum), strict=True)):
         with autocast_for(run.device):
             out = run.forward(x, y)
             objective = out.loss + config.model.aux_loss * out.base_loss
+        if run.buckets is not None and i == accum - 1:  # the last backward: its gradients go out as they come
+            run.buckets.arm()
         (objective / accum if accum > 1 else objective).backward()
         losses.append(out.loss.detach())
         share = out.stats.refined_share
@@ -406,8 +410,8 @@ def _step(run: _Run, scale: float) -> None:
         run.pending_since = TRAIN_CLOCK()
     x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
     mean_loss, refine_fraction = _accumulate(run, x, y)
-    if run.parallel is not None:
-        run.parallel.average_gradients(run.params)
+    if run.buckets is not None:
+        run.buckets.finish()  # the buckets backward did not start, then the averaged gradients
     if config.train.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
     for opt in run.optimizers:
