@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from common import challenge_data  # noqa: E402  (bench/common.py, the script's own directory)
 
 from loopgolf.trial import artifact as A  # noqa: E402
+from loopgolf.trial import codecs as C  # noqa: E402
 from loopgolf.trial import estimate  # noqa: E402
 from loopgolf.trial import quantize as Q  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
@@ -135,12 +136,12 @@ def section_bytes(state: Q.QuantizedState, codec: str) -> dict[str, float]:
     for key, chunks in groups.items():
         raw = b"".join(chunks)
         planes = A._byte_planes(raw) if key in ("scales", "matrix", "control") else (raw,)
-        out[key] = sum(len(A.compress_bytes(p, codec)) for p in planes if p)
+        out[key] = sum(len(C.compress_bytes(p, codec)) for p in planes if p)
     return out
 
 
 def header_bytes(state: Q.QuantizedState, config: TrialConfig) -> int:
-    return len(A.compress_bytes(A.encode_parts(state, config)["header"], config.compress.codec))
+    return len(C.compress_bytes(A.encode_parts(state, config)["header"], config.compress.codec))
 
 
 def predicted_entropy_bytes(state: Q.QuantizedState, group: str) -> float:
@@ -321,9 +322,9 @@ def packing() -> None:
         packed = b"".join(_bitpack(q, bits) for q in qs)
         row = []
         for codec in CODECS:
-            sizes = [len(A.compress_bytes(as_int8, codec)) / n, len(A.compress_bytes(packed, codec)) / n]
+            sizes = [len(C.compress_bytes(as_int8, codec)) / n, len(C.compress_bytes(packed, codec)) / n]
             if bits == 4:
-                sizes.append(len(A.compress_bytes(b"".join(A._pack_levels(q, 4) for q in qs), codec)) / n)
+                sizes.append(len(C.compress_bytes(b"".join(A._pack_levels(q, 4) for q in qs), codec)) / n)
             row.append(f"{codec} " + " | ".join(f"{v:.4f}" for v in sizes))
         print(f"  int{bits}: " + "   ".join(row))
     state = Q.quantize_model(model, CompressConfig(bits=6, protect=("tok_emb.weight",)))
@@ -334,8 +335,8 @@ def packing() -> None:
         row = []
         for c in CODECS:
             lo, hi = A._byte_planes(raw)
-            sizes = (len(A.compress_bytes(raw, c)), len(A.compress_bytes(lo + hi, c)),
-                     len(A.compress_bytes(lo, c)) + len(A.compress_bytes(hi, c)))
+            sizes = (len(C.compress_bytes(raw, c)), len(C.compress_bytes(lo + hi, c)),
+                     len(C.compress_bytes(lo, c)) + len(C.compress_bytes(hi, c)))
             row.append(f"{c} " + " | ".join(f"{v:,}" for v in sizes))
         print(f"  {label}: " + "   ".join(row))
     parts = A.encode_parts(state, TrialConfig.from_flat({**BENCH_SHAPE, "bits": 6, "protect": ["tok_emb.weight"]}))
@@ -348,8 +349,8 @@ def packing() -> None:
           "per tensor interleaved, unshuffled")
     for codec in CODECS:
         frames = len(A.pack_parts(parts, codec))
-        stream = len(A.compress_bytes(b"".join(parts.values()), codec))
-        mixed = len(A.compress_bytes(parts["header"] + interleaved, codec))
+        stream = len(C.compress_bytes(b"".join(parts.values()), codec))
+        mixed = len(C.compress_bytes(parts["header"] + interleaved, codec))
         print(f"  {codec}: {frames:,} | {stream:,} | {mixed:,}")
 
 

@@ -25,6 +25,7 @@ import torch
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial import artifact as A
+from loopgolf.trial import codecs as C
 from loopgolf.trial import qat as QAT
 from loopgolf.trial import quantize as Q
 from loopgolf.trial.config import CompressConfig, TrialConfig
@@ -49,8 +50,8 @@ def test_nibble_packing_roundtrips_odd_lengths() -> None:
 @pytest.mark.parametrize("codec", CODECS)
 def test_codecs_roundtrip_bytes(codec: str) -> None:
     raw = bytes(range(256)) * 40 + b"loopgolf" * 100
-    packed = A.compress_bytes(raw, codec)
-    assert len(packed) < len(raw) and A.decompress_bytes(packed, codec) == raw
+    packed = C.compress_bytes(raw, codec)
+    assert len(packed) < len(raw) and C.decompress_bytes(packed, codec) == raw
 
 
 def test_non_finite_weights_are_refused_at_save(tmp_path: Path) -> None:
@@ -310,6 +311,7 @@ _BOMB = """
 import json, lzma, resource, sys, zlib
 import brotli, zstandard
 from loopgolf.trial import artifact as A
+from loopgolf.trial import codecs as C
 
 def frame(codec, size):  # `size` zero bytes, compressed without ever holding them
     chunk, n = bytes(1 << 20), size >> 20
@@ -328,7 +330,7 @@ parts = dict.fromkeys(A.PARTS, b"")
 header = {"format": A.FORMAT, "version": A.VERSION, "config": {}, "tensors": [],
           "sections": [[s, 1024 if s == "q" else 0] for s in A.SECTIONS]}
 parts["header"] = json.dumps(header).encode()
-frames = [A.compress_bytes(parts["header"], codec), frame(codec, 1 << 29)] + [b""] * (len(A.PARTS) - 2)
+frames = [C.compress_bytes(parts["header"], codec), frame(codec, 1 << 29)] + [b""] * (len(A.PARTS) - 2)
 payload = b"".join(len(f).to_bytes(4, "little") + f for f in frames)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -613,12 +615,12 @@ def test_decompression_stops_past_the_limit_without_holding_the_rest(codec: str)
     """In process (the subprocess bomb test above measures the whole interpreter): exactly the
     limit decompresses; 8 MiB where 1 KiB is declared is refused after allocating well under 1 MiB
     (beyond lzma's 64 MiB dictionary, which its decoder allocates up front)."""
-    assert A.decompress_bounded(_bomb(codec, 1024), codec, 1024) == bytes(1024)
+    assert C.decompress_bounded(_bomb(codec, 1024), codec, 1024) == bytes(1024)
     bomb = _bomb(codec, 8 << 20)
     tracemalloc.start()
     try:
         with pytest.raises(ValueError) as info:
-            A.decompress_bounded(bomb, codec, 1024)
+            C.decompress_bounded(bomb, codec, 1024)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -628,7 +630,7 @@ def test_decompression_stops_past_the_limit_without_holding_the_rest(codec: str)
 
 def test_decompressing_with_an_unknown_codec_names_it() -> None:
     with pytest.raises(ValueError) as info:
-        A.decompress_bounded(b"x", "gzip", 10)
+        C.decompress_bounded(b"x", "gzip", 10)
     assert str(info.value) == "unknown codec 'gzip'"
 
 
@@ -637,14 +639,14 @@ def test_zstd_compresses_at_its_strongest_level() -> None:
     import zstandard
 
     raw = Path(A.__file__).read_bytes()
-    assert len(A.compress_bytes(raw, "zstd")) < 0.95 * len(zstandard.ZstdCompressor().compress(raw))
+    assert len(C.compress_bytes(raw, "zstd")) < 0.95 * len(zstandard.ZstdCompressor().compress(raw))
 
 
 def test_a_codec_whose_package_is_missing_is_refused_before_training(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert [A.codec_available(c) for c in (*CODECS, "gzip")] == [True, True, True, True, False]
+    assert [C.codec_available(c) for c in (*CODECS, "gzip")] == [True, True, True, True, False]
     A.require_codec("zstd")  # importable here: no error
-    monkeypatch.setattr(A, "CODEC_PACKAGES", {"zstd": "no_such_package_here", "brotli": "brotli"})
-    assert [A.codec_available(c) for c in CODECS] == [True, True, False, True]
+    monkeypatch.setattr(C, "CODEC_PACKAGES", {"zstd": "no_such_package_here", "brotli": "brotli"})
+    assert [C.codec_available(c) for c in CODECS] == [True, True, False, True]
     for codec, package in [("zstd", "no_such_package_here"), ("gzip", "gzip")]:
         with pytest.raises(A.ArtifactError) as info:
             A.require_codec(codec)

@@ -6,7 +6,8 @@
 source files needed to rebuild and run the model from it (`CODE_FILES`). Nothing in the
 reported number is estimated.
 
-What is stored per tensor, and how integers are encoded, is quantize.py's plan.
+What is stored per tensor, and how integers are encoded, is quantize.py's plan; the codecs
+that compress each frame are codecs.py's.
 
 File layout (all integers little-endian):
 
@@ -45,15 +46,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
-import lzma
 import math
 import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +61,7 @@ import torch
 from torch import Tensor
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.trial.codecs import CODECS, compress_bytes, decompress_bounded, unavailable
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrainConfig, TrialConfig
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.quantize import (
@@ -315,113 +315,21 @@ def decode_parts(parts: Mapping[str, bytes]) -> tuple[dict[str, Any], QuantizedS
 
 # ----------------------------------------------------------------------------- codecs
 #
-# Each at its strongest setting. lzma writes raw LZMA2 (preset 9 | extreme, whose
-# dictionary is 64 MiB; the decoder is told that size): the .xz container would add about
-# 50 bytes per frame for checks the outer crc32 already makes. zstd writes the content
-# size, which its decompressor needs.
-
-_LZMA_ENCODE = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-_LZMA_DECODE = [{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 20}]
-
-
-def _zstd_compress(raw: bytes) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdCompressor(level=22, write_content_size=True).compress(raw)
-
-
-def _zstd_decompress(raw: bytes) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompress(raw)
-
-
-def _brotli_compress(raw: bytes) -> bytes:
-    import brotli
-
-    return brotli.compress(raw, quality=11, lgwin=24)
-
-
-def _brotli_decompress(raw: bytes) -> bytes:
-    import brotli
-
-    return brotli.decompress(raw)
-
-
-CODECS: Mapping[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
-    "zlib": (lambda raw: zlib.compress(raw, 9), zlib.decompress),
-    "lzma": (
-        lambda raw: lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_ENCODE),
-        lambda raw: lzma.decompress(raw, format=lzma.FORMAT_RAW, filters=_LZMA_DECODE),
-    ),
-    "zstd": (_zstd_compress, _zstd_decompress),
-    "brotli": (_brotli_compress, _brotli_decompress),
-}
-
-
-# The codecs beyond the standard library, and the package each one needs. They are
-# imported only when used, so a machine without them (a bare GPU box) runs zlib and lzma.
-CODEC_PACKAGES: Mapping[str, str] = {"zstd": "zstandard", "brotli": "brotli"}
-
-
-def codec_available(codec: str) -> bool:
-    package = CODEC_PACKAGES.get(codec)
-    if package is None:
-        return codec in CODECS
-    try:
-        importlib.import_module(package)
-    except ImportError:
-        return False
-    return True
+# The codecs themselves are codecs.py's; a trial asks here, before training, whether this
+# machine can write its artifact.
 
 
 def require_codec(codec: str) -> None:
     """Fail before any training when this machine cannot write `codec` (one line)."""
-    if not codec_available(codec):
-        here = sorted(c for c in CODECS if codec_available(c))
-        raise ArtifactError(
-            f"CompressConfig.codec={codec!r} needs the Python package {CODEC_PACKAGES.get(codec, codec)!r}, "
-            f"which is not importable here: expected one of the codecs available here {here}"
-        )
-
-
-def compress_bytes(raw: bytes, codec: str) -> bytes:
-    return CODECS[codec][0](raw)
-
-
-def decompress_bytes(raw: bytes, codec: str) -> bytes:
-    return CODECS[codec][1](raw)
-
-
-# A real header is a few KB per hundred tensors; nothing declares its size, so it gets a cap.
-MAX_HEADER_BYTES = 16 << 20
-_ZSTD_MAX_WINDOW = 1 << 27  # level 22's largest window
-
-
-def decompress_bounded(raw: bytes, codec: str, limit: int) -> bytes:
-    """Decompress at most `limit` bytes (+1, to see an overflow); ValueError if the frame holds
-    more: memory stays bounded by what the header declares, whatever the frame says."""
-    if codec == "zlib":
-        out = zlib.decompressobj().decompress(raw, limit + 1)
-    elif codec == "lzma":
-        out = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=_LZMA_DECODE).decompress(raw, max_length=limit + 1)
-    elif codec == "zstd":
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW).stream_reader(raw)
-        out = reader.read(limit + 1)
-    elif codec == "brotli":
-        import brotli
-
-        out = brotli.Decompressor().process(raw, output_buffer_limit=limit + 1)
-    else:
-        raise ValueError(f"unknown codec {codec!r}")
-    if len(out) > limit:
-        raise ValueError(f"decompresses to more than the {limit} bytes the header declares")
-    return out
+    reason = unavailable(codec)
+    if reason is not None:
+        raise ArtifactError(reason)
 
 
 # ------------------------------------------------------------------------- the file
+
+# A real header is a few KB per hundred tensors; nothing declares its size, so it gets a cap.
+MAX_HEADER_BYTES = 16 << 20
 
 
 def _outer_header(codec: str, payload: bytes) -> bytes:
@@ -643,11 +551,11 @@ def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM
 # artifact: exactly the loopgolf modules that loading an artifact and running the model
 # imports (tests/test_artifact.py checks this against the real import graph in a fresh
 # interpreter): the config dataclasses it is rebuilt from, the model, the dequantizer,
-# this loader, the error base class, and the package __init__ files Python executes to
+# this loader and its codecs, the error base class, and the package __init__ files Python executes to
 # import them. Training (train.py, qat.py), the data pipeline and bits-per-byte scorer
 # (data.py, evaluate.py), the orchestrator and the search spaces are not needed to run
 # the model; the scorer is the challenge's fixed definition, the same for every entry.
-# Third-party libraries (torch, numpy, the codecs) are not counted, as in the challenge.
+# Third-party libraries (torch, numpy, the codec packages) are not counted, as in the challenge.
 CODE_FILES: tuple[str, ...] = (
     "loopgolf/__init__.py",
     "loopgolf/errors.py",
@@ -658,6 +566,7 @@ CODE_FILES: tuple[str, ...] = (
     "loopgolf/trial/selection.py",
     "loopgolf/trial/quantize.py",
     "loopgolf/trial/artifact.py",
+    "loopgolf/trial/codecs.py",
 )
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
