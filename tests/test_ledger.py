@@ -1,5 +1,6 @@
-"""The ledger (orchestrator/ledger.py): one row per trial, upserted by key; one curve row per
-(step, metric), a re-run's value replacing the lost run's; only finished trials are rows.
+"""The ledger (orchestrator/ledger.py; its schema, ledger_schema.py): one row per trial,
+upserted by key; one curve row per (step, metric), a re-run's value replacing the lost
+run's; only finished trials are rows.
 
     python -m pytest tests/test_ledger.py
 """
@@ -20,18 +21,14 @@ import pytest
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.ledger import (
     Ledger,
-    _arrow_type,
     _config_record,
     _error_line,
-    _merge,
     curve_rows,
-    curves_schema,
     ledger_callback,
     stopped_metrics,
     trial_row,
-    trials_schema,
-    write_table,
 )
+from loopgolf.orchestrator.ledger_schema import _arrow_type, _merge, curves_schema, trials_schema, write_table
 from loopgolf.orchestrator.trialdir import read_json, trial_dir, write_json
 
 

@@ -1,7 +1,7 @@
 """Load the results tables of one or many sweeps into typed pandas DataFrames.
 
-Every sweep writes two Parquet files (`loopgolf.orchestrator.ledger`, which owns their
-schema and writer):
+Every sweep has two Parquet files, written by `loopgolf.orchestrator.ledger` to the schema
+that `loopgolf.orchestrator.ledger_schema` owns:
 
 - `<sweep_dir>/results/trials.parquet`, one row per trial (`trials_schema()`);
 - `<sweep_dir>/results/curves.parquet`, the learning curves in long format (`curves_schema()`).
@@ -16,8 +16,8 @@ columns nullable `boolean` (so a null stays a null and an int stays an int), flo
 float64 with NaN for null, strings are `str`, times are UTC timestamps and list columns
 hold one numpy array (or None) per row.
 
-The schema is imported from the ledger module, which imports no Ray at module level:
-analysis stays usable on a machine with only pandas and pyarrow.
+The schema is imported from ledger_schema, which imports no Ray: analysis stays usable
+on a machine with only pandas and pyarrow.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from loopgolf.errors import LoopgolfError, first_line
-from loopgolf.orchestrator.ledger import (  # noqa: F401  (re-exported: the analysis API names them)
+from loopgolf.orchestrator.ledger_schema import (  # noqa: F401  (re-exported: the analysis API names them)
     CURVES_FILE,
     IDENTITY_FIELDS,
     METRIC_FIELDS,

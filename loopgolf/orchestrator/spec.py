@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.arms import ArmsError, parse_controls, space_can_route
-from loopgolf.orchestrator.ledger import METRICS as LEDGER_METRICS
+from loopgolf.orchestrator.ledger_schema import METRICS as LEDGER_METRICS
 from loopgolf.orchestrator.script import (
     ScriptError,
     ScriptTrial,
