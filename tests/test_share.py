@@ -132,3 +132,12 @@ def test_equal_bytes_fills_the_cap_in_each_mode(share: str, cap: int) -> None:
     if share != "all":
         full = spaces.derive(values | {"share": "all"}, base, equal_bytes=True, byte_budget=cap)
         assert (solved.model.d_model, solved.model.mlp_hidden) < (full.model.d_model, full.model.mlp_hidden)
+
+
+def test_a_configuration_says_what_its_passes_share() -> None:
+    from loopgolf.analysis.evidence import describe_config
+
+    row = {"d_model": 256, "n_prelude": 0, "n_blocks": 2, "n_passes": 3, "n_coda": 0, "bits": 6, "codec": "lzma"}
+    assert describe_config(row | {"share": "attn"}) == "d256 0+2x3+0 share:attn int6/lzma"
+    assert describe_config(row | {"share": "all"}) == describe_config(row) == "d256 0+2x3+0 int6/lzma"
+    assert describe_config(row | {"share": "mlp", "n_passes": 1}) == "d256 0+2x1+0 int6/lzma"  # nothing untied

@@ -95,6 +95,8 @@ def describe_config(row: pd.Series | dict) -> str:
         settings = {k: get(k) for k in names if isinstance(k, str) and k.isupper() and get(k) != "?"}
         return " ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "script"
     text = f"d{get('d_model')} {get('n_prelude', 0)}+{get('n_blocks')}x{get('n_passes')}+{get('n_coda', 0)}"
+    if get("share", "all") != "all" and int(get("n_passes", 1)) > 1:  # type: ignore[call-overload]
+        text += f" share:{get('share')}"  # what the passes share, when not whole blocks
     if get("phase", "none") != "none":
         text += f" {get('phase')}"
     if int(get("refine_passes", 0)) > 0:  # type: ignore[call-overload]
