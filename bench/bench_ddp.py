@@ -8,7 +8,7 @@ World 1 and 2 (gloo, spawned processes, one thread per rank) on the `pg_baseline
 - optimizer step, before: torch's Muon over every matrix on every rank (loopgolf until
   this change);
 - optimizer step, after: `DataParallel.step_sharded` (each rank orthogonalizes matrix i
-  when i mod world == its rank; one fp32 all-reduce gathers the stepped matrices);
+  when i mod world == its rank; one fp32 all-gather brings every rank the stepped matrices);
 - optimizer step, reference: the challenge's algorithm, written here from its description
   (not its code): Nesterov momentum, Newton-Schulz (5 steps, coefficients 3.4445,
   -4.7750, 2.0315) in bfloat16, the update scaled by max(1, rows / cols) ** 0.5, rank r
@@ -117,7 +117,20 @@ def _rank(rank: int, world: int, init: str, steps: int, batch: int, out: str) ->
         for p, g in zip(matrices, grads, strict=True):
             p.grad = g.clone()
 
+    def own_share_only() -> None:  # "after" without its all-gather: the Newton-Schulz work alone
+        restore()
+        for i, p in enumerate(matrices):
+            if i % world != rank:
+                p.grad = None
+        muon.step()
+
+    def gather_only() -> None:  # "after"'s all-gather alone
+        if parallel is not None:
+            parallel._gather_owned([p.data for p in matrices], [i % world for i in range(len(matrices))])
+
     figures = {
+        "after: own share only": _timed(own_share_only, steps, world),
+        "after: all-gather only": _timed(gather_only, steps, world),
         "before": _timed(lambda: (restore(), muon.step()), steps, world),
         "after": _timed(lambda: (restore(), parallel.step_sharded(muon) if parallel else muon.step()), steps, world),
         "reference": _timed(lambda: (restore(), reference.step()), steps, world),
@@ -154,10 +167,11 @@ def main() -> None:
         mp.spawn(_rank, args=(world, init, args.steps, args.batch, out), nprocs=world, join=True)
         results[world] = json.loads(Path(out, f"world{world}.json").read_text(encoding="utf-8"))
     print(f"pg_baseline, gloo, 1 thread per rank; load average {os.getloadavg()[0]:.2f}; mean of {args.steps} steps")
-    print(f"{'per rank, seconds':24s} {'world 1':>9s} {'world 2':>9s} {'2 / 1':>7s}")
-    for name in ("before", "after", "reference", "whole step"):
+    print(f"{'per rank, seconds':34s} {'world 1':>9s} {'world 2':>9s} {'2 / 1':>7s}")
+    for name in ("before", "after", "after: own share only", "after: all-gather only", "reference", "whole step"):
         one, two = results[1][name], results[2][name]
-        print(f"{'optimizer ' + name if name != 'whole step' else name:24s} {one:9.3f} {two:9.3f} {two / one:7.2f}")
+        label = name if name == "whole step" else f"optimizer {name}"
+        print(f"{label:34s} {one:9.3f} {two:9.3f} " + (f"{two / one:7.2f}" if one > 1e-3 else "      –"))
     print(f"after / reference at world 2: {results[2]['after'] / results[2]['reference']:.2f}")
 
 

@@ -18,7 +18,7 @@ six places only, all here:
   others.
 - Muon is sharded (`step_sharded`): each rank orthogonalizes its share of the block
   matrices (matrix i on rank i mod world, as the challenge deals them) and one
-  all-reduce gathers the stepped matrices; AdamW (the small tensors) runs whole on every
+  all-gather brings every rank the stepped matrices; AdamW (the small tensors) runs whole on every
   rank. Before a checkpoint the ranks complete rank 0's copy of the momentum buffers
   (`gather_optimizer_state`), so a resumed run continues exactly.
 - Agreement: after every step the ranks exchange (loss, step time, float buffers) in one
@@ -162,16 +162,17 @@ class DataParallel:
 
         The other matrices' gradients are set aside (the optimizer skips a parameter without
         one, and keeps no momentum for it), so each rank runs Newton-Schulz on 1/world of the
-        matrices. Then one all-reduce gathers the stepped values: each rank contributes its
-        own and zeros elsewhere, and x + 0 = x exactly, so every replica holds the owner's
-        result bit for bit, which is the single-process step (Muon treats each matrix alone).
+        matrices. Then one all-gather brings every rank the others' stepped matrices, exactly
+        (fp32), so every replica holds the owner's result bit for bit, which is the
+        single-process step (Muon treats each matrix alone). An all-gather moves half the
+        bytes of an all-reduce of the same tensors.
         """
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for index, p in enumerate(params):
             if not self.owns(index):
                 p.grad = None
         optimizer.step()
-        self._gather_owned([p.data for p in params])
+        self._gather_owned([p.data for p in params], [i % self.world_size for i in range(len(params))])
 
     def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, key: str = "momentum_buffer") -> None:
         """Complete every rank's copy of a sharded optimizer's per-matrix state (before a checkpoint:
@@ -179,28 +180,32 @@ class DataParallel:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         present = torch.tensor([float(key in optimizer.state.get(p, {})) for p in params], device=params[0].device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX, group=self.group)
-        stepped = [p for p, flag in zip(params, present.tolist(), strict=True) if flag]
-        for p in stepped:
+        stepped = [(i, p) for i, (p, flag) in enumerate(zip(params, present.tolist(), strict=True)) if flag]
+        for _, p in stepped:
             optimizer.state[p].setdefault(key, torch.zeros_like(p))
-        owned = {id(p) for index, p in enumerate(params) if self.owns(index)}
-        buffers = [optimizer.state[p][key] for p in stepped]
-        self._gather_owned(buffers, mine=[id(p) in owned for p in stepped])
+        buffers = [optimizer.state[p][key] for _, p in stepped]
+        self._gather_owned(buffers, [i % self.world_size for i, _ in stepped])
 
-    def _gather_owned(self, tensors: Sequence[torch.Tensor], mine: Sequence[bool] | None = None) -> None:
-        """Every rank's owned tensors to every rank, in one flat all-reduce (non-owners send zeros)."""
+    def _gather_owned(self, tensors: Sequence[torch.Tensor], owners: Sequence[int]) -> None:
+        """Each tensor from the rank that owns it to every rank: one all-gather of the owners'
+        flat fp32 pieces (padded to the largest share)."""
         if not tensors:
             return
-        mine = [self.owns(i) for i in range(len(tensors))] if mine is None else mine
-        pieces = [t.reshape(-1).float() if own else torch.zeros(t.numel(), device=t.device)
-                  for t, own in zip(tensors, mine, strict=True)]  # fmt: skip
-        flat = torch.cat(pieces)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        offset = 0
+        device = tensors[0].device
+        sizes = [sum(t.numel() for t, o in zip(tensors, owners, strict=True) if o == r) for r in range(self.world_size)]
+        mine = [t.reshape(-1).float() for t, o in zip(tensors, owners, strict=True) if o == self.rank]
+        local = torch.zeros(max(sizes), device=device)
+        if mine:
+            local[: sizes[self.rank]] = torch.cat(mine)
+        pieces = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(pieces, local, group=self.group)
+        offsets = [0] * self.world_size
         with torch.no_grad():
-            for t in tensors:
+            for t, owner in zip(tensors, owners, strict=True):
                 n = t.numel()
-                t.copy_(flat[offset : offset + n].view_as(t))
-                offset += n
+                if owner != self.rank:
+                    t.copy_(pieces[owner][offsets[owner] : offsets[owner] + n].view_as(t))
+                offsets[owner] += n
 
     def barrier(self, device: torch.device) -> None:
         """Wait for every rank (a one-element all-reduce on the training device: any backend, no warnings)."""
