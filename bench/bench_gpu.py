@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from loopgolf.trial.config import TrialConfig, preset
-from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.flops import flops_per_token
 from loopgolf.trial.prepare import PrepareConfig, prepare
 from loopgolf.trial.train import run_trial
 

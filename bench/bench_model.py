@@ -35,7 +35,8 @@ import torch
 from common import dense_matmuls, training_matmul_shapes  # bench/common.py (the script's own directory)
 
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import RecurrentLM, flops_per_token
+from loopgolf.trial.flops import flops_per_token
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.selection import RecordKV, Selection
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

@@ -24,7 +24,7 @@ from common import (  # bench/common.py (the script's own directory)
 )
 
 from loopgolf.trial.config import preset
-from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.flops import flops_per_token
 from loopgolf.trial.train import run_trial
 
 

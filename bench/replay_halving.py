@@ -45,7 +45,7 @@ from replay_search import (  # bench/ (the script's own directory)
 from loopgolf.orchestrator.halving import rung_seconds, survivors
 from loopgolf.search_spaces.spaces import derive
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.flops import flops_per_token
 
 CHECKPOINTS = (16, 32, 64)
 

@@ -29,7 +29,7 @@ from loopgolf.orchestrator.ledger import Ledger
 from loopgolf.orchestrator.scheduler import ParetoHalving, predicted_objectives, read_logs, rung_point
 from loopgolf.orchestrator.trialdir import final_metrics, trial_dir
 from loopgolf.trial.config import preset
-from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.flops import flops_per_token
 from tests.test_search import searcher
 
 

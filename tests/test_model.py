@@ -21,7 +21,8 @@ import torch
 
 from loopgolf.trial import selection as selection_module
 from loopgolf.trial.config import ModelConfig, preset
-from loopgolf.trial.model import QATLinear, RecurrentLM, block_flops_per_token, flops_per_token
+from loopgolf.trial.flops import block_flops_per_token, flops_per_token
+from loopgolf.trial.model import QATLinear, RecurrentLM
 from loopgolf.trial.routing import causal_cap
 
 SIGNALS = ("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")

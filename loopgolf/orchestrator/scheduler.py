@@ -43,7 +43,7 @@ TIME_ATTR = "elapsed_seconds"
 def predicted_objectives(config: Mapping[str, Any]) -> dict[str, float]:
     """What is known of a trial before it trains: its predicted bytes and analytic eval FLOPs."""
     from loopgolf.trial.config import TrialConfig
-    from loopgolf.trial.model import flops_per_token
+    from loopgolf.trial.flops import flops_per_token
 
     model = TrialConfig.from_flat(config["trial_config"]).model
     refined = 0.0 if model.refine_passes == 0 else 1.0 if model.signal == "uniform" else model.refine_target

@@ -551,10 +551,11 @@ def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM
 # artifact: exactly the loopgolf modules that loading an artifact and running the model
 # imports (tests/test_artifact.py checks this against the real import graph in a fresh
 # interpreter): the config dataclasses it is rebuilt from, the model, the dequantizer,
-# this loader and its codecs, the error base class, and the package __init__ files Python executes to
-# import them. Training (train.py, qat.py), the data pipeline and bits-per-byte scorer
-# (data.py, evaluate.py), the orchestrator and the search spaces are not needed to run
-# the model; the scorer is the challenge's fixed definition, the same for every entry.
+# the FLOP count its forward stats report (flops.py), this loader and its codecs, the
+# error base class, and the package __init__ files Python executes to import them.
+# Training (train.py, qat.py), the data pipeline and bits-per-byte scorer (data.py,
+# evaluate.py), the orchestrator and the search spaces are not needed to run the model;
+# the scorer is the challenge's fixed definition, the same for every entry.
 # Third-party libraries (torch, numpy, the codec packages) are not counted, as in the challenge.
 CODE_FILES: tuple[str, ...] = (
     "loopgolf/__init__.py",
@@ -562,6 +563,7 @@ CODE_FILES: tuple[str, ...] = (
     "loopgolf/trial/__init__.py",
     "loopgolf/trial/config.py",
     "loopgolf/trial/model.py",
+    "loopgolf/trial/flops.py",
     "loopgolf/trial/routing.py",
     "loopgolf/trial/selection.py",
     "loopgolf/trial/quantize.py",

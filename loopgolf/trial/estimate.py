@@ -24,7 +24,7 @@ import torch
 
 from loopgolf.trial.artifact import MAGIC, PARTS, code_bytes
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig
-from loopgolf.trial.model import flops_per_token
+from loopgolf.trial.flops import flops_per_token
 from loopgolf.trial.quantize import n_rows, plan_tensor, qmax
 
 __all__ = [

@@ -17,9 +17,9 @@ The file reads top to bottom:
      causal over the whole sequence or over the selected tokens only, are selection.py's)
   2. phase conditioning: what lets pass p of the shared core differ from pass q
   3. RecurrentLM: the base forward, the router's score and threshold, refinement
-  4. analytic cost: flops_per_token
 (routing.py holds the causal cap, the control arms' selections and the calibration;
-selection.py the layouts of the selected tokens and their attention.)
+selection.py the layouts of the selected tokens and their attention; flops.py the analytic
+cost, flops_per_token.)
 
 Causality is absolute. Whether token t is refined, and its logits, depend only on tokens
 <= t: scores at t come from the (causal) base pass at t, the threshold is fixed during a
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loopgolf.trial.config import ModelConfig
+from loopgolf.trial.flops import _flops
 from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
 from loopgolf.trial.selection import (
     Attend,
@@ -268,7 +269,7 @@ class ForwardStats:
 
     @property
     def flops_per_token(self) -> float:
-        """Analytic forward FLOPs per token of this forward (see flops_per_token)."""
+        """Analytic forward FLOPs per token of this forward (see flops.flops_per_token)."""
         return _flops(self.config, self.refined_fraction, self.passes, self.seq_len)
 
 
@@ -643,46 +644,3 @@ class RecurrentLM(nn.Module):
 def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-token CE of (..., V) logits against (...) targets."""
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view_as(targets)
-
-
-# ---------------------------------------------------------------------- 4. analytic cost
-
-
-def block_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
-    """Forward FLOPs of one block application on one token: its matmuls plus causal attention.
-
-    A query at position t attends to t + 1 keys, (T + 1) / 2 on average; QK^T and AV cost
-    2 * d each per key. Norms, RoPE and activations are not counted.
-    """
-    c = config
-    t = c.seq_len if seq_len is None else seq_len
-    kv_dim = c.n_kv_heads * c.head_dim
-    matmuls = 2 * (2 * c.d_model * c.d_model + 2 * c.d_model * kv_dim + 2 * c.d_model * c.mlp_hidden)
-    return matmuls + 4 * c.d_model * (t + 1) / 2
-
-
-def _flops(c: ModelConfig, refined_fraction: float, passes: int, seq_len: int) -> float:
-    block = block_flops_per_token(c, seq_len)
-    head = 2 * c.d_model * c.vocab_size
-    lora = 0.0
-    if c.phase == "lora":  # x A^T then (.) B^T on q, v and fc
-        kv_dim = c.n_kv_heads * c.head_dim
-        lora = 2 * c.lora_rank * ((c.d_model + c.d_model) + (c.d_model + kv_dim) + (c.d_model + c.mlp_hidden))
-    core = block + lora
-    total = (c.n_prelude + c.n_coda) * block + c.n_blocks * passes * core + head
-    if c.refine_passes:
-        total += refined_fraction * (c.n_blocks * c.refine_passes * core + c.n_coda * block + head)
-        if c.signal == "kl":  # the head on the previous pass's state, and on the last if a coda sits between
-            total += head * (2 if c.n_coda else 1)
-    return float(total)
-
-
-def flops_per_token(config: ModelConfig, refined_fraction: float = 0.0, looping: bool = True) -> float:
-    """Analytic forward FLOPs per token at config.seq_len: matmuls, causal attention, LM head.
-
-    Refinement adds its blocks and head at `refined_fraction`; the `kl` router adds its
-    extra head(s). Softmax-based router scores (entropy, margin) are not counted.
-    """
-    if not 0.0 <= refined_fraction <= 1.0:
-        raise ValueError(f"flops_per_token: refined_fraction={refined_fraction!r}: expected a fraction in [0, 1]")
-    return _flops(config, refined_fraction, config.n_passes if looping else 1, config.seq_len)
