@@ -76,7 +76,7 @@ def corpus_tokens() -> np.ndarray:
 
 def train(config: TrialConfig, steps: int, tokens: np.ndarray, seed: int = 0) -> RecurrentLM:
     """`steps` steps of the trial's optimizers, warm-up 10 steps, linear warmdown over the second half."""
-    from loopgolf.trial.train import build_optimizers
+    from loopgolf.trial.optim import build_optimizers
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

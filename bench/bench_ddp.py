@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 from loopgolf.trial.config import preset
 from loopgolf.trial.distributed import DataParallel
 from loopgolf.trial.model import RecurrentLM
-from loopgolf.trial.train import parameter_role
+from loopgolf.trial.optim import parameter_role
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 

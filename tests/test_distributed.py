@@ -161,7 +161,7 @@ def test_a_micro_batch_that_does_not_split_the_batch_is_one_clear_error(corpus_d
 
 
 def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.trial.train import lr_scale
+    from loopgolf.trial.optim import lr_scale
 
     config = fixed_steps(max_steps=10, warmup_steps=0, warmdown_frac=0.5)
     assert lr_scale(4, 0.0, config) == 1.0 and lr_scale(8, 0.0, config) == pytest.approx(0.4)

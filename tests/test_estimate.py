@@ -79,7 +79,7 @@ def test_count_groups_match_what_the_quantizer_stores(compress: CompressConfig) 
 
 def _train(config: TrialConfig, steps: int, tokens: np.ndarray) -> RecurrentLM:
     """A brief run of the trial's own optimizers (Muon + AdamW) on real text."""
-    from loopgolf.trial.train import build_optimizers
+    from loopgolf.trial.optim import build_optimizers
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ from loopgolf.trial import artifact as A
 from loopgolf.trial.config import ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory, predict_artifact_bytes
 from loopgolf.trial.model import MLP, Attention, RecurrentLM
-from loopgolf.trial.train import parameter_role
+from loopgolf.trial.optim import parameter_role
 
 MODES = ("attn", "mlp")
 

@@ -17,7 +17,8 @@ import torch
 from loopgolf.trial.config import TrialConfig, preset
 from loopgolf.trial.data import list_shards, read_shard
 from loopgolf.trial.model import RecurrentLM
-from loopgolf.trial.train import lr_scale, run_trial
+from loopgolf.trial.optim import lr_scale
+from loopgolf.trial.train import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def test_the_challenge_warmdown_spans_warmdown_steps_at_the_mean_step_time() -> 
 
 
 def test_pg_baseline_warms_muon_momentum_up_over_500_steps(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.trial.train import muon_momentum
+    from loopgolf.trial.optim import muon_momentum
 
     recipe = preset("pg_baseline")
     assert [muon_momentum(s, recipe) for s in (0, 250, 500, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
@@ -198,7 +199,7 @@ def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_dat
 def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
     """Every parameter in exactly one group; control tensors and per-pass vectors in Adam, never Muon."""
     from loopgolf.trial.model import RecurrentLM
-    from loopgolf.trial.train import build_optimizers
+    from loopgolf.trial.optim import build_optimizers
 
     config = preset("small").replace(
         n_prelude=1, n_coda=1, unet_skips=True, tie_embeddings=False, phase="embed", refine_passes=1,
