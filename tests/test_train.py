@@ -258,7 +258,7 @@ def test_accumulated_micro_batches_give_the_whole_batch_gradient(accum: int) -> 
         with torch.no_grad():
             for p in model.parameters():  # off the zero init, so every tensor gets a gradient
                 p.add_(torch.randn_like(p) * 0.05)
-        run = SimpleNamespace(config=config, device=torch.device("cpu"), forward=model, grad_accum=n)
+        run = SimpleNamespace(config=config, device=torch.device("cpu"), forward=model, grad_accum=n, buckets=None)
         loss, _ = _accumulate(run, x, y)  # type: ignore[arg-type]
         grads.append(({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, float(loss)))
     (whole, whole_loss), (split, split_loss) = grads
