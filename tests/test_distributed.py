@@ -310,7 +310,7 @@ def _sharded_rank(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: spawns three ranks
 def test_sharded_muon_equals_one_process_and_each_rank_steps_only_its_share(world: int, tmp_path: Path) -> None:
     single_params = _muon_params()
     single = _muon_steps(single_params, 4, None)
@@ -374,7 +374,7 @@ def _bucket_rank(rank: int, world: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])  # 3: spawns three ranks
 def test_gradient_buckets_equal_the_flat_average_and_start_during_backward(world: int, tmp_path: Path) -> None:
     mp.spawn(_bucket_rank, args=(world, str(tmp_path / "pg"), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
