@@ -198,7 +198,9 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     df = load_results(*args.sweep_dirs)
     front = pareto_front(df, objectives, feasible_only=not args.all)
     env = [c for c in front if str(c).isupper()]  # a script sweep's configuration: its environment variables
-    front = front[[c for c in (*PARETO_COLUMNS, *env) if c in front and c not in objectives] + list(objectives)]
+    shown = [c for c in (*PARETO_COLUMNS, *env) if c in front and c not in objectives]
+    shown = [c for c in shown if not len(front) or front[c].notna().any()]  # a script's rows have no d_model, ...
+    front = front[shown + list(objectives)]
     if args.format == "csv":
         front.to_csv(sys.stdout, index=False)
     elif args.format == "json":
