@@ -126,7 +126,7 @@ def _rank(rank: int, world: int, init: str, steps: int, batch: int, out: str) ->
 
     def gather_only() -> None:  # "after"'s all-gather alone
         if parallel is not None:
-            parallel._gather_owned([p.data for p in matrices], [i % world for i in range(len(matrices))])
+            parallel.gather_owned([p.data for p in matrices], [i % world for i in range(len(matrices))])
 
     figures = {
         "after: own share only": _timed(own_share_only, steps, world),

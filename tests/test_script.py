@@ -32,6 +32,7 @@ from loopgolf.orchestrator.script import (
 )
 from loopgolf.orchestrator.script_trainable import fresh_run_dir, run_script
 from loopgolf.orchestrator.spec import SpecError, spec_from_dict
+from tests.processes import alive, children
 
 FAKE = Path(__file__).resolve().parent / "fixtures" / "fake_train_gpt.py"
 BUDGET = {"seed": 7, "train_seconds": 30.0, "max_steps": 0, "max_artifact_bytes": 100_000, "max_eval_seconds": 0.0}
@@ -50,19 +51,11 @@ final_int8_zlib_roundtrip_exact val_loss:2.07269931 val_bpb:1.22436570
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _gone(pids: list[int], timeout: float = 60) -> None:
     """Wait until none of `pids` is alive (a condition, polled), or fail naming the survivors."""
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"processes outlived their trial: {[p for p in pids if _alive(p)]}"
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes outlived their trial: {[p for p in pids if alive(p)]}"
         time.sleep(0.1)
 
 
@@ -299,19 +292,6 @@ def test_a_stopped_trial_ends_its_whole_process_group(tmp_path: Path, corpus_dat
     _gone([int((run / "pid.0").read_text()), int((run / "child.pid").read_text())])
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == pid:
-                found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.parametrize("victim", ["worker", "worker and launcher"])
 def test_a_killed_worker_takes_the_script_with_it(tmp_path: Path, corpus_data: Path, victim: str) -> None:
     """kill -9 of the process that runs the trial (a Tune worker whose driver died), alone or with
@@ -335,8 +315,8 @@ def test_a_killed_worker_takes_the_script_with_it(tmp_path: Path, corpus_data: P
         assert worker.poll() is None and time.monotonic() < deadline, "the script never started its child"
         time.sleep(0.1)
     pids = [int((directory / "run" / "pid.0").read_text()), int(child.read_text())]
-    assert all(_alive(p) for p in pids)
-    launchers = _children(worker.pid) if victim != "worker" else []
+    assert all(alive(p) for p in pids)
+    launchers = children(worker.pid) if victim != "worker" else []
     assert len(launchers) == (1 if victim != "worker" else 0)
     for pid in [worker.pid, *launchers]:
         os.kill(pid, signal.SIGKILL)

@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.processes import alive, process_tree, processes_in
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "script_sweep.yaml"
 SCRIPT = REPO / "examples" / "pg_script" / "train_gpt.py"
@@ -70,36 +72,6 @@ def _elapsed(directory: Path) -> float:
     return seconds
 
 
-def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it, from /proc's children lists."""
-    seen, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue  # the task ended while we looked
-    return seen
-
-
-def _processes_in(root: Path) -> list[int]:
-    """Processes whose working directory is under `root` (a script runs in its trial's run/)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cwd = os.readlink(entry / "cwd")
-            except OSError:
-                continue
-            if cwd.startswith(str(root) + "/"):
-                found.append(int(entry.name))
-    return found
-
-
 def _check_trial_against_its_files(sweep: Path, row: pd.Series, budget_seconds: float) -> None:
     directory = sweep / "trials" / row["trial_id"]
     run = directory / "run"
@@ -124,21 +96,21 @@ def test_script_sweep_killed_with_kill_9_resumes_every_trial_exactly_once(corpus
         """A finished trial, and a running one early in its budget (5+ of 8 s to go at the kill)."""
         done = {p.parent.name for p in sweep.glob("trials/*/metrics.json")}
         running = {p.parent.name for p in sweep.glob("trials/*/progress.jsonl")} - done
-        return bool(done) and any(_processes_in(sweep / "trials" / k) and _elapsed(sweep / "trials" / k) < 3.0
+        return bool(done) and any(processes_in(sweep / "trials" / k) and _elapsed(sweep / "trials" / k) < 3.0
                                   for k in running)  # fmt: skip
 
     driver = _cli("sweep", str(spec), log=tmp_path / "driver.log")
     try:
         _wait(one_done_one_running, "a finished trial and a running one", driver)
-        ray_processes = _descendants(driver.pid)  # the driver, Ray's GCS and raylet, the trials' workers
+        ray_processes = process_tree(driver.pid)  # the driver, Ray's GCS and raylet, the trials' workers
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     # A Ray worker dies a moment after its driver (sooner or later under load) and may finish its
     # trial meanwhile: what counts as in flight is what is unfinished once every process has gone.
-    _wait(lambda: not any(_state(p) not in ("gone", "Z") for p in ray_processes), "Ray to die with its driver",
+    _wait(lambda: not any(alive(p) for p in ray_processes), "Ray to die with its driver",
           timeout=120)  # fmt: skip
-    _wait(lambda: not _processes_in(sweep), "every script process to end with the killed driver", timeout=120)
+    _wait(lambda: not processes_in(sweep), "every script process to end with the killed driver", timeout=120)
     in_flight = {p.parent.name for p in sweep.glob("trials/*/progress.jsonl")} - {
         p.parent.name for p in sweep.glob("trials/*/metrics.json")}
     resumed = _cli("resume", str(sweep), log=tmp_path / "resume.log")
@@ -201,12 +173,5 @@ def test_early_stopping_ends_a_script_trial_and_every_process_it_started(corpus_
     stopped = tmp_path / "e" / "trials" / trials.loc[1, "trial_id"]
     assert trials.loc[1, "train_seconds"] < 6 and trials.loc[1, "quick_val_bpb"] == 3.0
     pids = [int((stopped / "run" / name).read_text()) for name in ("pid.0", "child.pid")]
-    _wait(lambda: not any(Path(f"/proc/{p}").exists() and _state(p) != "Z" for p in pids),
+    _wait(lambda: not any(alive(p) for p in pids),
           "the stopped trial's processes to end", timeout=60)  # fmt: skip
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"

@@ -26,6 +26,7 @@ import yaml
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.search import final_trials
 from loopgolf.orchestrator.spec import load_spec
+from tests.processes import alive, process_tree
 
 DESIGN_COLUMNS = [
     "sweep", "trial_id", "status", "seed", "host", "node_id", "started_at", "ended_at", "code_version",
@@ -157,26 +158,6 @@ def _log(driver: subprocess.Popen) -> str:
     return driver.log.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
-def _process_tree(pid: int) -> list[int]:
-    seen, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        if current in seen:
-            continue
-        seen.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return seen
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
-
-
 def _listening_addresses(pids: list[int]) -> set[str]:
     """Local addresses of the TCP sockets these processes listen on (Linux /proc)."""
     inodes = set()
@@ -238,7 +219,7 @@ def finished_sweep(corpus_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     try:
         _wait_for(lambda: list(sweep_dir.glob("trials/*/progress.jsonl")), driver, "a trial's first report")
         # Every socket the sweep listens on (driver, GCS, raylet, workers), seen mid-run.
-        listening = _listening_addresses(_process_tree(driver.pid))
+        listening = _listening_addresses(process_tree(driver.pid))
         token_mode = stat.S_IMODE((home / ".ray" / "auth_token").stat().st_mode)
         lock_pid = json.loads((sweep_dir / "driver.lock").read_text())["pid"]
         driver.wait(timeout=600)
@@ -337,13 +318,13 @@ def test_killed_sweep_copied_elsewhere_resumes_there_exactly_once_without_loadin
     driver = _start(tmp_path / "driver.log", "sweep", str(spec))
     try:
         _wait_for(finished_and_checkpointed, driver, "a finished trial and a checkpointed unfinished one")
-        processes = _process_tree(driver.pid)  # the driver, Ray's GCS and raylet, the trials' workers
+        processes = process_tree(driver.pid)  # the driver, Ray's GCS and raylet, the trials' workers
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     for pid in processes:  # kill -9 of the driver: wait until every process of its tree has died with it
         deadline = time.monotonic() + 120
-        while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+        while alive(pid):
             assert time.monotonic() < deadline, f"process {pid} outlived the killed driver"
             time.sleep(0.1)
     before = pd.DataFrame.from_dict(finished(), orient="index")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.arms import arm_of
 from loopgolf.orchestrator.ledger_schema import CURVES_FILE, TRIALS_FILE, curves_schema, trials_schema, write_table
-from loopgolf.orchestrator.protocol import TrialRequest, trial_key
+from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import (
     METRICS_FILE,
     TRIAL_FILE,
@@ -86,9 +86,8 @@ def trial_row(sweep: str, code_version: str, directory: Path, metrics: dict[str,
 
 def _arm(record: dict[str, Any], flat: dict[str, Any]) -> str | None:
     """The trial's arm; a builtin record written before arms were recorded has it in its config."""
-    request = TrialRequest.from_tune(record, fallback_key="?")
-    if request.arm or request.kind != "builtin":
-        return request.arm
+    if record.get("arm") or (record.get("kind") or "builtin") != "builtin":
+        return record.get("arm")
     return arm_of(flat) if flat else None
 
 

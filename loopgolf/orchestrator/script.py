@@ -330,9 +330,9 @@ def final_metrics(trial: ScriptTrial, state: LogState, run_dir: Path, log: Path,
     if logged is not None and int(logged) != metrics["artifact_bytes"]:
         metrics["warning"] = (f"the script logged {int(logged):,} total bytes; loopgolf measured "
                               f"{metrics['artifact_bytes']:,} (model file + code files)")  # fmt: skip
-    trains = [p for p in state.progress if "train_loss" in p or "quick_val_bpb" in p]
-    if trains:
-        metrics |= {"train_steps": trains[-1]["step"], "train_seconds": trains[-1]["elapsed_seconds"]}
+    if state.progress:  # the last step or val line: where training ended
+        last = state.progress[-1]
+        metrics |= {"train_steps": last["step"], "train_seconds": last["elapsed_seconds"]}
     avg = next((p["step_avg_ms"] for p in reversed(state.progress) if "step_avg_ms" in p), None)
     metrics["step_avg_ms"] = avg
     metrics["stopped_early"] = "stopped_early" in state.found

@@ -137,19 +137,9 @@ class DataParallel:
         """Average .grad over ranks in place (one flat all-reduce); see the module docstring."""
         if not params:
             return
-        device = params[0].device
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in params]
-        flat = torch.cat([*pieces, has_grad])
+        flat = pack_gradients(params)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-        counted = flat[-len(params) :].tolist()
-        flat = flat[: -len(params)].div_(self.world_size)
-        offset = 0
-        for p, any_grad in zip(params, counted, strict=True):
-            n = p.numel()
-            if any_grad > 0:
-                p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
+        unpack_average(flat, params, self.world_size)
 
     # ---- Muon, sharded: each rank orthogonalizes its share of the matrices
 
@@ -172,7 +162,7 @@ class DataParallel:
             if not self.owns(index):
                 p.grad = None
         optimizer.step()
-        self._gather_owned([p.data for p in params], [i % self.world_size for i in range(len(params))])
+        self.gather_owned([p.data for p in params], [i % self.world_size for i in range(len(params))])
 
     def gather_optimizer_state(self, optimizer: torch.optim.Optimizer, key: str = "momentum_buffer") -> None:
         """Complete every rank's copy of a sharded optimizer's per-matrix state (before a checkpoint:
@@ -184,9 +174,9 @@ class DataParallel:
         for _, p in stepped:
             optimizer.state[p].setdefault(key, torch.zeros_like(p))
         buffers = [optimizer.state[p][key] for _, p in stepped]
-        self._gather_owned(buffers, [i % self.world_size for i, _ in stepped])
+        self.gather_owned(buffers, [i % self.world_size for i, _ in stepped])
 
-    def _gather_owned(self, tensors: Sequence[torch.Tensor], owners: Sequence[int]) -> None:
+    def gather_owned(self, tensors: Sequence[torch.Tensor], owners: Sequence[int]) -> None:
         """Each tensor from the rank that owns it to every rank: one all-gather of the owners'
         flat fp32 pieces (padded to the largest share)."""
         if not tensors:
@@ -257,6 +247,27 @@ class DataParallel:
 
 # ------------------------------------------------------------------ gradients, overlapped with backward
 
+
+def pack_gradients(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """One flat fp32 tensor to sum over ranks: every gradient (zeros where this rank has none),
+    then a has-a-gradient flag per parameter."""
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in params]
+    return torch.cat([*pieces, has_grad])
+
+
+def unpack_average(flat: torch.Tensor, params: Sequence[torch.nn.Parameter], world_size: int) -> None:
+    """The summed `pack_gradients` tensor as averaged gradients; a parameter no rank had a
+    gradient for keeps `None`, as in one process."""
+    counted = flat[-len(params) :].tolist()
+    values = flat[: -len(params)].div_(world_size)
+    offset = 0
+    for p, any_grad in zip(params, counted, strict=True):
+        n = p.numel()
+        if any_grad > 0:
+            p.grad = values[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
 
 
@@ -304,11 +315,7 @@ class GradientBuckets:
             self._start(len(self.handles))
 
     def _start(self, b: int) -> None:
-        bucket = self.buckets[b]
-        device = bucket[0].device
-        has_grad = torch.tensor([p.grad is not None for p in bucket], dtype=torch.float32, device=device)
-        pieces = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in bucket]
-        flat = torch.cat([*pieces, has_grad])
+        flat = pack_gradients(self.buckets[b])
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.parallel.group, async_op=True)
         self.handles.append((work, flat))
 
@@ -318,13 +325,7 @@ class GradientBuckets:
             self._start(len(self.handles))
         for (work, flat), bucket in zip(self.handles, self.buckets, strict=True):
             work.wait()
-            counted = flat[-len(bucket) :].tolist()
-            values = flat[: -len(bucket)].div_(self.parallel.world_size)
-            offset = 0
-            for p, any_grad in zip(bucket, counted, strict=True):
-                n = p.numel()
-                p.grad = values[offset : offset + n].view_as(p).to(p.dtype) if any_grad > 0 else None
-                offset += n
+            unpack_average(flat, bucket, self.parallel.world_size)
         self.armed, self.handles = False, []
 
     def remove(self) -> None:
