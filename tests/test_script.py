@@ -30,7 +30,7 @@ from loopgolf.orchestrator.script import (
     tokenizer_for,
     trial_environment,
 )
-from loopgolf.orchestrator.script_trainable import fresh_run_dir, run_script
+from loopgolf.orchestrator.script_trainable import fresh_run_dir, run_script, supervisor_command
 from loopgolf.orchestrator.spec import SpecError, spec_from_dict
 from tests.processes import alive, children
 
@@ -203,6 +203,18 @@ def test_the_environment_sets_the_budget_last_and_renames_for_a_fork(corpus_data
     assert wallclock["MAX_WALLCLOCK_SECONDS"] == "600.0" and "ITERATIONS" not in wallclock
     assert command(trial, 0) == [sys.executable, str(FAKE)] and command(trial, 1) == [sys.executable, str(FAKE)]
     assert command(trial, 8)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", str(FAKE)]
+
+
+def test_the_supervisor_starts_where_loopgolf_is_not_importable(tmp_path: Path) -> None:
+    """On the GPU image loopgolf ran from its source tree with PYTHONPATH=., which the trial's run/
+    directory does not see: the supervisor still starts, and the user's PYTHONPATH reaches the script."""
+    bare = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter under the venv: no loopgolf installed
+    if subprocess.run([bare, "-c", "import loopgolf"], cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip(f"{bare} has loopgolf installed")
+    show = [str(bare), "-c", "import os; print(os.environ['PYTHONPATH'])"]
+    done = subprocess.run([*supervisor_command(str(bare)), "--", *show], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "PYTHONPATH": "."}, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, ".\n", "")
 
 
 # ------------------------------------------------------------------------- running one

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loopgolf.errors import first_line
+from loopgolf.orchestrator import supervise
 from loopgolf.orchestrator.protocol import RECORD_KEYS, TrialRequest
 from loopgolf.orchestrator.script import (
     LogState,
@@ -45,6 +46,13 @@ POLL_SECONDS = 0.25  # how often the log is read and the deadline checked
 STOP_WAIT_SECONDS = 30.0  # for the supervisor to end the script's processes before it is killed itself
 
 Report = Callable[[dict[str, Any]], None]
+
+
+def supervisor_command(python: str = sys.executable) -> list[str]:
+    """The supervisor, run by its file and isolated (-I): it needs only the standard library, so it
+    starts whether or not loopgolf is importable from the trial's directory (a source tree on
+    PYTHONPATH=. is not, from run/), and the user's PYTHONPATH reaches only the script."""
+    return [python, "-I", str(Path(supervise.__file__).resolve())]
 
 
 def fresh_run_dir(directory: Path) -> tuple[int, Path]:
@@ -123,7 +131,7 @@ def run_script(
     )  # fmt: skip
     threads = max(1, int(cpus / max(1.0, gpus)))  # per process: torchrun starts one per GPU
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    argv = [sys.executable, "-m", "loopgolf.orchestrator.supervise", "--", *command(trial, gpus)]
+    argv = [*supervisor_command(), "--", *command(trial, gpus)]
     deadline = timeout_seconds(config, trial)
     state, started = LogState(trial.patterns()), time.monotonic()
     with open(directory / STDOUT, "wb") as out, open(directory / STDERR, "wb") as err:
