@@ -8,7 +8,7 @@ the document's length). Prints, per scenario, the share of sweeps the crossed
 seeds x documents t-test rejects at alpha 0.05: under a planted null (FPR) and under a
 planted gain (power); the held-out "best of a side" selection against picking and
 testing on the same data; and how often a percentile bootstrap's 95% interval misses 0.
-tests/test_stats.py asserts the bounds; this prints the figures.
+tests/analysis/test_stats.py asserts the bounds; this prints the figures.
 """
 
 from __future__ import annotations

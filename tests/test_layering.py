@@ -127,3 +127,16 @@ def test_analysis_reads_only_the_ledger_of_the_orchestrator() -> None:
 
 def test_no_two_modules_import_each_other_in_a_circle() -> None:
     assert cycles(package_graph()) == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared helpers live in conftest.py or a helper module (tests/trial/makers.py, ...): importing a
+    test module runs its module-level set-up and ties two test files' fates together."""
+    tests = Path(__file__).resolve().parent
+    offenders = sorted(
+        f"{path.relative_to(tests)} imports {name}"
+        for path in tests.rglob("*.py")
+        for name in imported_modules(path.read_text(encoding="utf-8"))
+        if name.startswith("tests.") and ".test_" in name
+    )
+    assert offenders == []

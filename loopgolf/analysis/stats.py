@@ -15,7 +15,7 @@ two-way crossed random-effects design,
 estimated from the ANOVA mean squares of the linearized ratio, with Satterthwaite's
 degrees of freedom for a t reference. The headline tests use this rather than a
 bootstrap because with the 2-5 seeds a sweep affords, a bootstrap over seeds cannot see
-the t-distribution's tails and its intervals are too short (tests/test_stats.py measures
+the t-distribution's tails and its intervals are too short (tests/analysis/test_stats.py measures
 both). The pigeonhole bootstrap (seeds and documents resampled independently) is here for
 statistics that are not ratios of sums.
 """

@@ -28,7 +28,7 @@ MLP_STEP = 32  # MLP hidden sizes are multiples of this (whole tensor-core tiles
 FILL = 0.99  # a solved configuration's predicted bytes (with the margin) are in [FILL, 1] x the budget
 # Predicted model bytes are multiplied by this before filling: trained for 40 steps, three
 # solved models measured 0.4%, 1.3% and 0.4% above their point prediction
-# (tests/test_budget.py, 2026-12-02), so filling the point prediction to 99.5% put them
+# (tests/search_spaces/test_budget.py, 2026-12-02), so filling the point prediction to 99.5% put them
 # over the cap; 2% keeps the measured fill just under it.
 EQUAL_BYTES_MARGIN = 1.02
 # The MLP ratio (hidden / width) of a solved shape stays within this factor of the base's when

@@ -549,7 +549,7 @@ def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM
 #
 # The code term counts the source a reader needs to rebuild and run the model from the
 # artifact: exactly the loopgolf modules that loading an artifact and running the model
-# imports (tests/test_artifact.py checks this against the real import graph in a fresh
+# imports (tests/trial/test_artifact.py checks this against the real import graph in a fresh
 # interpreter): the config dataclasses it is rebuilt from, the model, the dequantizer,
 # the FLOP count its forward stats report (flops.py), this loader and its codecs, the
 # error base class, and the package __init__ files Python executes to import them.

@@ -297,7 +297,7 @@ HEADER_BYTES: dict[str, tuple[float, float]] = {
 #     zlib [-1.2%, +1.6%]   lzma [-1.2%, +5.7%]   zstd [-5.3%, +2.4%]   brotli [-1.3%, +1.5%]
 # The extremes are all SDClip k = 12.85 at 4 bits (~1.3 bits per level), where zstd-22's
 # output varies by +-5% from model to model (lzma's only upward). Held-out models (other
-# seeds and shapes, 60 steps: tests/test_budget.py) stayed within [-1.9%, +2.4%]. The
+# seeds and shapes, 60 steps: tests/search_spaces/test_budget.py) stayed within [-1.9%, +2.4%]. The
 # margin is the worst under-prediction plus about 1.5% for families the grid did not see.
 SAFETY_MARGIN: dict[str, float] = {"zlib": 1.03, "lzma": 1.03, "zstd": 1.07, "brotli": 1.03}
 

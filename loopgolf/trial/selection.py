@@ -11,7 +11,7 @@ their fresh K/V, the others the K/V the same block computed in the last base pas
     PaddedSelection / PaddedAttend      a fixed (B, capacity) layout, capacity one of a few
                                         rungs (capacity_ladder): static shapes, for torch.compile
 
-Both must equal the dense definition (tests/test_refine_oracle.py).
+Both must equal the dense definition (tests/trial/test_refine_oracle.py).
 """
 
 from __future__ import annotations
