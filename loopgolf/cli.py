@@ -158,10 +158,10 @@ def _summarize(outcome: Any, objectives: dict) -> int:
     from loopgolf.analysis.pareto import pareto_front
     from loopgolf.analysis.report import report
     from loopgolf.analysis.results import load_results
-    from loopgolf.orchestrator.progress import print_status, sweep_status
+    from loopgolf.orchestrator.progress import print_status, read_status
 
     sweep_dir = outcome.sweep_dir
-    print_status(sweep_status(sweep_dir))
+    print_status(read_status(sweep_dir))
     front_objectives = dict(objectives) if len(objectives) > 1 else {**objectives, "artifact_bytes": "min"}
     front = pareto_front(load_results(sweep_dir), front_objectives)
     shape = [c for c in front if str(c).isupper()] or ["n_blocks", "n_passes", "d_model", "refine_passes", "signal"]
@@ -177,16 +177,15 @@ def _summarize(outcome: Any, objectives: dict) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from loopgolf.orchestrator.progress import as_dict, live_progress, print_status, render, sweep_status, watch
+    from loopgolf.orchestrator.progress import as_dict, print_status, read_counts, read_status, render, watch
 
     if args.watch:
-        watch(lambda: live_progress(args.sweep_dir), args.interval)
+        watch(lambda: read_counts(args.sweep_dir), args.interval)
         return 0
-    status = sweep_status(args.sweep_dir)
+    status = read_status(args.sweep_dir)
     print_status(status)
-    progress = live_progress(args.sweep_dir)
-    print(render(progress))
-    print_json_line(status | {"progress": as_dict(progress)})
+    print(render(status.counts))
+    print_json_line(as_dict(status))
     return 0
 
 

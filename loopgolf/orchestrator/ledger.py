@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,15 @@ def _read_table(path: Path) -> pd.DataFrame | None:
         return pq.read_table(path).to_pandas()
     except (OSError, pa.ArrowException) as exc:
         raise LoopgolfError(f"{path}: unreadable ({first_line(exc)})") from exc
+
+
+def unreadable_ledger(sweep_dir: str | os.PathLike[str]) -> str | None:
+    """Why the sweep's trials.parquet cannot be read, or None (a ledger not written yet reads)."""
+    try:
+        _read_table(Path(sweep_dir) / TRIALS_FILE)
+    except LoopgolfError as exc:
+        return str(exc)
+    return None
 
 
 def _upsert(old: pd.DataFrame | None, rows: list[dict[str, Any]], trial_id: str, path: Path, schema: pa.Schema) -> None:

@@ -2,8 +2,8 @@
 
 Each trial's directory, `<sweep>/trials/<trial_id>/`, holds its configuration
 (`trial.json`), one line per progress report (`progress.jsonl`) and, once it has ended,
-`metrics.json`. From those this module builds a `SweepProgress`: for every trial that
-is training, its step, elapsed and budgeted training seconds, tokens per second and its
+`metrics.json`. From those this module counts the sweep once (`SweepCounts`): for every
+trial that is training, its step, elapsed and budgeted training seconds, tokens per second and its
 latest quick val bpb; for the sweep, how many trials are done, running, queued and
 failed, and an estimate of the time left from the mean wall time of the trials that
 have ended. The sweep's console prints the same compact counts line at every trial
@@ -23,7 +23,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from loopgolf.errors import first_line
+from loopgolf.orchestrator.ledger import unreadable_ledger
+from loopgolf.orchestrator.study import final_trials
+from loopgolf.orchestrator.sweepdir import planned_trials_of, read_sweep_spec
 from loopgolf.orchestrator.trialdir import (
     PROGRESS_FILE,
     TRIAL_FILE,
@@ -48,22 +50,40 @@ class TrialProgress:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepProgress:
+class SweepCounts:
+    """A sweep's trials, counted once from its trial directories (the truth: the ledger is
+    rebuilt from them) for the console's line, `loopgolf status` and the sweep's last line."""
+
     sweep: str
     total: int  # trials the sweep will run: (configurations + their control arms) x seeds
-    done: int  # ended as complete or rejected
-    failed: int
+    by_status: dict[str, int]  # trials with final metrics, by status (complete, rejected, stopped, failed)
+    raised: int  # of those, trials whose code raised (a diverged trial is an outcome, not an error)
     running: tuple[TrialProgress, ...]
     max_concurrent: int
-    trial_seconds: tuple[float, ...]  # wall seconds of each ended trial
+    trial_seconds: tuple[float, ...]  # wall seconds of each ended trial that trained
+    best: tuple[str, str, float] | None = None  # (trial_id, metric, value): the first objective's best feasible
+
+    @property
+    def finished(self) -> int:
+        """Trials with final metrics."""
+        return sum(self.by_status.values())
+
+    @property
+    def failed(self) -> int:
+        return self.by_status.get("failed", 0)
+
+    @property
+    def done(self) -> int:
+        """Trials that ended as an outcome (complete, rejected, stopped)."""
+        return self.finished - self.failed
 
     @property
     def queued(self) -> int:
-        return max(0, self.total - self.done - self.failed - len(self.running))
+        return max(0, self.total - self.finished - len(self.running))
 
     @property
-    def finished(self) -> bool:
-        return self.done + self.failed >= self.total
+    def all_ended(self) -> bool:
+        return self.finished >= self.total
 
     @property
     def eta_seconds(self) -> float | None:
@@ -105,7 +125,7 @@ def trial_line(trial: TrialProgress, now: float) -> str:
             f"{rate:>14s}  quick val_bpb {bpb}  (updated {_duration(max(0.0, now - trial.updated_at))} ago)")
 
 
-def render(progress: SweepProgress, now: float | None = None) -> str:
+def render(progress: SweepCounts, now: float | None = None) -> str:
     """`loopgolf status`'s live part: the counts line, then one line per running trial."""
     now = time.time() if now is None else now
     lines = [f"sweep {progress.sweep} " + counts_line(progress.done, len(progress.running), progress.queued,
@@ -163,12 +183,22 @@ def wall_seconds(metrics: dict[str, Any]) -> float | None:
     return (ended - started).total_seconds()
 
 
-def sweep_progress(sweep_dir: str | os.PathLike[str], name: str, total: int, max_concurrent: int) -> SweepProgress:
+def _better(value: float, than: float | None, mode: str) -> bool:
+    return than is None or (value < than if mode == "min" else value > than)
+
+
+def count_sweep(
+    sweep_dir: str | os.PathLike[str], name: str, total: int, max_concurrent: int,
+    objective: tuple[str, str] | None = None,
+) -> SweepCounts:
     """Read every trial directory of the sweep once. A trial is running from its trial.json
-    (written when it starts) until its final metrics."""
-    done = failed = 0
+    (written when it starts) until its final metrics. `objective` (metric, mode) names the
+    value whose best feasible, complete trial is reported."""
+    by_status: dict[str, int] = {}
+    raised = 0
     running: list[TrialProgress] = []
     seconds: list[float] = []
+    best: tuple[str, str, float] | None = None
     root = Path(sweep_dir) / TRIALS_DIR
     for directory in sorted(root.iterdir()) if root.is_dir() else ():
         metrics = final_metrics(directory)
@@ -176,31 +206,30 @@ def sweep_progress(sweep_dir: str | os.PathLike[str], name: str, total: int, max
             if (directory / TRIAL_FILE).is_file():
                 running.append(trial_progress(directory))
             continue
-        failed += metrics["status"] == "failed"
-        done += metrics["status"] != "failed"
+        status = str(metrics["status"])
+        by_status[status] = by_status.get(status, 0) + 1
+        raised += bool(metrics.get("raised"))
         wall = wall_seconds(metrics)
-        if wall is not None and metrics["status"] != "rejected":  # a rejected trial never trains
+        if wall is not None and status != "rejected":  # a rejected trial never trains
             seconds.append(wall)
-    return SweepProgress(name, total, done, failed, tuple(running), max_concurrent, tuple(seconds))
+        value = metrics.get(objective[0]) if objective else None
+        eligible = objective is not None and status == "complete" and metrics.get("feasible") and value is not None
+        if eligible and _better(float(value), best[2] if best else None, objective[1]):  # type: ignore[index]
+            best = (directory.name, objective[0], float(value))  # type: ignore[index]
+    return SweepCounts(name, total, by_status, raised, tuple(running), max_concurrent, tuple(seconds), best)
 
 
-def live_progress(sweep_dir: str | os.PathLike[str]) -> SweepProgress:
-    """The progress of the sweep in `sweep_dir`, sized by its saved spec."""
-    from loopgolf.orchestrator.sweepdir import planned_total, read_sweep_spec
-
+def read_counts(sweep_dir: str | os.PathLike[str]) -> SweepCounts:
+    """The counts of the sweep in `sweep_dir`, sized by its saved spec."""
     spec = read_sweep_spec(sweep_dir)
-    return sweep_progress(sweep_dir, spec.name, planned_total(sweep_dir, spec), spec.max_concurrent)
-
-
-def as_dict(progress: SweepProgress) -> dict[str, Any]:
-    """The progress as plain data (for the status command's JSON line)."""
-    return dataclasses.asdict(progress) | {"queued": progress.queued, "eta_seconds": progress.eta_seconds}
+    return count_sweep(sweep_dir, spec.name, planned_trials_of(sweep_dir, spec)(), spec.max_concurrent,
+                       next(iter(spec.objectives.items())))  # fmt: skip
 
 
 def watch(
-    read: Callable[[], SweepProgress], interval: float, out: TextIO = sys.stdout,
+    read: Callable[[], SweepCounts], interval: float, out: TextIO = sys.stdout,
     ticks: Iterable[Any] | None = None,
-) -> SweepProgress:
+) -> SweepCounts:
     """Redraw the progress every `interval` seconds until the sweep has finished (or Ctrl-C).
     On a terminal the block is redrawn in place; otherwise each refresh is appended."""
     in_place = out.isatty()
@@ -209,65 +238,61 @@ def watch(
         text = render(progress)
         out.write(("\x1b[H\x1b[J" if in_place else "") + text + "\n")
         out.flush()
-        if progress.finished:
+        if progress.all_ended:
             break
         time.sleep(interval)
         progress = read()
     return progress
 
 
-def sweep_status(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Progress from the ledger and the study, without Ray."""
-    import pandas as pd
+@dataclasses.dataclass(frozen=True)
+class SweepStatus:
+    """`loopgolf status`: the counts, the study's view of its trials, and whether the ledger reads."""
 
-    from loopgolf.orchestrator.ledger import Ledger
-    from loopgolf.orchestrator.study import final_trials
-    from loopgolf.orchestrator.sweepdir import planned_total_reader, read_sweep_spec
+    sweep_dir: Path
+    counts: SweepCounts
+    study_states: dict[str, int]  # the final state of each of the study's trial keys
+    ledger_problem: str | None  # why results/trials.parquet cannot be read (it is rebuilt by a resume)
 
+
+def read_status(sweep_dir: str | os.PathLike[str]) -> SweepStatus:
+    """The sweep's status from its directory alone, without Ray."""
     sweep_dir = Path(sweep_dir).resolve()
     spec = read_sweep_spec(sweep_dir)
-    planned = planned_total_reader(sweep_dir, spec)
+    planned = planned_trials_of(sweep_dir, spec)
     total = planned()  # loads the study once; the states below read the same object
-    ledger = Ledger(sweep_dir, spec.name, "")
-    ledger_problem = None
-    try:
-        rows = pd.read_parquet(ledger.trials_file) if ledger.trials_file.exists() else pd.DataFrame(columns=["status"])
-    except (OSError, ValueError) as exc:  # pyarrow's errors are OSError / ValueError subclasses
-        first = first_line(exc)
-        ledger_problem = f"{ledger.trials_file} is unreadable ({first}); counted from the trial directories"
-        trial_rows = ledger.rows()[0]
-        rows = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=["status"])
-    by_status = rows["status"].value_counts().to_dict() if len(rows) else {}
-    study_states: dict[str, int] = {}
+    counts = count_sweep(sweep_dir, spec.name, total, spec.max_concurrent, next(iter(spec.objectives.items())))
+    states: dict[str, int] = {}
     if planned.study is not None:
         for trial in final_trials(planned.study).values():  # one per trial: a re-run supersedes its lost first run
-            study_states[trial.state.name] = study_states.get(trial.state.name, 0) + 1
-    metric, mode = next(iter(spec.objectives.items()))
-    best = None
-    ok = rows[(rows["status"] == "complete") & rows.get("feasible", False)] if len(rows) else rows
-    if len(ok) and metric in ok:
-        best_row = ok.sort_values(metric, ascending=mode == "min").iloc[0]
-        best = {"trial_id": best_row["trial_id"], metric: float(best_row[metric])}
+            states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    problem = unreadable_ledger(sweep_dir)
+    return SweepStatus(sweep_dir, counts, states, f"{problem}; counted from the trial directories" if problem else None)
+
+
+def as_dict(status: SweepStatus) -> dict[str, Any]:
+    """The status as plain data: the status command's JSON line."""
+    c = status.counts
+    progress = dataclasses.asdict(c) | {"done": c.done, "failed": c.failed, "queued": c.queued,
+                                        "eta_seconds": c.eta_seconds}  # fmt: skip
+    for key in ("by_status", "raised", "best"):
+        progress.pop(key)
+    best = {"trial_id": c.best[0], c.best[1]: c.best[2]} if c.best else None
     return {
-        "sweep": spec.name,
-        "sweep_dir": str(sweep_dir),
-        "total": total,
-        "finished": len(rows),
-        "by_status": {k: int(v) for k, v in by_status.items()},
-        "study": study_states,
-        "best": best,
-        "raised": int(rows["raised"].fillna(False).astype(bool).sum()) if "raised" in rows else 0,
-        "ledger_problem": ledger_problem,
-    }
+        "sweep": c.sweep, "sweep_dir": str(status.sweep_dir), "total": c.total, "finished": c.finished,
+        "by_status": dict(c.by_status), "study": status.study_states, "best": best, "raised": c.raised,
+        "ledger_problem": status.ledger_problem, "progress": progress,
+    }  # fmt: skip
 
 
-def print_status(status: dict[str, Any], out: Any = sys.stdout) -> None:
-    if status.get("ledger_problem"):
-        print(f"warning: {status['ledger_problem']}; `loopgolf resume` rewrites it", file=out)
-    counts = ", ".join(f"{v} {k}" for k, v in sorted(status["by_status"].items())) or "none yet"
-    print(f"sweep {status['sweep']}: {status['finished']}/{status['total']} trials finished ({counts})", file=out)
-    if status["study"]:
-        print("optuna study: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(status["study"].items())), file=out)
-    if status["best"]:
-        (metric, value), = ((k, v) for k, v in status["best"].items() if k != "trial_id")
-        print(f"best {metric}: {value:.4f} (trial {status['best']['trial_id']})", file=out)
+def print_status(status: SweepStatus, out: Any = sys.stdout) -> None:
+    c = status.counts
+    if status.ledger_problem:
+        print(f"warning: {status.ledger_problem}; `loopgolf resume` rewrites it", file=out)
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(c.by_status.items())) or "none yet"
+    print(f"sweep {c.sweep}: {c.finished}/{c.total} trials finished ({counts})", file=out)
+    if status.study_states:
+        print("optuna study: " + ", ".join(f"{v} {k.lower()}" for k, v in sorted(status.study_states.items())),
+              file=out)  # fmt: skip
+    if c.best:
+        print(f"best {c.best[1]}: {c.best[2]:.4f} (trial {c.best[0]})", file=out)

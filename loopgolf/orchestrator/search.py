@@ -55,11 +55,11 @@ from loopgolf.orchestrator.arms import arm_of, arm_params, arm_values, is_routed
 from loopgolf.orchestrator.protocol import TrialRequest
 from loopgolf.orchestrator.study import (  # noqa: F401  (part of the searcher's API too)
     ARM,
-    CONTROLS,
     FOLLOWS,
     KEY,
     PAIR,
     PROMOTED,
+    QUEUED_ARMS,
     REPLAY_OF,
     SEED_INDEX,
     counted_keys,
@@ -72,7 +72,7 @@ from loopgolf.search_spaces.spaces import FIXED, Dimension
 
 CONSTRAINTS = ("byte_violation", "eval_violation")
 REJECTED_SENTINEL = 1e9  # objective value of a never-trained configuration (it is infeasible anyway)
-_KEPT_ATTRS = (SEED_INDEX, FOLLOWS, CONTROLS, ARM, PAIR, FIXED, KEY, PROMOTED)  # what a re-run of an orphan keeps
+_KEPT_ATTRS = (SEED_INDEX, FOLLOWS, QUEUED_ARMS, ARM, PAIR, FIXED, KEY, PROMOTED)  # what a re-run of an orphan keeps
 OWN = "proposal"  # in a proposal's queue, beside its arms: a replicate of the proposal's own configuration
 
 
@@ -172,7 +172,7 @@ class SweepSearch(Searcher):
             # an arm another routed configuration of the pair queued at these seeds serves this one too
             queued = self._arms_queued(pair, first)
             controls = tuple(arm for arm in controls if arm not in queued)
-        trial.set_user_attr(CONTROLS, list(controls))  # the arms this proposal queues (owns)
+        trial.set_user_attr(QUEUED_ARMS, list(controls))  # the arms this proposal queues (owns)
         trial.set_user_attr(SEED_INDEX, first)  # set last: a proposal with a seed index has its plan
         config["trial_config"]["seed"] += first  # the sample function assumed seed_index 0
         self._queue_behind(trial, queued=set())
@@ -183,7 +183,7 @@ class SweepSearch(Searcher):
         first, pair = int(attrs[SEED_INDEX]), attrs.get(PAIR)
         added = 0
         for index in range(first, first + self.seeds):  # seed by seed: a pair's trials run close together
-            for arm in (OWN, *attrs.get(CONTROLS, ())):
+            for arm in (OWN, *attrs.get(QUEUED_ARMS, ())):
                 if (arm, index) in queued or (arm == OWN and index == first):
                     continue
                 follower = {SEED_INDEX: index, FOLLOWS: attrs[KEY]} | ({PAIR: pair} if pair else {})

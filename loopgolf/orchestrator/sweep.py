@@ -32,21 +32,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
 import loopgolf
 from loopgolf.atomic import atomic_write_text
+from loopgolf.orchestrator.extend import extended_raw, with_history
+from loopgolf.orchestrator.ledger import Ledger, ledger_callback
 from loopgolf.orchestrator.lock import sweep_lock
+from loopgolf.orchestrator.progress import count_sweep
+from loopgolf.orchestrator.script import ScriptSampler
+from loopgolf.orchestrator.script_trainable import script_trial
 from loopgolf.orchestrator.spec import SweepSpec
+from loopgolf.orchestrator.study import KEY, study_storage
 from loopgolf.orchestrator.sweepdir import (
     SPEC_FILE,
     STUDY_FILE,
     SweepError,
-    planned_total,
-    planned_total_reader,
+    planned_trials_of,
     read_sweep_raw,
     read_sweep_spec,
 )
+from loopgolf.search_spaces.spaces import ConfigSampler, grid_values
+from loopgolf.trial.eval_tokens import write_stream
 
 TUNE_DIR = "tune"
 # What the Tune trial of a data-parallel trial (workers > 1) reserves for itself: it only drives Ray Train.
@@ -98,9 +106,7 @@ def _tracking_uri(spec: SweepSpec, sweep_dir: Path) -> str:
 
 
 def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
-    from loopgolf.orchestrator.script import ScriptSampler
     from loopgolf.orchestrator.search import SweepSearch, make_sampler
-    from loopgolf.search_spaces.spaces import ConfigSampler, grid_values
 
     space = spec.search_space()
     if spec.trial is not None:
@@ -112,7 +118,7 @@ def make_search(spec: SweepSpec, sweep_dir: Path) -> Any:
         spec.objectives,
         seeds=spec.seeds,
         num_samples=spec.num_samples,
-        storage=f"sqlite:///{sweep_dir / STUDY_FILE}",
+        storage=study_storage(sweep_dir),
         study_name=spec.name,
         sampler=make_sampler(spec.algorithm, spec.search_seed, grid_values(space) if spec.algorithm == "grid" else {}),
         space=space,
@@ -126,7 +132,6 @@ def _trainable(spec: SweepSpec, sweep_dir: Path) -> Any:
     from ray import tune
 
     if spec.trial is not None:  # the user's script, in a process group of its own (script_trainable.py)
-        from loopgolf.orchestrator.script_trainable import script_trial
 
         return tune.with_resources(
             tune.with_parameters(script_trial, trial=spec.trial, data_dir=str(spec.data), cpus=spec.cpu,
@@ -172,7 +177,6 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
     """A fresh Tuner, the same for a new sweep and a resume; its files go to tune/<session>/."""
     from ray import tune
 
-    from loopgolf.orchestrator.ledger import ledger_callback
     from loopgolf.orchestrator.tracking import MlflowTracking, ProgressPrinter
 
     scheduler = _scheduler(spec, sweep_dir)
@@ -181,7 +185,7 @@ def _tuner(spec: SweepSpec, sweep_dir: Path, search: Any, ledger: Any) -> Any:
         ledger_callback(ledger),
         MlflowTracking(_tracking_uri(spec, sweep_dir), spec.name, {"sweep": spec.name}, str(sweep_dir),
                        upload=spec.tracking_uri is not None),
-        ProgressPrinter(str(sweep_dir), planned_total_reader(sweep_dir, spec), spec.max_concurrent,
+        ProgressPrinter(str(sweep_dir), planned_trials_of(sweep_dir, spec), spec.max_concurrent,
                         metric, mode),
     ]  # fmt: skip
     session = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
@@ -254,7 +258,6 @@ def _init_ray(address: str | None) -> None:
 
 def _drive(spec: SweepSpec, sweep_dir: Path, address: str | None) -> SweepOutcome:
     """Run the Tuner until the study is done; then the ledger is rebuilt from the trial directories."""
-    from loopgolf.orchestrator.ledger import Ledger
 
     _init_ray(address)
     search = make_search(spec, sweep_dir)
@@ -266,25 +269,23 @@ def _drive(spec: SweepSpec, sweep_dir: Path, address: str | None) -> SweepOutcom
               file=sys.stderr)  # fmt: skip
     ledger = Ledger(sweep_dir, spec.name, code_version())
     _tuner(spec, sweep_dir, search, ledger).fit()
-    return outcome(spec, sweep_dir, ledger, search.error)
+    return finish_sweep(spec, sweep_dir, ledger, search.error)
 
 
-def outcome(spec: SweepSpec, sweep_dir: Path, ledger: Any, searcher_error: str | None) -> SweepOutcome:
-    import optuna
-
-    from loopgolf.orchestrator.search import KEY
-
-    ledger.rebuild()  # the ledger from the truth, whatever happened to it meanwhile
-    finished = ledger.finished_dirs()
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{sweep_dir / STUDY_FILE}")
+def finish_sweep(spec: SweepSpec, sweep_dir: Path, ledger: Ledger, searcher_error: str | None) -> SweepOutcome:
+    """Rebuild the ledger from the truth (whatever happened to it meanwhile), then count how the sweep ended."""
+    ledger.rebuild()
+    planned = planned_trials_of(sweep_dir, spec)
+    counts = count_sweep(sweep_dir, spec.name, planned(), spec.max_concurrent)
     open_states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-    unfinished = {t.user_attrs.get(KEY, t.number) for t in study.get_trials(deepcopy=False, states=open_states)}
+    study = planned.study
+    open_trials = study.get_trials(deepcopy=False, states=open_states) if study is not None else []
     return SweepOutcome(
         sweep_dir=sweep_dir,
-        total=planned_total(sweep_dir, spec),
-        finished=len(finished),
-        raised=sum(bool(metrics.get("raised")) for _, metrics in finished),
-        unfinished=len(unfinished),
+        total=counts.total,
+        finished=counts.finished,
+        raised=counts.raised,
+        unfinished=len({t.user_attrs.get(KEY, t.number) for t in open_trials}),
         searcher_error=searcher_error,
     )
 
@@ -298,7 +299,6 @@ def check_storage(storage: str) -> None:
 def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
     """results/eval_stream.parquet, once: which document and position every scored token is
     (every trial scores the same tokens in the same windows; trial/eval_tokens.py)."""
-    from loopgolf.trial.eval_tokens import write_stream
 
     if spec.trial is not None:  # a script evaluates on its own; it writes no per-token files
         return
@@ -327,7 +327,6 @@ def resume_sweep(
     """Continue an interrupted sweep where its directory is now: finished trials kept, the
     ones a dead driver left running re-run from their newest checkpoint. `sets` extend it
     (more samples, a narrower space: extend.py), recorded in spec.yaml's history."""
-    from loopgolf.orchestrator.extend import extended_raw, with_history
 
     sweep_dir = Path(sweep_dir).resolve()
     read_sweep_spec(sweep_dir)  # a clear error before taking the lock of a directory that is no sweep

@@ -1,4 +1,4 @@
-"""The sweep directory as the sweep's commands read it: its spec and its planned total.
+"""The sweep directory as the sweep's commands read it: its spec and its planned trials.
 
     spec.yaml             the resolved spec (what `resume` rebuilds the Tuner from)
     optuna.db             the Optuna study
@@ -19,10 +19,10 @@ import yaml
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.extend import HISTORY
 from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
-from loopgolf.orchestrator.study import PlannedTotal
+from loopgolf.orchestrator.study import STUDY_FILE, PlannedTrials
 
 SPEC_FILE = "spec.yaml"
-STUDY_FILE = "optuna.db"
+__all__ = ["SPEC_FILE", "STUDY_FILE", "SweepError", "planned_trials_of", "read_sweep_raw", "read_sweep_spec"]
 
 
 class SweepError(LoopgolfError):
@@ -49,12 +49,8 @@ def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return raw
 
 
-def planned_total(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> int:
-    """The trials the sweep runs, from its study (study.planned_trials): exact once the sampler
-    has proposed num_samples configurations, an upper bound before (unrouted ones bring no arms)."""
-    return planned_total_reader(sweep_dir, spec)()
-
-
-def planned_total_reader(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTotal:
-    """A PlannedTotal for this sweep: the study loaded once, re-read at every call."""
-    return PlannedTotal(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))
+def planned_trials_of(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTrials:
+    """The trials the sweep runs (study.planned_trials), as a callable that loads the study once and
+    re-reads it per call: exact once the sampler has proposed num_samples configurations, an upper
+    bound before (an unrouted proposal brings no arms)."""
+    return PlannedTrials(sweep_dir, spec.name, spec.num_samples, spec.seeds, len(spec.control_arms()))

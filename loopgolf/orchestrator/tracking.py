@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from loopgolf.orchestrator.progress import counts_line, sweep_progress
+from loopgolf.orchestrator.progress import count_sweep, counts_line
 from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, final_metrics, trial_dir
 
@@ -111,16 +111,15 @@ def trial_outcome(result: dict[str, Any], metric: str, errored: bool) -> str:
 
 
 class ProgressPrinter(Callback):
-    """One line per trial event (start, end, error): the sweep's counts and ETA, read from the
-    trial directories exactly as `loopgolf status` reads them, then the trial and the best value
-    of the first objective so far."""
+    """One line per trial event (start, end, error): the sweep's counts and ETA, counted from the
+    trial directories exactly as `loopgolf status` counts them, then the trial and the best value
+    of the first objective so far (over the whole sweep, a resumed one's earlier trials too)."""
 
     def __init__(
         self, sweep_dir: str, total: int | Callable[[], int], max_concurrent: int, metric: str, mode: str
     ) -> None:
         self.sweep_dir, self.total, self.max_concurrent = sweep_dir, total, max_concurrent
         self.metric, self.mode = metric, mode
-        self.best: tuple[float, str] | None = None
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(f"trial {trial_key(trial)} started")
@@ -133,17 +132,13 @@ class ProgressPrinter(Callback):
 
     def _ended(self, trial: Any, errored: bool) -> None:
         result = {} if errored else dict(trial.last_result or {})
-        value = result.get(self.metric)
-        if result.get("status") == "complete" and result.get("feasible") and value is not None:
-            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
-            self.best = (float(value), trial_key(trial)) if better else self.best
-        this = trial_outcome(result, self.metric, errored)
-        best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-        self._line(f"trial {trial_key(trial)}: {this}{best}")
+        self._line(f"trial {trial_key(trial)}: {trial_outcome(result, self.metric, errored)}", best=True)
 
-    def _line(self, event: str) -> None:
+    def _line(self, event: str, best: bool = False) -> None:
         # the trial's own files are written before Tune reports the event (the ledger callback,
         # earlier in the list, records an error), so the counts include this trial
         total = self.total() if callable(self.total) else self.total  # a sweep with arms learns its total
-        p = sweep_progress(self.sweep_dir, "", total, self.max_concurrent)
-        print(counts_line(p.done, len(p.running), p.queued, p.failed, p.total, p.eta_seconds) + " " + event, flush=True)
+        c = count_sweep(self.sweep_dir, "", total, self.max_concurrent, (self.metric, self.mode))
+        if best and c.best:
+            event += f"; best {self.metric} {c.best[2]:.4f} ({c.best[0]})"
+        print(counts_line(c.done, len(c.running), c.queued, c.failed, c.total, c.eta_seconds) + " " + event, flush=True)

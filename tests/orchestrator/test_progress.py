@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from loopgolf.orchestrator.progress import (
-    SweepProgress,
+    SweepCounts,
     TrialProgress,
     counts_line,
     eta_seconds,
-    live_progress,
     progress_reports,
+    read_counts,
     render,
     trial_progress,
     watch,
@@ -86,9 +86,10 @@ def test_a_torn_last_line_is_skipped_and_rates_come_from_the_last_interval(tmp_p
     assert (started.step, started.tokens_per_second, started.quick_val_bpb) == (0, None, None)
 
 
-def _progress(running: tuple[TrialProgress, ...], done: int = 1, failed: int = 0) -> SweepProgress:
-    return SweepProgress("s", total=4, done=done, failed=failed, running=running, max_concurrent=2,
-                         trial_seconds=(20.0,))  # fmt: skip
+def _progress(running: tuple[TrialProgress, ...], done: int = 1, failed: int = 0) -> SweepCounts:
+    by_status = {"complete": done} | ({"failed": failed} if failed else {})
+    return SweepCounts("s", total=4, by_status=by_status, raised=0, running=running, max_concurrent=2,
+                       trial_seconds=(20.0,))  # fmt: skip
 
 
 def test_render_shows_one_line_per_running_trial() -> None:
@@ -108,7 +109,7 @@ def test_watch_redraws_until_the_sweep_has_finished() -> None:
     states = iter([_progress(()), _progress((), done=3), _progress((), done=3, failed=1)])
     out = io.StringIO()
     final = watch(lambda: next(states), interval=0.0, out=out)
-    assert final.finished and out.getvalue().count("sweep s [") == 3
+    assert final.all_ended and out.getvalue().count("sweep s [") == 3
     assert "[3/4 done, 0 running, 0 queued, 1 failed" in out.getvalue().splitlines()[-1]
 
 
@@ -128,7 +129,7 @@ def _captured_mid_run(data: Path, tmp_path: Path) -> tuple[Path, str]:
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            progress = live_progress(sweep_dir) if (sweep_dir / "spec.yaml").is_file() else None
+            progress = read_counts(sweep_dir) if (sweep_dir / "spec.yaml").is_file() else None
             if progress and progress.done and progress.running and progress.running[0].quick_val_bpb is not None:
                 shutil.copytree(sweep_dir, captured, ignore=shutil.ignore_patterns("tune", "checkpoints"))
                 break

@@ -15,7 +15,7 @@ from ray.tune.search import Searcher
 
 from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed, pair_key
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
-from loopgolf.orchestrator.study import PlannedTotal, planned_trials, proposals
+from loopgolf.orchestrator.study import PlannedTrials, planned_trials, proposals
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
 from loopgolf.trial.config import preset
 from tests.orchestrator.sweeps import OBJECTIVES, SPACE, searcher
@@ -409,7 +409,7 @@ def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_p
 
 
 def test_the_progress_lines_total_loads_the_study_once_and_sees_every_later_proposal(tmp_path: Path) -> None:
-    total = PlannedTotal(tmp_path, "s", num_samples=4, seeds=2, controls=len(CONTROLS))
+    total = PlannedTrials(tmp_path, "s", num_samples=4, seeds=2, n_arms=len(CONTROLS))
     assert total() == 4 * 2 * (1 + len(CONTROLS))  # no database yet: the upper bound
     search = routing_searcher(tmp_path, num_samples=4, seeds=2)
     configs = []

@@ -20,9 +20,9 @@ import yaml
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.ledger import Ledger, ledger_callback
 from loopgolf.orchestrator.lock import LOCK_FILE, SweepLocked, acquire, release, sweep_lock
-from loopgolf.orchestrator.progress import sweep_status
+from loopgolf.orchestrator.progress import read_status
 from loopgolf.orchestrator.spec import SpecError, load_spec
-from loopgolf.orchestrator.sweep import SPEC_FILE, SweepOutcome, outcome, read_sweep_spec
+from loopgolf.orchestrator.sweep import SPEC_FILE, SweepOutcome, finish_sweep, read_sweep_spec
 from loopgolf.orchestrator.trainable import STATE_FILE, checkpoints, load_state, save_checkpoint
 from loopgolf.orchestrator.trialdir import trial_dir, write_json
 from tests.orchestrator.sweeps import cli, write_spec
@@ -160,8 +160,8 @@ def test_status_reports_an_unreadable_ledger_instead_of_a_traceback(corpus_data:
     _finished_trial(sweep_dir, "trial_00000", {"status": "complete", "val_bpb": 2.5, "feasible": True})
     (sweep_dir / "results").mkdir()
     (sweep_dir / "results" / "trials.parquet").write_bytes(b"not parquet")
-    status = sweep_status(sweep_dir)
-    assert status["finished"] == 1 and "trials.parquet is unreadable" in status["ledger_problem"]
+    status = read_status(sweep_dir)
+    assert status.counts.finished == 1 and "trials.parquet: unreadable" in str(status.ledger_problem)
     proc = cli("status", str(sweep_dir))
     assert proc.returncode == 0 and "warning:" in proc.stdout and "Traceback" not in proc.stderr
 
@@ -180,11 +180,11 @@ def test_exit_status_counts_raised_trials_and_a_diverged_trial_is_not_an_error(
     ledger = Ledger(sweep_dir, "t", "v")
     _finished_trial(sweep_dir, "trial_00000", {"status": "complete", "val_bpb": 2.5, "feasible": True})
     _finished_trial(sweep_dir, "trial_00001", {"status": "failed", "error": "non-finite loss (diverged)"})
-    ok = outcome(spec, sweep_dir, ledger, None)
+    ok = finish_sweep(spec, sweep_dir, ledger, None)
     assert (ok.exit_status, ok.raised, ok.finished) == (0, 0, 2)
     assert ok.last_line() == "2/6 trials finished, 0 raised an error"
     _finished_trial(sweep_dir, "trial_00002", {"status": "failed", "error": "RuntimeError: boom", "raised": True})
-    bad = outcome(spec, sweep_dir, ledger, None)
+    bad = finish_sweep(spec, sweep_dir, ledger, None)
     assert bad.exit_status == 1 and bad.last_line() == "3/6 trials finished, 1 raised an error (exit 1)"
     searcher = SweepOutcome(sweep_dir, 6, 3, 1, 0, "RuntimeError: x")
     assert searcher.exit_status == 3 and "the searcher failed (RuntimeError: x)" in searcher.last_line()
