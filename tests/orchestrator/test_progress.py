@@ -19,6 +19,7 @@ import pytest
 from loopgolf.orchestrator.progress import (
     SweepCounts,
     TrialProgress,
+    count_sweep,
     counts_line,
     eta_seconds,
     progress_reports,
@@ -84,6 +85,29 @@ def test_a_torn_last_line_is_skipped_and_rates_come_from_the_last_interval(tmp_p
     assert one is not None and one.tokens_per_second == pytest.approx(10_000.0)
     started = trial_progress(_trial_dir(tmp_path, "t3", []))  # started, no report yet
     assert (started.step, started.tokens_per_second, started.quick_val_bpb) == (0, None, None)
+
+
+@pytest.mark.parametrize(("mode", "best"), [("min", ("t2", 2.5)), ("max", ("t4", 3.5))])
+def test_one_count_of_the_trial_directories(tmp_path: Path, mode: str, best: tuple[str, float]) -> None:
+    """Statuses, raised trials, wall seconds and the best feasible complete value, read once."""
+    ended = {
+        "t1": {"status": "rejected", "started_at": "2026-01-01T00:00:00", "ended_at": "2026-01-01T00:00:01"},
+        "t2": {"status": "complete", "feasible": True, "val_bpb": 2.5,
+               "started_at": "2026-01-01T00:00:00", "ended_at": "2026-01-01T00:00:30"},
+        "t3": {"status": "complete", "feasible": False, "val_bpb": 1.0},  # over the cap: never the best
+        "t4": {"status": "complete", "feasible": True, "val_bpb": 3.5},
+        "t5": {"status": "failed", "raised": True, "error": "RuntimeError: boom"},
+        "t6": {"status": "failed", "error": "non-finite loss (diverged)"},
+    }  # fmt: skip
+    for name, metrics in ended.items():
+        (_trial_dir(tmp_path / "trials", name, []) / "metrics.json").write_text(json.dumps(metrics))
+    _trial_dir(tmp_path / "trials", "t7", [{"step": 3, "elapsed_seconds": 1.5}])  # training
+    counts = count_sweep(tmp_path, "s", total=9, max_concurrent=2, objective=("val_bpb", mode))
+    assert counts.by_status == {"rejected": 1, "complete": 3, "failed": 2}
+    assert (counts.finished, counts.done, counts.failed, counts.raised, counts.queued) == (6, 4, 2, 1, 2)
+    assert [t.trial_id for t in counts.running] == ["t7"] and counts.trial_seconds == (30.0,)
+    assert counts.best == (best[0], "val_bpb", best[1]) and not counts.all_ended
+    assert count_sweep(tmp_path, "s", total=6, max_concurrent=2).best is None  # no objective, no best
 
 
 def _progress(running: tuple[TrialProgress, ...], done: int = 1, failed: int = 0) -> SweepCounts:
