@@ -426,7 +426,7 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
     }
 
 
-def _calibrate(run: _Run, model: RecurrentLM) -> dict[str, Any]:
+def _threshold_metrics(run: _Run, model: RecurrentLM) -> dict[str, Any]:
     """Calibrate a routed threshold on the held-out training tokens; {} for the control arms.
 
     Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
@@ -455,11 +455,11 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
     if config.compress.qat != "none":
         remove_qat(run.model)
-    calibration = _calibrate(run, run.model)
+    calibration = _threshold_metrics(run, run.model)
     prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
     if calibration:
         prequant_threshold = calibration["refine_threshold"]
-        calibration = _calibrate(run, quantized_model(run.model, config.compress))
+        calibration = _threshold_metrics(run, quantized_model(run.model, config.compress))
         calibration["refine_threshold_prequant"] = prequant_threshold
         run.model.router_threshold.fill_(calibration["refine_threshold"])
     tick = time.perf_counter()

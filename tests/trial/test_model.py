@@ -327,7 +327,7 @@ def test_set_looping_runs_the_core_once_in_training_only() -> None:
     torch.testing.assert_close(model(idx).logits, looped.logits, atol=1e-10, rtol=0)
 
 
-def test_threshold_calibrates_in_training_and_freezes_in_eval() -> None:
+def test_threshold_tracks_training_and_freezes_in_eval() -> None:
     config = small(refine_passes=1, signal="entropy", refine_target=0.3, refine_cap=1.0)
     model = build(config)
     idx = tokens(config, batch=8)
