@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.trial.config import FIELD_SECTION, TrialConfig, coerce_field
+from loopgolf.trial.config import FIELD_SECTION, FIXED_SIGNALS, ROUTED_SIGNALS, TrialConfig, coerce_field
 
 Scalar = bool | int | float | str
 FIXED = "fixed"  # user attr of an enqueued trial: field values set outside the space (ConfigSampler)
@@ -79,7 +79,7 @@ SHARED_VS_UNIQUE: Space = {
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),
-    "signal": Choice(("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")),
+    "signal": Choice((*ROUTED_SIGNALS, *FIXED_SIGNALS)),
     "refine_target": FloatRange(0.1, 0.5),
     "refine_cap": FloatRange(0.5, 1.0),  # >= every refine_target the space proposes
     "aux_loss": Choice((0.0, 0.1, 0.3)),

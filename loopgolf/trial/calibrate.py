@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from loopgolf.trial.config import FIXED_SIGNALS
 from loopgolf.trial.evaluate import autocast_for
-from loopgolf.trial.model import FIXED_SIGNALS, RecurrentLM
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.routing import threshold_for_fraction
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopgolf.trial.config import ModelConfig
+from loopgolf.trial.config import FIXED_SIGNALS, ModelConfig
 from loopgolf.trial.flops import _flops
 from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
 from loopgolf.trial.selection import (
@@ -54,7 +54,6 @@ EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
 Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
 THRESHOLD_MOMENTUM = 0.5  # EMA of the per-batch score quantile that sets the training threshold: short, since
 # scores drift while a model trains (0.9 lagged so far that a 15-step `entropy` run refined 5%, not 25%)
-FIXED_SIGNALS = ("uniform", "stride", "random")  # controls: no score, no threshold
 
 
 def rms_norm(x: Tensor) -> Tensor:

@@ -20,14 +20,13 @@ import pytest
 import torch
 
 from loopgolf.trial import selection as selection_module
-from loopgolf.trial.config import ModelConfig, preset
+from loopgolf.trial.config import FIXED_SIGNALS, ROUTED_SIGNALS, ModelConfig, preset
 from loopgolf.trial.flops import block_flops_per_token, flops_per_token
 from loopgolf.trial.model import QATLinear, RecurrentLM
 from loopgolf.trial.routing import causal_cap
 from tests.trial.makers import build, small, tokens
 
-SIGNALS = ("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")
-CALIBRATED = ("entropy", "margin", "resid_norm", "kl")
+SIGNALS = ROUTED_SIGNALS + FIXED_SIGNALS
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +40,7 @@ def one_thread() -> Iterator[None]:
 
 def set_low_threshold(model: RecurrentLM, idx: torch.Tensor, quantile: float = 0.1) -> None:
     """Put the threshold low, so most tokens want refinement and the cap binds."""
-    if model.config.signal in CALIBRATED:
+    if model.config.signal in ROUTED_SIGNALS:
         with torch.no_grad():
             model.router_threshold.fill_(float("nan"))  # uncalibrated: cap-only, to read the scores
             score = model(idx).router_score
