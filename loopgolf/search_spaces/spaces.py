@@ -15,12 +15,11 @@ compute is spent.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.jsonio import short_digest
 from loopgolf.trial.config import FIELD_SECTION, FIXED_SIGNALS, ROUTED_SIGNALS, TrialConfig, coerce_field
 
 Scalar = bool | int | float | str
@@ -204,7 +203,7 @@ def config_id(config: TrialConfig) -> str:
 def flat_config_id(flat: Mapping[str, Any]) -> str:
     """Identity of a flat configuration (any kind of trial) without its seed."""
     rest = {k: v for k, v in flat.items() if k != "seed"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
+    return short_digest(rest, 12)
 
 
 def contains(dim: Dimension, value: Any) -> bool:
