@@ -35,7 +35,6 @@ Tuner, `Tuner(trainer)`, is the V1 API, deprecated, and refuses V2 trainers.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -49,6 +48,7 @@ import torch
 from ray import tune
 
 from loopgolf.errors import LoopgolfError, first_line
+from loopgolf.jsonio import json_default, short_digest
 from loopgolf.orchestrator.trialdir import (
     TRIAL_RECORD,
     append_progress,
@@ -62,7 +62,7 @@ from loopgolf.orchestrator.trialdir import now as _now
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.distributed import DataParallel, backend_for, check_divisible
 from loopgolf.trial.prepare import MANIFEST
-from loopgolf.trial.train import _json_default, run_trial
+from loopgolf.trial.train import run_trial
 
 STATE_FILE = "training_state.pt"
 CHECKPOINTS = "checkpoints"  # <trial dir>/checkpoints/step_<N>/training_state.pt, complete by construction
@@ -130,7 +130,7 @@ def data_fingerprint(data_dir: str | os.PathLike[str]) -> str:
     """The prepared data's identity: a hash of its manifest (sources' and tokenizer's sha256,
     token and document counts; no paths), so a moved copy has the same fingerprint."""
     manifest = read_json(Path(data_dir) / MANIFEST)
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return short_digest(manifest, 16)
 
 
 def _start(directory: Path, config: dict[str, Any], data_dir: str, where: str) -> dict[str, Any] | None:
@@ -282,6 +282,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as staging:
-        payload = json.dumps(metrics, default=_json_default, sort_keys=True)
+        payload = json.dumps(metrics, default=json_default, sort_keys=True)
         (Path(staging) / FINAL_FILE).write_text(payload, encoding="utf-8")
         ray.train.report(json.loads(payload), checkpoint=ray.train.Checkpoint.from_directory(staging))

@@ -21,6 +21,7 @@ from typing import Any
 
 from loopgolf.atomic import atomic_write_json
 from loopgolf.errors import LoopgolfError, first_line
+from loopgolf.jsonio import json_default
 from loopgolf.orchestrator.protocol import RECORD_KEYS
 
 # rejected: predicted over the byte cap, never trained; stopped: by early stopping, before its final metrics
@@ -40,15 +41,7 @@ def trial_dir(sweep_dir: str | os.PathLike[str], trial_id: str) -> Path:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (loopgolf.atomic), creating the trial's directory if needed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, payload, default=_json_default)
-
-
-def _json_default(value: object) -> object:
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()  # type: ignore[attr-defined]
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    atomic_write_json(path, payload, default=json_default)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -90,7 +83,7 @@ def progress_lines(directory: Path) -> list[dict[str, Any]]:
 def append_progress(directory: Path, progress: dict[str, Any]) -> None:
     """One line of the learning curve; a line torn by a kill is skipped by the reader."""
     with open(directory / PROGRESS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(progress, default=_json_default, sort_keys=True) + "\n")
+        fh.write(json.dumps(progress, default=json_default, sort_keys=True) + "\n")
 
 
 def now() -> str:

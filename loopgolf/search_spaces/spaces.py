@@ -15,13 +15,12 @@ compute is spent.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.trial.config import FIELD_SECTION, TrialConfig, coerce_field
+from loopgolf.jsonio import short_digest
+from loopgolf.trial.config import FIELD_SECTION, FIXED_SIGNALS, ROUTED_SIGNALS, TrialConfig, coerce_field
 
 Scalar = bool | int | float | str
 FIXED = "fixed"  # user attr of an enqueued trial: field values set outside the space (ConfigSampler)
@@ -79,7 +78,7 @@ SHARED_VS_UNIQUE: Space = {
 }
 ROUTING: Space = {
     "refine_passes": Choice((0, 1, 2)),
-    "signal": Choice(("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")),
+    "signal": Choice((*ROUTED_SIGNALS, *FIXED_SIGNALS)),
     "refine_target": FloatRange(0.1, 0.5),
     "refine_cap": FloatRange(0.5, 1.0),  # >= every refine_target the space proposes
     "aux_loss": Choice((0.0, 0.1, 0.3)),
@@ -204,7 +203,7 @@ def config_id(config: TrialConfig) -> str:
 def flat_config_id(flat: Mapping[str, Any]) -> str:
     """Identity of a flat configuration (any kind of trial) without its seed."""
     rest = {k: v for k, v in flat.items() if k != "seed"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
+    return short_digest(rest, 12)
 
 
 def contains(dim: Dimension, value: Any) -> bool:

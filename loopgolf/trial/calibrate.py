@@ -5,7 +5,7 @@ the threshold of the model as it will be evaluated (for the artifact: its dequan
 weights), at the fraction the arm promises, after the causal cap. Calibration reads
 router scores on held-out *training* tokens (never val: the threshold must not see the
 text it is scored on) and sets the threshold whose refined fraction there is nearest
-refine_target (routing.calibrate_threshold). Control arms (uniform, stride, random) need
+refine_target (routing.threshold_for_fraction). Control arms (uniform, stride, random) need
 no calibration: their fraction is fixed by construction.
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from loopgolf.trial.config import FIXED_SIGNALS
 from loopgolf.trial.evaluate import autocast_for
-from loopgolf.trial.model import FIXED_SIGNALS, RecurrentLM
-from loopgolf.trial.routing import calibrate_threshold
+from loopgolf.trial.model import RecurrentLM
+from loopgolf.trial.routing import threshold_for_fraction
 
 
 def needs_calibration(model: RecurrentLM) -> bool:
@@ -42,6 +43,6 @@ def calibrate_router(model: RecurrentLM, windows: np.ndarray, *, batch_size: int
             scores.append(model.router_scores(x.to(device)).float())
     model.train(was_training)
     c = model.config
-    threshold = calibrate_threshold(torch.cat(scores).cpu(), c.refine_target, c.refine_cap)
+    threshold = threshold_for_fraction(torch.cat(scores).cpu(), c.refine_target, c.refine_cap)
     model.router_threshold.fill_(threshold)
     return threshold

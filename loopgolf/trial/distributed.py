@@ -24,8 +24,8 @@ six places only, all here:
 - Agreement: after every step the ranks exchange (loss, step time, float buffers) in one
   small collective. All ranks then hold the mean loss, the slowest rank's step time (so
   the clock, hence the stopping step, report and checkpoint times, and the LR schedule,
-  are the same everywhere) and the mean of each float buffer (the router's calibrated
-  threshold: each rank calibrates on its slice; the mean keeps the replicas identical).
+  are the same everywhere) and the mean of each float buffer (the router's training
+  threshold: each rank tracks it on its slice; the mean keeps the replicas identical).
 - Start: rank 0's parameters and buffers are broadcast, so the replicas start equal.
 - Output: only rank 0 evaluates, writes the artifact and metrics.json.
 

@@ -17,7 +17,7 @@ The file reads top to bottom:
      causal over the whole sequence or over the selected tokens only, are selection.py's)
   2. phase conditioning: what lets pass p of the shared core differ from pass q
   3. RecurrentLM: the base forward, the router's score and threshold, refinement
-(routing.py holds the causal cap, the control arms' selections and the calibration;
+(routing.py holds the causal cap, the control arms' selections and the threshold search;
 selection.py the layouts of the selected tokens and their attention; flops.py the analytic
 cost, flops_per_token.)
 
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loopgolf.trial.config import ModelConfig
+from loopgolf.trial.config import FIXED_SIGNALS, ModelConfig
 from loopgolf.trial.flops import _flops
 from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
 from loopgolf.trial.selection import (
@@ -54,7 +54,6 @@ EMBED_INIT_STD = 0.005  # the baseline's tied-embedding init
 Q_GAIN_INIT = 1.5  # the baseline's per-head query gain
 THRESHOLD_MOMENTUM = 0.5  # EMA of the per-batch score quantile that sets the training threshold: short, since
 # scores drift while a model trains (0.9 lagged so far that a 15-step `entropy` run refined 5%, not 25%)
-FIXED_SIGNALS = ("uniform", "stride", "random")  # controls: no score, no threshold to calibrate
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -343,7 +342,8 @@ class RecurrentLM(nn.Module):
             self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
             nn.init.zeros_(self.lm_head.weight)  # the baseline zero-inits an untied head
         if c.refine_passes:
-            # NaN = not calibrated yet: until then every token passes and only the cap limits.
+            # NaN = no threshold yet (training tracks one, calibrate.py sets it): until then
+            # every token passes and only the cap limits.
             self.register_buffer("router_threshold", torch.tensor(float("nan")))
         self.looping = True
         self.threshold_frozen = False  # True: training forwards leave router_threshold alone
@@ -523,7 +523,7 @@ class RecurrentLM(nn.Module):
         return self._router_score(self._base_pass(x0, cos, sin, record_kv=False))
 
     @torch.no_grad()
-    def _calibrate(self, score: Tensor) -> None:
+    def _track_threshold(self, score: Tensor) -> None:
         """Move the threshold toward this batch's (1 - refine_target) score quantile (EMA).
 
         Called after selection, so a forward never selects with a threshold that saw its
@@ -569,7 +569,7 @@ class RecurrentLM(nn.Module):
         refine_mask: Tensor | None = None,
     ) -> ModelOutput:
         """`refine_mask` (B, T) bool, when given, replaces the router: exactly those tokens are
-        refined (no threshold, no cap, no calibration). For tests and analyses that need a
+        refined (no threshold, no cap, no threshold tracking). For tests and analyses that need a
         chosen selection; routing stays causal only if the mask is."""
         c = self.config
         if idx.ndim != 2:
@@ -594,7 +594,7 @@ class RecurrentLM(nn.Module):
             else:
                 refined = self.select(score)
                 if self.training and not self.threshold_frozen and c.signal not in FIXED_SIGNALS:
-                    self._calibrate(score)
+                    self._track_threshold(score)
             if self.pads_refinement():
                 # The rung is read here in forward: a graph break inside a called method would
                 # also split the compiled forward at the call (two more graphs).

@@ -1,13 +1,13 @@
 """Which tokens a refinement pass spends on: the causal cap, the control arms' selections,
-and the calibration of a routed signal's threshold.
+and the search for the threshold that refines a target fraction.
 
 Every arm at one `refine_target` refines the same fraction of tokens, so arms compare at
 matched compute:
 
     routed (entropy, margin, resid_norm, kl)  score > threshold, then the causal cap; the
                                               threshold is an EMA of batch quantiles in
-                                              training, calibrated after training
-                                              (`calibrate_threshold`) for evaluation
+                                              training, set after training from held-out
+                                              scores (`threshold_for_fraction`) for evaluation
     stride                                    a fixed causal pattern: refine_target of every
                                               prefix, to rounding
     random                                    i.i.d. at refine_target from a generator seeded
@@ -66,7 +66,7 @@ def refined_fraction(score: Tensor, threshold: float, cap: float) -> float:
     return float(causal_cap(score > threshold, cap).float().mean())
 
 
-def calibrate_threshold(score: Tensor, target: float, cap: float) -> float:
+def threshold_for_fraction(score: Tensor, target: float, cap: float) -> float:
     """The threshold whose refined fraction (after the cap) is nearest `target` on these scores.
 
     `score` (rows, T) are router scores of held-out windows. The fraction is non-increasing
@@ -74,7 +74,8 @@ def calibrate_threshold(score: Tensor, target: float, cap: float) -> float:
     search over the distinct scores finds the nearest attainable fraction.
     """
     if score.ndim != 2 or score.numel() == 0:
-        raise ValueError(f"calibrate_threshold: score must be a non-empty (rows, T) tensor, got {tuple(score.shape)}")
+        shape = tuple(score.shape)
+        raise ValueError(f"threshold_for_fraction: score must be a non-empty (rows, T) tensor, got {shape}")
     score = score.double()
     candidates = torch.unique(score)  # ascending; threshold candidates[i] refines scores above it
     lo, hi = 0, candidates.numel() - 1  # the smallest i whose fraction <= target (the max refines none)

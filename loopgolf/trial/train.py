@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from loopgolf.atomic import atomic_write_json
+from loopgolf.jsonio import json_default
 from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.data import DataError, TrainBatches
@@ -92,14 +93,6 @@ def loss_read_every(device: torch.device, parallel: DataParallel | None) -> int:
     read costs nothing) and in data parallel (ranks agree on the clock and the router's
     threshold every step); LOSS_READ_EVERY on one CUDA device, which runs ahead of the host."""
     return LOSS_READ_EVERY if device.type == "cuda" and parallel is None else 1
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _prime_compiled(
@@ -426,7 +419,7 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
     }
 
 
-def _calibrate(run: _Run, model: RecurrentLM) -> dict[str, Any]:
+def _threshold_metrics(run: _Run, model: RecurrentLM) -> dict[str, Any]:
     """Calibrate a routed threshold on the held-out training tokens; {} for the control arms.
 
     Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
@@ -455,11 +448,11 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
     if config.compress.qat != "none":
         remove_qat(run.model)
-    calibration = _calibrate(run, run.model)
+    calibration = _threshold_metrics(run, run.model)
     prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
     if calibration:
         prequant_threshold = calibration["refine_threshold"]
-        calibration = _calibrate(run, quantized_model(run.model, config.compress))
+        calibration = _threshold_metrics(run, quantized_model(run.model, config.compress))
         calibration["refine_threshold_prequant"] = prequant_threshold
         run.model.router_threshold.fill_(calibration["refine_threshold"])
     tick = time.perf_counter()
@@ -491,7 +484,7 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     }
     metrics["feasible"] = metrics["byte_violation"] <= 0 and metrics["eval_violation"] <= 0
     metrics["wall_seconds"] = time.perf_counter() - run.wall_start
-    atomic_write_json(run.out / METRICS_NAME, metrics, default=_json_default)
+    atomic_write_json(run.out / METRICS_NAME, metrics, default=json_default)
     return metrics
 
 
@@ -526,7 +519,7 @@ def run_trial(
     rejected = _reject_over_cap(config, base)
     if rejected is not None:
         if is_main:
-            atomic_write_json(out / METRICS_NAME, rejected, default=_json_default)
+            atomic_write_json(out / METRICS_NAME, rejected, default=json_default)
         return rejected
 
     run = _set_up(config, Path(data_dir), out, parallel, resume_state, wall_start)
@@ -539,6 +532,6 @@ def run_trial(
     if run.failure is not None:
         metrics |= {"status": "failed", "feasible": False, "error": run.failure}
         if is_main:
-            atomic_write_json(out / METRICS_NAME, metrics, default=_json_default)
+            atomic_write_json(out / METRICS_NAME, metrics, default=json_default)
         return metrics
     return _finish(run, metrics) if is_main else metrics

@@ -11,17 +11,20 @@ import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial.config import (
     FIELD_SECTION,
+    FIXED_SIGNALS,
     PRESETS,
+    ROUTED_SIGNALS,
     CompressConfig,
     ConfigError,
     ModelConfig,
+    RouterSignal,
     TrainConfig,
     TrialConfig,
     coerce_field,
@@ -403,3 +406,9 @@ def test_the_challenge_baseline_preset() -> None:
 def test_unknown_preset() -> None:
     with pytest.raises(ConfigError, match=r"^preset 'huge': expected one of \['d256', 'middle_loop'"):
         preset("huge")
+
+
+def test_the_signal_types_partition_the_router_signal() -> None:
+    """RouterSignal is the routed and the fixed signals together, in that order, each once."""
+    assert get_args(RouterSignal) == ROUTED_SIGNALS + FIXED_SIGNALS
+    assert not set(ROUTED_SIGNALS) & set(FIXED_SIGNALS)

@@ -71,7 +71,7 @@ def losses_by_step(reports: list[dict[str, Any]]) -> dict[int, float]:
 # (the global mean is summed in another order); its division by sqrt(v) amplifies that
 # rounding on small gradients: 3.3e-6 of the loss by step 8 on the built-in corpus. Muon
 # orthogonalizes in bfloat16, which turns those 1e-7 differences into bf16 rounding flips: ~1e-5 after a few steps. With
-# refinement, each rank calibrates the router threshold on its slice and the ranks
+# refinement, each rank tracks the router threshold on its slice and the ranks
 # average it, which is close to, not exactly, the global batch's quantile.
 TRAJECTORIES = {
     "adamw": ({"optimizer": "adamw"}, 1e-5),

@@ -20,14 +20,13 @@ import pytest
 import torch
 
 from loopgolf.trial import selection as selection_module
-from loopgolf.trial.config import ModelConfig, preset
+from loopgolf.trial.config import FIXED_SIGNALS, ROUTED_SIGNALS, ModelConfig, preset
 from loopgolf.trial.flops import block_flops_per_token, flops_per_token
 from loopgolf.trial.model import QATLinear, RecurrentLM
 from loopgolf.trial.routing import causal_cap
 from tests.trial.makers import build, small, tokens
 
-SIGNALS = ("entropy", "margin", "resid_norm", "kl", "uniform", "stride", "random")
-CALIBRATED = ("entropy", "margin", "resid_norm", "kl")
+SIGNALS = ROUTED_SIGNALS + FIXED_SIGNALS
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +40,7 @@ def one_thread() -> Iterator[None]:
 
 def set_low_threshold(model: RecurrentLM, idx: torch.Tensor, quantile: float = 0.1) -> None:
     """Put the threshold low, so most tokens want refinement and the cap binds."""
-    if model.config.signal in CALIBRATED:
+    if model.config.signal in ROUTED_SIGNALS:
         with torch.no_grad():
             model.router_threshold.fill_(float("nan"))  # uncalibrated: cap-only, to read the scores
             score = model(idx).router_score
@@ -327,7 +326,7 @@ def test_set_looping_runs_the_core_once_in_training_only() -> None:
     torch.testing.assert_close(model(idx).logits, looped.logits, atol=1e-10, rtol=0)
 
 
-def test_threshold_calibrates_in_training_and_freezes_in_eval() -> None:
+def test_threshold_tracks_training_and_freezes_in_eval() -> None:
     config = small(refine_passes=1, signal="entropy", refine_target=0.3, refine_cap=1.0)
     model = build(config)
     idx = tokens(config, batch=8)

@@ -1,4 +1,4 @@
-"""The control arms' selections and the calibration of routed thresholds (routing.py).
+"""The control arms' selections and the threshold search for routed signals (routing.py).
 
 Every non-uniform arm at one refine_target must refine that fraction: `stride` exactly
 (to rounding) at every prefix, `random` in expectation with a reproducible, fresh draw
@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loopgolf.trial.routing import calibrate_threshold, refined_fraction, stride_mask
+from loopgolf.trial.routing import refined_fraction, stride_mask, threshold_for_fraction
 from tests.trial.makers import build, small, tokens
 
 
@@ -79,7 +79,7 @@ def brute_force_best(score: torch.Tensor, target: float, cap: float) -> float:
     ties=st.sampled_from([0, 3, 1000]),  # 0: continuous scores; k: k distinct values
     seed=st.integers(0, 2**16),
 )
-def test_calibrated_threshold_is_the_nearest_attainable_fraction(
+def test_threshold_for_fraction_is_the_nearest_attainable_fraction(
     rows: int, seq_len: int, target: float, cap_extra: float, ties: int, seed: int
 ) -> None:
     cap = min(1.0, target + cap_extra * (1.0 - target))
@@ -87,16 +87,16 @@ def test_calibrated_threshold_is_the_nearest_attainable_fraction(
     score = torch.rand(rows, seq_len, generator=gen, dtype=torch.float64)
     if ties:
         score = torch.floor(score * ties)
-    thr = calibrate_threshold(score, target, cap)
+    thr = threshold_for_fraction(score, target, cap)
     got = abs(refined_fraction(score, thr, cap) - target)
     assert got == pytest.approx(brute_force_best(score, target, cap), abs=1e-12)
 
 
-def test_calibration_with_the_cap_hits_the_target_on_many_tokens() -> None:
-    """Skewed scores at T=1024: the cap trims early bursts, calibration compensates."""
+def test_threshold_for_fraction_with_the_cap_hits_the_target_on_many_tokens() -> None:
+    """Skewed scores at T=1024: the cap trims early bursts, the threshold search compensates."""
     gen = torch.Generator().manual_seed(0)
     score = torch.rand(64, 1024, generator=gen) ** 4 + torch.linspace(0.6, 0, 1024)  # early tokens score higher
-    thr = calibrate_threshold(score, 0.25, 0.3)
+    thr = threshold_for_fraction(score, 0.25, 0.3)
     assert refined_fraction(score, thr, 0.3) == pytest.approx(0.25, abs=1e-3)
     naive = torch.quantile(score.flatten(), 0.75).item()  # the plain quantile ignores the cap
     assert refined_fraction(score, naive, 0.3) < 0.25 - 0.02
@@ -112,5 +112,5 @@ def test_the_training_threshold_follows_a_drifting_score(drift: float) -> None:
     for step in range(40):
         score = torch.randn(32, 256, generator=gen, dtype=torch.float64) + drift * step
         fractions.append(float(model.select(score).double().mean()))
-        model._calibrate(score)
+        model._track_threshold(score)
     assert all(abs(f - 0.25) <= 0.05 for f in fractions[1:]), [round(f, 3) for f in fractions]
