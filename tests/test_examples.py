@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from loopgolf.orchestrator.arms import CONTROLS
+from loopgolf.orchestrator.ledger_schema import CONTROL_ARMS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -85,7 +85,8 @@ def test_example_runs_with_zero_failed_trials(example: Path, corpus_data: Path, 
         assert not routed.duplicated(["config_id", "seed"]).any(), pair_id
         slots = sorted(zip(pair.loc[pair["arm"] != "routed", "arm"], pair.loc[pair["arm"] != "routed", "seed"],
                            strict=True))  # fmt: skip
-        assert slots == sorted((arm, s) for arm in CONTROLS for s in set(routed["seed"])), (pair_id, slots)
+        assert slots == sorted((arm, s) for arm in CONTROL_ARMS for s in set(routed["seed"])), (pair_id, slots)
     if spec.get("space") == "routing":  # every proposal of the routing example is routed: all paired
         pairs = trials["pair_id"].nunique()  # signals of one aux_loss share a pair, and its arms run once
-        assert len(trials) == REDUCED["search.num_samples"] + pairs * len(CONTROLS) and trials["pair_id"].notna().all()
+        assert len(trials) == REDUCED["search.num_samples"] + pairs * len(CONTROL_ARMS)
+        assert trials["pair_id"].notna().all()

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from loopgolf.analysis.results import METRICS, feasible_complete
+from loopgolf.analysis.results import METRICS, ROUTED_ARM, feasible_complete
 from loopgolf.errors import LoopgolfError
 
 Direction = Literal["min", "max"]
@@ -318,7 +318,7 @@ def config_means(df: pd.DataFrame, objectives: Objectives) -> pd.DataFrame:
     _check_objectives(df, objectives)
     ok = feasible_complete(df)
     if "arm" in df:  # a routed configuration or an unpaired one; its arms come along when it is promoted
-        ok &= df["arm"].isna() | (df["arm"] == "routed") | df.get("pair_id", pd.Series(index=df.index)).isna()
+        ok &= df["arm"].isna() | (df["arm"] == ROUTED_ARM) | df.get("pair_id", pd.Series(index=df.index)).isna()
     rows = df[ok]
     if rows.empty:
         return pd.DataFrame(columns=["sweep", "config_id", "seeds", *objectives])

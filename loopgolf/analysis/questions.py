@@ -27,10 +27,9 @@ from loopgolf.analysis.evidence import (
     int_column,
     matrix,
 )
+from loopgolf.analysis.results import CONTROL_ARMS, NO_REFINE, ROUTED_ARM
 from loopgolf.analysis.stats import crossed_difference, crossed_ratio, linearize, rank_correlation
 from loopgolf.analysis.tokens import TokenStore
-
-CONTROLS = ("no_refine", "uniform", "stride", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +161,8 @@ def pairs(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame, dict[str, pd.Data
         return []
     out = []
     for _, part in rows[rows["pair_id"].notna()].groupby("pair_id", sort=True):
-        arms = {a: part[part["arm"] == a] for a in CONTROLS if (part["arm"] == a).any()}
-        for config_id, routed in part[part["arm"] == "routed"].groupby("config_id", sort=True):
+        arms = {a: part[part["arm"] == a] for a in CONTROL_ARMS if (part["arm"] == a).any()}
+        for config_id, routed in part[part["arm"] == ROUTED_ARM].groupby("config_id", sort=True):
             if arms:
                 out.append((str(config_id), routed, arms))
     return out
@@ -267,9 +266,9 @@ def after_compression(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportC
     """Refinement gain (routed − no_refine) before and after quantization, per bit width."""
     units: list[dict[str, object]] = []
     for _, routed, arms in pairs(rows):
-        if "no_refine" not in arms:
+        if NO_REFINE not in arms:
             continue
-        nr = arms["no_refine"]
+        nr = arms[NO_REFINE]
         seeds = sorted(set(routed["seed"].astype(int)) & set(nr["seed"].astype(int)))
         r, n = routed.set_index("seed").loc[seeds], nr.set_index("seed").loc[seeds]
         for s in seeds:

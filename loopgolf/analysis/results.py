@@ -34,11 +34,14 @@ import pyarrow.parquet as pq
 
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.ledger_schema import (  # noqa: F401  (re-exported: the analysis API names them)
+    CONTROL_ARMS,
     CURVES_FILE,
     IDENTITY_FIELDS,
     METRIC_FIELDS,
     METRICS,
+    NO_REFINE,
     REFINEMENT_FIELDS,
+    ROUTED_ARM,
     STATUSES,
     TRIALS_FILE,
     _conform,

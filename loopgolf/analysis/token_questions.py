@@ -16,6 +16,7 @@ import pandas as pd
 from loopgolf.analysis import plots
 from loopgolf.analysis.evidence import ReportConfig, all_per_token, describe_config, estimate_cells, finish_section
 from loopgolf.analysis.questions import NO_PAIRS, Answer, _paired, pairs
+from loopgolf.analysis.results import NO_REFINE
 from loopgolf.analysis.stats import Estimate, crossed_ratio, placement_values, t_estimate
 from loopgolf.analysis.tokens import TokenStore, document_index
 
@@ -48,7 +49,7 @@ def _token_units(rows: pd.DataFrame, store: TokenStore) -> dict[str, list[dict[s
     """Per routing signal, one dict of per-token arrays per (pair, seed) with a no_refine arm."""
     units: dict[str, list[dict[str, np.ndarray]]] = {}
     for _, routed, arms in pairs(rows):
-        control = arms.get("no_refine")
+        control = arms.get(NO_REFINE)
         if control is None or not all_per_token(pd.concat([routed, control]), store):
             continue
         for seed in sorted(set(routed["seed"].astype(int)) & set(control["seed"].astype(int))):
@@ -135,10 +136,10 @@ def robustness(rows: pd.DataFrame, store: TokenStore | None, cfg: ReportConfig) 
     out: list[dict[str, object]] = []
     curves: dict[str, np.ndarray] = {}
     for pair_id, routed, arms in pairs(rows):
-        if "no_refine" not in arms:
+        if NO_REFINE not in arms:
             continue
-        num, den, per_token = _paired(routed, arms["no_refine"], store)
-        seeds = sorted(set(routed["seed"].astype(int)) & set(arms["no_refine"]["seed"].astype(int)))
+        num, den, per_token = _paired(routed, arms[NO_REFINE], store)
+        seeds = sorted(set(routed["seed"].astype(int)) & set(arms[NO_REFINE]["seed"].astype(int)))
         concentration = {}
         if per_token:
             gain = -num.sum(axis=0)  # bits saved per document, all seeds

@@ -25,6 +25,7 @@ from scipy import stats as sp
 
 from loopgolf.analysis.evidence import METRIC, competing, describe_config
 from loopgolf.analysis.questions import Answer
+from loopgolf.analysis.results import ROUTED_ARM
 from loopgolf.analysis.stats import (
     RankCorrelation,
     Summary,
@@ -123,7 +124,7 @@ def _proposal_rows(promoted: pd.DataFrame, source: str) -> pd.DataFrame:
     same `promoted_from` but are other configurations: only the routed one is the promoted one."""
     if promoted["config_id"].nunique() == 1:
         return promoted
-    own = promoted[promoted["arm"] == "routed"] if "arm" in promoted else promoted.iloc[:0]
+    own = promoted[promoted["arm"] == ROUTED_ARM] if "arm" in promoted else promoted.iloc[:0]
     if own["config_id"].nunique() != 1:
         ids = ", ".join(sorted(map(str, promoted["config_id"].unique())))
         raise LoopgolfError(f"promoted_from {source!r}: several promoted configurations ({ids}) and no one routed")

@@ -26,18 +26,15 @@ search space can hold it; Optuna refuses a fixed categorical value outside its c
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
-from typing import Any, get_args
+from typing import Any
 
 from loopgolf.errors import LoopgolfError
+from loopgolf.jsonio import short_digest
+from loopgolf.orchestrator.ledger_schema import CONTROL_ARMS, NO_REFINE, ROUTED_ARM
 from loopgolf.search_spaces.spaces import Choice, Dimension, contains
-from loopgolf.trial.config import RouterSignal
+from loopgolf.trial.config import ROUTED_SIGNALS
 
-ROUTED_SIGNALS = ("entropy", "margin", "resid_norm", "kl")
-CONTROLS = ("no_refine", "uniform", "stride", "random")
-ARMS = ("routed", *CONTROLS)
 # Without refinement the signal is unused: no_refine sets it to one value, so the no_refine
 # arms of configurations that differ only in signal are one configuration.
 NO_REFINE_SIGNAL = "entropy"
@@ -47,26 +44,19 @@ class ArmsError(LoopgolfError):
     """A list of control arms is not valid."""
 
 
-def supported_controls() -> tuple[str, ...]:
-    """The control arms the model implements (each signal control is a RouterSignal)."""
-    signals = set(get_args(RouterSignal))
-    return tuple(arm for arm in CONTROLS if arm == "no_refine" or arm in signals)
-
-
 def parse_controls(value: Iterable[str] | None) -> tuple[str, ...]:
-    """The `controls:` spec key: None means every supported arm; duplicates are an error."""
+    """The `controls:` spec key: None means every control arm; duplicates are an error."""
     if value is None:
-        return supported_controls()
+        return CONTROL_ARMS
     if isinstance(value, str):
-        raise ArmsError(f"controls={value!r}: expected a list, a subset of {list(CONTROLS)}")
+        raise ArmsError(f"controls={value!r}: expected a list, a subset of {list(CONTROL_ARMS)}")
     arms = tuple(value)
-    supported = supported_controls()
     for arm in arms:
-        if arm not in supported:
-            raise ArmsError(f"controls: unknown arm {arm!r}; expected a subset of {list(supported)}")
+        if arm not in CONTROL_ARMS:
+            raise ArmsError(f"controls: unknown arm {arm!r}; expected a subset of {list(CONTROL_ARMS)}")
     if len(set(arms)) != len(arms):
         raise ArmsError(f"controls={list(arms)}: an arm is listed twice")
-    return tuple(arm for arm in CONTROLS if arm in arms)  # a fixed order: resumes queue the same way
+    return tuple(arm for arm in CONTROL_ARMS if arm in arms)  # a fixed order: resumes queue the same way
 
 
 def is_routed(flat: Mapping[str, Any]) -> bool:
@@ -77,23 +67,23 @@ def is_routed(flat: Mapping[str, Any]) -> bool:
 def arm_of(flat: Mapping[str, Any]) -> str:
     """The arm a flat configuration is: routed, a signal control, or no_refine."""
     if int(flat.get("refine_passes", 0)) == 0:
-        return "no_refine"
-    return "routed" if flat.get("signal") in ROUTED_SIGNALS else str(flat["signal"])
+        return NO_REFINE
+    return ROUTED_ARM if flat.get("signal") in ROUTED_SIGNALS else str(flat["signal"])
 
 
 def arm_values(arm: str) -> dict[str, Any]:
     """The routing fields a control arm sets; everything else stays the routed configuration's."""
-    if arm == "no_refine":
+    if arm == NO_REFINE:
         return {"refine_passes": 0, "signal": NO_REFINE_SIGNAL}
-    if arm not in CONTROLS:
-        raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROLS)}")
+    if arm not in CONTROL_ARMS:
+        raise ArmsError(f"arm {arm!r}: expected one of {list(CONTROL_ARMS)}")
     return {"signal": arm}
 
 
 def pair_key(flat: Mapping[str, Any]) -> str:
     """The pair of a routed flat configuration: its identity without signal and seed."""
     rest = {k: v for k, v in flat.items() if k not in ("signal", "seed")}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return short_digest(rest, 12, default=str)
 
 
 def control_config(flat: Mapping[str, Any], arm: str) -> dict[str, Any]:

@@ -27,11 +27,17 @@ import pyarrow.parquet as pq
 from loopgolf.atomic import atomic_write
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.trialdir import STATUSES  # noqa: F401  (the status column's values: part of the schema)
-from loopgolf.trial.config import CompressConfig, ModelConfig, TrainConfig
+from loopgolf.trial.config import FIXED_SIGNALS, CompressConfig, ModelConfig, TrainConfig
 
 TRIALS_FILE = Path("results") / "trials.parquet"
 CURVES_FILE = Path("results") / "curves.parquet"
 SCHEMA_VERSION = "1"
+# The arm column's values (orchestrator/arms.py): the routed configuration, or a control that
+# changes its routing alone: no refinement, or a fixed signal in place of the learned one.
+ROUTED_ARM = "routed"
+NO_REFINE = "no_refine"
+CONTROL_ARMS: tuple[str, ...] = (NO_REFINE, *FIXED_SIGNALS)
+ARMS: tuple[str, ...] = (ROUTED_ARM, *CONTROL_ARMS)
 
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")

@@ -32,6 +32,7 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from loopgolf.orchestrator.halving import Decision, RungState, rebuild_state
+from loopgolf.orchestrator.ledger_schema import ROUTED_ARM
 from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, read_json, trial_dir, write_json
 
@@ -78,7 +79,7 @@ def pair_of(config: Mapping[str, Any]) -> tuple[str, int] | None:
 
 
 def is_control(config: Mapping[str, Any]) -> bool:
-    return config.get("pair_id") is not None and config.get("arm") not in (None, "routed")
+    return config.get("pair_id") is not None and config.get("arm") not in (None, ROUTED_ARM)
 
 
 class ParetoHalving(FIFOScheduler):

@@ -12,7 +12,6 @@ import optuna
 import pytest
 
 from loopgolf.orchestrator.arms import (
-    ARMS,
     ArmsError,
     arm_of,
     arm_params,
@@ -22,15 +21,15 @@ from loopgolf.orchestrator.arms import (
     pair_key,
     parse_controls,
     space_can_route,
-    supported_controls,
 )
+from loopgolf.orchestrator.ledger_schema import ARMS, CONTROL_ARMS
 from loopgolf.search_spaces.spaces import FIXED, Choice, ConfigSampler, FloatRange, IntRange, config_id, contains
 from loopgolf.trial.config import TrialConfig, preset
 
 
 def test_controls_change_the_routing_and_nothing_else() -> None:
     routed = preset("small").replace(refine_passes=2, signal="kl", refine_target=0.2, seed=7).to_flat()
-    for arm in supported_controls():
+    for arm in CONTROL_ARMS:
         control = control_config(routed, arm)
         TrialConfig.from_flat(control)  # a valid configuration
         changed = {k for k in routed if control[k] != routed[k]}
@@ -45,7 +44,7 @@ def test_routed_configurations_that_differ_only_in_signal_share_their_pair_and_a
     by_signal = {s: base.replace(signal=s).to_flat() for s in ("entropy", "margin", "resid_norm", "kl")}
     assert len({pair_key(flat) for flat in by_signal.values()}) == 1
     assert pair_key(by_signal["kl"]) == pair_key({**by_signal["kl"], "seed": 8})  # seeds pair by value
-    for arm in supported_controls():  # one configuration per arm, whichever signal it controls
+    for arm in CONTROL_ARMS:  # one configuration per arm, whichever signal it controls
         assert len({config_id(TrialConfig.from_flat(control_config(f, arm))) for f in by_signal.values()}) == 1
     for other in ({"refine_target": 0.3}, {"aux_loss": 0.1}, {"n_passes": 3}):  # anything else: another pair
         assert pair_key(base.replace(signal="kl", **other).to_flat()) != pair_key(by_signal["kl"])
@@ -62,12 +61,12 @@ def test_which_configurations_are_routed() -> None:
 
 def test_each_arm_is_its_own_configuration() -> None:
     routed = preset("tiny").replace(refine_passes=1, signal="entropy").to_flat()
-    ids = {config_id(TrialConfig.from_flat(control_config(routed, arm))) for arm in supported_controls()}
-    assert len(ids | {config_id(TrialConfig.from_flat(routed))}) == len(supported_controls()) + 1
+    ids = {config_id(TrialConfig.from_flat(control_config(routed, arm))) for arm in CONTROL_ARMS}
+    assert len(ids | {config_id(TrialConfig.from_flat(routed))}) == len(CONTROL_ARMS) + 1
 
 
 def test_parse_controls() -> None:
-    assert parse_controls(None) == supported_controls()
+    assert parse_controls(None) == CONTROL_ARMS
     assert parse_controls(["random", "no_refine"]) == ("no_refine", "random")  # the fixed order
     with pytest.raises(ArmsError, match="unknown arm 'dense'"):
         parse_controls(["dense"])

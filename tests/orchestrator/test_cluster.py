@@ -1,13 +1,16 @@
-"""A sweep on a two-node Ray cluster on one machine, and a worker node lost mid-trial.
+"""A sweep on a Ray cluster on one machine, and a worker node lost mid-trial.
 
-Two clusters, both on this machine with one CPU per node, so that two concurrent trials
-of `resources: {cpu: 1}` can only run one per node:
+In both clusters the head has no CPU for trials (as a real cluster's head may), so every
+trial of `resources: {cpu: 1}` runs on a worker node by construction, never by timing:
+two trials that were meant to overlap need not (Tune hands a finished trial's actor to a
+pending trial, so a slow worker start under load could leave a worker idle).
 
 - `ray start --head` + `ray start --address` with token auth, the way a real cluster runs
   (docs/cluster.md), and the `loopgolf sweep --address` driver connecting to it with no
   RAY_AUTH_MODE of its own (`_init_ray` turns it on when the token file exists).
 - `ray.cluster_utils.Cluster`, whose `remove_node(..., allow_graceful=False)` SIGKILLs
-  the worker node (raylet and all) while a trial trains on it.
+  the worker node (raylet and all) while a trial trains on it; a second worker joins
+  after, and the lost trial resumes there from its checkpoint.
 
 Isolation from other Ray users of this machine: every node runs under a private
 RAY_TMPDIR (its session files, and the "current cluster" address file that a plain
@@ -118,7 +121,8 @@ def ray_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def token_cluster(ray_tmpdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """`ray start` head + worker on 127.0.0.1 (1 CPU each) with token auth; yields the address.
+    """`ray start` head (no CPU for trials) + worker (1 CPU) on 127.0.0.1 with token auth; yields
+    the address.
 
     The driver and the nodes share a private HOME, so the token is this test's own; the
     driver gets no RAY_AUTH_MODE, the nodes get RAY_AUTH_MODE=token (as cluster.yaml does).
@@ -133,12 +137,12 @@ def token_cluster(ray_tmpdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (home / ".ray" / "auth_token").is_file()
     port = free_port()
     address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     try:
         for args in (
-            ["--head", f"--port={port}", f"--temp-dir={ray_tmpdir / 'ray'}", "--include-dashboard=false",
-             f"--dashboard-port={free_port()}"],
-            [f"--address={address}"],
+            ["--head", "--num-cpus=0", f"--port={port}", f"--temp-dir={ray_tmpdir / 'ray'}",
+             "--include-dashboard=false", f"--dashboard-port={free_port()}"],
+            ["--num-cpus=1", f"--address={address}"],
         ):  # fmt: skip
             args += [f"--dashboard-agent-listen-port={free_port()}"]
             proc = subprocess.run([str(RAY), "start", *args, *common], env=node_env, capture_output=True, text=True,
@@ -205,7 +209,7 @@ def finished_study_trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
 
 
 @pytest.mark.slow
-def test_sweep_on_a_token_auth_cluster_runs_trials_on_both_nodes(
+def test_sweep_on_a_token_auth_cluster_runs_its_trials_on_the_worker_node(
     token_cluster: str, corpus_data: Path, tmp_path: Path
 ) -> None:
     storage = tmp_path / "sweeps"
@@ -215,8 +219,8 @@ def test_sweep_on_a_token_auth_cluster_runs_trials_on_both_nodes(
     assert "2/2 trials finished (2 complete)" in proc.stdout
     trials = pd.read_parquet(storage / "t" / "results" / "trials.parquet")
     assert len(trials) == 2 and trials["trial_id"].is_unique and (trials["status"] == "complete").all()
-    # One CPU per node and two concurrent one-CPU trials: one trial ran on each node.
-    assert trials["node_id"].nunique() == 2, trials[["trial_id", "node_id"]]
+    # The head has no CPU: both trials ran on the worker, which joined with the cluster's token.
+    assert trials["node_id"].nunique() == 1 and trials["node_id"].notna().all(), trials[["trial_id", "node_id"]]
     assert len(finished_study_trials(storage / "t")) == 2
 
 
@@ -233,7 +237,7 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
+def test_worker_node_killed_mid_trial_the_trial_resumes_on_another_node(
     ray_tmpdir: Path, corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Cluster starts its nodes without token auth; the driver must not use it either (with
@@ -244,13 +248,14 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
     sweep_dir = storage / "t"
     spec = cluster_spec(tmp_path / "spec.yaml", corpus_data, storage, num_samples=2, train_seconds=BUDGET)
     log = tmp_path / "driver.log"
-    with local_cluster([1, 1]) as (cluster, (head, worker)), log.open("w") as out:
+    with local_cluster([0, 1]) as (cluster, (head, worker)), log.open("w") as out:
         driver = subprocess.Popen(
             sweep_command(spec, cluster.address), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            # Kill the worker node once its trial is a few seconds into its budget, with a
-            # complete checkpoint in its directory (the progress line written after it).
+            # Kill the worker node (the only one with a CPU, so the first trial runs there and the
+            # second waits) once its trial is a few seconds into its budget, with a complete
+            # checkpoint in its directory (the progress line written after it).
             victim = None
             deadline = time.monotonic() + 300  # a cap, not a wait: Ray starts slowly under load
             while victim is None:
@@ -270,6 +275,7 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
             left_behind = process_tree(node_pids(worker))
             cluster.remove_node(worker, allow_graceful=False)  # SIGKILL: raylet and all
             stop_processes(left_behind)  # its workers die with the raylet; make sure
+            spare = cluster.add_node(num_cpus=1)  # where the lost trial and the waiting one go on
             driver.wait(timeout=240)
         finally:
             if driver.poll() is None:
@@ -283,7 +289,7 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
     assert len(trials) == 2 and trials.index.is_unique and (trials["status"] == "complete").all()
     lost = trials.loc[victim["trial_id"]]
     other = trials.drop(index=victim["trial_id"]).iloc[0]
-    # The lost trial went on, on the head, from the last checkpoint it made on the worker
+    # The lost trial went on, on the spare node, from the last checkpoint it made on the worker
     # (at or after the one seen before the kill), and still trained for its budget.
     trial_dir = sweep_dir / "trials" / victim["trial_id"]
     results = _results(trial_dir)
@@ -293,9 +299,9 @@ def test_worker_node_killed_mid_trial_the_trial_resumes_on_the_head(
     # the newest checkpoint in its directory: at or after the last one its progress lines name
     assert lost["resumed_from_step"] >= max(r["checkpoint_step"] for r in before if r.get("checkpoint_step"))
     assert lost["resumed_from_step"] >= victim["step"] > 0
-    assert lost["node_id"] == head.node_id
+    assert lost["node_id"] == spare.node_id and head.node_id not in set(trials["node_id"])
     assert abs(lost["train_seconds"] - BUDGET) < REPORT_EVERY
-    assert other["resumed_from_step"] == 0 and other["node_id"] == head.node_id
+    assert other["resumed_from_step"] == 0 and other["node_id"] == spare.node_id
     assert abs(other["train_seconds"] - BUDGET) < REPORT_EVERY
     finished = finished_study_trials(sweep_dir)
     assert len(finished) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in finished)

@@ -13,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from loopgolf.orchestrator.arms import CONTROLS, arm_of, control_config, is_routed, pair_key
+from loopgolf.orchestrator.arms import arm_of, control_config, is_routed, pair_key
+from loopgolf.orchestrator.ledger_schema import CONTROL_ARMS
 from loopgolf.orchestrator.search import KEY, REJECTED_SENTINEL, SweepSearch, counted_keys, final_trials, make_sampler
 from loopgolf.orchestrator.study import PlannedTrials, planned_trials, proposals
 from loopgolf.search_spaces.spaces import Choice, ConfigSampler
@@ -253,7 +254,7 @@ ROUTING_SPACE = {
 
 def routing_searcher(tmp_path: Path, num_samples: int, seeds: int, sampler: Any = None, space: Any = None) -> Any:
     return searcher(tmp_path, seeds=seeds, total=num_samples * seeds, sampler=sampler, space=space or ROUTING_SPACE,
-                    controls=CONTROLS)  # fmt: skip
+                    controls=CONTROL_ARMS)  # fmt: skip
 
 
 def expected_runs(study: optuna.Study, seeds: int) -> set[tuple[str, str, int]]:
@@ -268,7 +269,7 @@ def expected_runs(study: optuna.Study, seeds: int) -> set[tuple[str, str, int]]:
 
 def test_each_routed_proposal_runs_every_arm_at_every_seed_and_nothing_else(tmp_path: Path) -> None:
     search = routing_searcher(tmp_path, num_samples=4, seeds=2)
-    assert search.max_trials == 4 * 2 * 5 == planned_trials(search.study, 4, 2, len(CONTROLS))
+    assert search.max_trials == 4 * 2 * 5 == planned_trials(search.study, 4, 2, len(CONTROL_ARMS))
     configs = []
     while (config := search.suggest(f"t{len(configs)}")) != Searcher.FINISHED:
         configs.append(config)
@@ -289,13 +290,13 @@ def test_each_routed_proposal_runs_every_arm_at_every_seed_and_nothing_else(tmp_
     assert sorted(arms_at) == sorted(routed_at)
     for pair_id, routed_runs in routed_at.items():  # every arm is control_config of each routed config, seed by seed
         seeds = {seed for _, seed in routed_runs}
-        assert set(arms_at[pair_id]) == {(arm, seed) for arm in CONTROLS for seed in seeds}, pair_id
+        assert set(arms_at[pair_id]) == {(arm, seed) for arm in CONTROL_ARMS for seed in seeds}, pair_id
         for (_, seed), flat in routed_runs.items():
-            for arm in CONTROLS:
+            for arm in CONTROL_ARMS:
                 assert arms_at[pair_id][(arm, seed)] == control_config(flat, arm)
     # Each proposal brings its seeds; each pair its 4 arms at every seed its routed configurations run.
     arm_trials = sum(len(slots) for slots in arms_at.values())
-    assert len(configs) == planned_trials(search.study, 4, 2, len(CONTROLS)) == 2 * 4 + arm_trials
+    assert len(configs) == planned_trials(search.study, 4, 2, len(CONTROL_ARMS)) == 2 * 4 + arm_trials
     # What the study holds: an arm's routing value is a param where the space can hold it.
     by_key = {t.user_attrs[KEY]: t for t in search.study.trials}
     for c in configs:
@@ -395,7 +396,7 @@ def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_p
            for key, t in final.items()]  # fmt: skip
     assert len(ran) == len(set(ran))  # exactly once
     assert set(ran) == expected_runs(study, seeds)  # nothing missing
-    assert len(ran) == planned_trials(study, 4, seeds, len(CONTROLS))
+    assert len(ran) == planned_trials(study, 4, seeds, len(CONTROL_ARMS))
     assert len(proposals(study)) == 4
     for key, configs in handed.items():  # a re-run runs the very same configuration, in the same directory
         assert all(c == configs[0] for c in configs), key
@@ -409,12 +410,12 @@ def test_killed_drivers_leave_every_proposal_arm_and_seed_run_exactly_once(tmp_p
 
 
 def test_the_progress_lines_total_loads_the_study_once_and_sees_every_later_proposal(tmp_path: Path) -> None:
-    total = PlannedTrials(tmp_path, "s", num_samples=4, seeds=2, n_arms=len(CONTROLS))
-    assert total() == 4 * 2 * (1 + len(CONTROLS))  # no database yet: the upper bound
+    total = PlannedTrials(tmp_path, "s", num_samples=4, seeds=2, n_arms=len(CONTROL_ARMS))
+    assert total() == 4 * 2 * (1 + len(CONTROL_ARMS))  # no database yet: the upper bound
     search = routing_searcher(tmp_path, num_samples=4, seeds=2)
     configs = []
     while (config := search.suggest(f"t{len(configs)}")) != Searcher.FINISHED:
         configs.append(config)
-        assert total() == planned_trials(search.study, 4, 2, len(CONTROLS))  # this proposal's arms counted
+        assert total() == planned_trials(search.study, 4, 2, len(CONTROL_ARMS))  # this proposal's arms counted
     study = total.study
     assert total() == len(configs) and total.study is study  # exact at the end, from the one study object
