@@ -36,7 +36,7 @@ import ray
 from common import prepare_shakespeare, tiny_sweep_spec  # bench/common.py (the script's own directory)
 from ray.cluster_utils import Cluster
 
-from loopgolf.orchestrator.spec import spec_from_dict
+from loopgolf.orchestrator.spec_file import spec_from_dict
 from loopgolf.orchestrator.sweep import run_sweep
 
 

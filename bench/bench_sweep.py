@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from common import prepare_shakespeare, tiny_sweep_spec  # bench/common.py (the script's own directory)
 
-from loopgolf.orchestrator.spec import spec_from_dict
+from loopgolf.orchestrator.spec_file import spec_from_dict
 from loopgolf.orchestrator.sweep import run_sweep
 
 

@@ -88,7 +88,7 @@ def _cmd_artifact_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from loopgolf.orchestrator.spec import load_spec
+    from loopgolf.orchestrator.spec_file import load_spec
     from loopgolf.orchestrator.sweep import run_sweep
 
     spec = load_spec(args.spec, args.set or (), storage=args.storage, name=args.name, data=args.data)

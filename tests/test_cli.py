@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from loopgolf.cli import build_parser
-from loopgolf.orchestrator.spec import load_spec
+from loopgolf.orchestrator.spec_file import load_spec
 from loopgolf.trial.config import TrialConfig, load_trial_config
 from tests.conftest import REPO
 

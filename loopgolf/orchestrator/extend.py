@@ -20,7 +20,8 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loopgolf.orchestrator.spec import SpecError, spec_from_dict
+from loopgolf.orchestrator.spec import SpecError
+from loopgolf.orchestrator.spec_file import spec_from_dict
 from loopgolf.search_spaces.spaces import Choice, FloatRange, IntRange, apply_overrides, named_space
 from loopgolf.trial.config import ConfigError, parse_override
 

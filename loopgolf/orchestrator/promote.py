@@ -33,7 +33,8 @@ import pandas as pd
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.extend import HISTORY
-from loopgolf.orchestrator.spec import SweepSpec, set_dotted, spec_from_dict
+from loopgolf.orchestrator.spec import SweepSpec
+from loopgolf.orchestrator.spec_file import set_dotted, spec_from_dict
 from loopgolf.orchestrator.study import ARM, KEY
 from loopgolf.orchestrator.sweep import read_sweep_raw, read_sweep_spec
 from loopgolf.trial.config import ConfigError, parse_override

@@ -18,7 +18,8 @@ import yaml
 
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.extend import HISTORY
-from loopgolf.orchestrator.spec import SweepSpec, spec_from_dict
+from loopgolf.orchestrator.spec import SweepSpec
+from loopgolf.orchestrator.spec_file import spec_from_dict
 from loopgolf.orchestrator.study import STUDY_FILE, PlannedTrials
 
 SPEC_FILE = "spec.yaml"

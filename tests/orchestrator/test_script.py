@@ -31,7 +31,8 @@ from loopgolf.orchestrator.script import (
     trial_environment,
 )
 from loopgolf.orchestrator.script_trainable import fresh_run_dir, run_script, supervisor_command
-from loopgolf.orchestrator.spec import SpecError, spec_from_dict
+from loopgolf.orchestrator.spec import SpecError
+from loopgolf.orchestrator.spec_file import spec_from_dict
 from tests.processes import alive, children
 
 FAKE = Path(__file__).resolve().parents[1] / "fixtures" / "fake_train_gpt.py"

@@ -139,7 +139,7 @@ def test_a_two_gpu_script_trial_runs_through_torchrun_on_the_gpus_ray_assigns(
     code = (
         "import sys, ray\n"
         "from loopgolf.orchestrator import sweep\n"
-        "from loopgolf.orchestrator.spec import load_spec\n"
+        "from loopgolf.orchestrator.spec_file import load_spec\n"
         "sweep._ray_environment(None)\n"  # what the CLI sets before Ray starts, then a Ray that declares GPUs
         "ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)\n"
         f"outcome = sweep.run_sweep(load_spec({str(spec)!r}))\n"

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from loopgolf.orchestrator.spec import METRICS, SpecError, SweepSpec, load_spec, spec_from_dict
+from loopgolf.orchestrator.spec import METRICS, SpecError, SweepSpec
+from loopgolf.orchestrator.spec_file import load_spec, spec_from_dict
 from loopgolf.search_spaces.spaces import SpaceError, apply_overrides, named_space, smallest_predicted_bytes
 from loopgolf.trial.config import ConfigError, TrialConfig
 

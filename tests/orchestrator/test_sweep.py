@@ -25,7 +25,7 @@ import yaml
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.search import final_trials
-from loopgolf.orchestrator.spec import load_spec
+from loopgolf.orchestrator.spec_file import load_spec
 from tests.orchestrator.sweeps import cli, write_spec
 from tests.processes import alive, process_tree
 

@@ -21,7 +21,8 @@ from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.ledger import Ledger, ledger_callback
 from loopgolf.orchestrator.lock import LOCK_FILE, SweepLocked, acquire, release, sweep_lock
 from loopgolf.orchestrator.progress import read_status
-from loopgolf.orchestrator.spec import SpecError, load_spec
+from loopgolf.orchestrator.spec import SpecError
+from loopgolf.orchestrator.spec_file import load_spec
 from loopgolf.orchestrator.sweep import SPEC_FILE, SweepOutcome, finish_sweep, read_sweep_spec
 from loopgolf.orchestrator.trainable import STATE_FILE, checkpoints, load_state, save_checkpoint
 from loopgolf.orchestrator.trialdir import trial_dir, write_json

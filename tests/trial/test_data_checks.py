@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.orchestrator.spec import load_spec
+from loopgolf.orchestrator.spec_file import load_spec
 from loopgolf.trial.config import preset
 from loopgolf.trial.data import DataError, TrainBatches, read_shard, write_shard
 from loopgolf.trial.prepare import check_data, read_manifest

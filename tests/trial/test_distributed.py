@@ -220,7 +220,8 @@ def _spec(data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int
 def test_bad_worker_resources_fail_with_one_line(
     corpus_data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int, message: str
 ) -> None:
-    from loopgolf.orchestrator.spec import SpecError, spec_from_dict
+    from loopgolf.orchestrator.spec import SpecError
+    from loopgolf.orchestrator.spec_file import spec_from_dict
 
     with pytest.raises(SpecError) as info:
         spec_from_dict(_spec(corpus_data, tmp_path, resources, batch_size))
@@ -228,7 +229,7 @@ def test_bad_worker_resources_fail_with_one_line(
 
 
 def test_workers_default_to_one_and_round_trip_through_the_saved_spec(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.orchestrator.spec import spec_from_dict
+    from loopgolf.orchestrator.spec_file import spec_from_dict
 
     assert spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 1})).workers == 1
     spec = spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 2, "gpu": 1, "workers": 8}))
