@@ -1,7 +1,9 @@
 """One driver per sweep: an exclusive lock file in the sweep directory.
 
-`<sweep>/driver.lock` is created with O_CREAT | O_EXCL, so of two drivers starting at
-once exactly one creates it; it holds the holder's PID, host and start time (JSON).
+`<sweep>/driver.lock` holds the holder's PID, host and start time (JSON). A driver writes
+that to a file of its own, then hard-links it to `driver.lock`: the link fails if the lock
+exists, so of two drivers starting at once exactly one gets it, and the lock is never seen
+half-written (an exclusive create would show a racing driver an empty file).
 A second `sweep` or `resume` of the directory fails with one line naming the holder.
 A lock whose holder is gone (same host, PID not running: the driver was killed) is
 taken over with a message. A lock from another host cannot be checked from here and is
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loopgolf.atomic import atomic_write_text
 from loopgolf.errors import LoopgolfError
 
 LOCK_FILE = "driver.lock"
@@ -53,14 +56,15 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 def _create(path: Path, me: dict[str, Any]) -> bool:
+    """Make `path` hold `me`, complete, unless it exists: False then."""
+    mine = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}")
+    atomic_write_text(mine, json.dumps(me))
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(mine, path)  # atomic, and refused when `path` exists, on local disks, NFS and EFS
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(me, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    finally:
+        mine.unlink(missing_ok=True)
     return True
 
 

@@ -80,6 +80,37 @@ def test_a_stale_lock_is_taken_over_and_a_foreign_host_lock_is_not(tmp_path: Pat
         acquire(tmp_path)  # its PID means nothing here: never taken over
 
 
+_RACER = """
+import sys
+from pathlib import Path
+from loopgolf.orchestrator.lock import SweepLocked, acquire
+sweep, go = Path(sys.argv[1]), Path(sys.argv[2])
+while not go.exists():  # all start together
+    pass
+try:
+    acquire(sweep)
+    print("held", flush=True)
+    sys.stdin.read()  # hold it until the test has counted
+except SweepLocked as exc:
+    print(str(exc), flush=True)
+"""
+
+
+def test_of_drivers_racing_for_the_lock_one_wins_and_the_others_name_it(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path), str(go)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True) for _ in range(6)]  # fmt: skip
+    go.touch()
+    lines = [r.stdout.readline().strip() for r in racers if r.stdout]
+    for r in racers:
+        r.communicate("", timeout=60)
+    assert lines.count("held") == 1, lines
+    assert all(line == "held" or "in use by another driver (PID" in line for line in lines), lines  # never empty
+    winner = racers[lines.index("held")].pid  # it ended without releasing: its lock stays, complete
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "go"]  # no private file left behind
+
+
 # ------------------------------------------------------------------ nothing read executes code
 
 
