@@ -35,6 +35,8 @@ from loopgolf.orchestrator.halving import Decision, RungState, rebuild_state
 from loopgolf.orchestrator.ledger_schema import ROUTED_ARM
 from loopgolf.orchestrator.protocol import trial_key
 from loopgolf.orchestrator.trialdir import TRIALS_DIR, read_json, trial_dir, write_json
+from loopgolf.trial.config import TrialConfig
+from loopgolf.trial.flops import flops_per_token
 
 DECISIONS_FILE = "halving.json"  # <trial dir>/halving.json: {"decisions": [Decision.to_json(), ...]}
 QUICK_METRIC = "quick_val_bpb"
@@ -43,9 +45,6 @@ TIME_ATTR = "elapsed_seconds"
 
 def predicted_objectives(config: Mapping[str, Any]) -> dict[str, float]:
     """What is known of a trial before it trains: its predicted bytes and analytic eval FLOPs."""
-    from loopgolf.trial.config import TrialConfig
-    from loopgolf.trial.flops import flops_per_token
-
     model = TrialConfig.from_flat(config["trial_config"]).model
     refined = 0.0 if model.refine_passes == 0 else 1.0 if model.signal == "uniform" else model.refine_target
     return {

@@ -44,10 +44,12 @@ from typing import Any, Literal
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.arms import ArmsError, parse_controls, space_can_route
+from loopgolf.orchestrator.halving import rung_seconds
 from loopgolf.orchestrator.ledger_schema import METRICS as LEDGER_METRICS
 from loopgolf.orchestrator.script import (
     ScriptTrial,
 )
+from loopgolf.search_spaces.spaces import apply_overrides, dimension, named_space
 from loopgolf.trial.config import (
     TrialConfig,
     coerce_field,
@@ -229,8 +231,6 @@ class SweepSpec:
 
     def halving_rungs(self) -> tuple[float, ...]:
         """Pareto-aware halving's rungs in elapsed training seconds (halving.py)."""
-        from loopgolf.orchestrator.halving import rung_seconds
-
         low = self.halving_min_seconds or self.train_seconds / self.halving_eta**2
         return rung_seconds(self.train_seconds, self.halving_eta, low)
 
@@ -248,8 +248,6 @@ class SweepSpec:
 
     def search_space(self) -> dict[str, Any]:
         """The named space with the spec's overrides applied; a script sweep's own dimensions."""
-        from loopgolf.search_spaces.spaces import apply_overrides, dimension, named_space
-
         if not isinstance(self.space, str):
             return {name: dimension(name, value) for name, value in self.space.items()}
         return apply_overrides(named_space(self.space), self.overrides)

@@ -17,6 +17,10 @@ their newest checkpoint); it never loads Tune's pickles, and it finds everything
 relative to where the directory is now, so a sweep directory can be copied or moved
 and resumed there. Nothing resume reads can execute code: YAML (safe loader), sqlite,
 JSON, Parquet and tensors-only checkpoints.
+
+Ray, and the modules that import it at their top (search, scheduler, tracking, trainable),
+are imported inside the functions that run after `_ray_environment` has set what Ray reads
+when it is first imported.
 """
 
 from __future__ import annotations
