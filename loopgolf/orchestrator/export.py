@@ -25,13 +25,13 @@ import datetime as dt
 import json
 import shlex
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from loopgolf.atomic import atomic_directory
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.spec import SweepSpec
 from loopgolf.orchestrator.sweep import read_sweep_spec
@@ -167,18 +167,10 @@ def export_record(
     title = name or f"{spec.name} {rows['config_id'].iloc[0]}"
     payload = submission(rows, title, blurb or f"loopgolf sweep {spec.name}, configuration "
                          f"{rows['config_id'].iloc[0]}", author, github_id, versions)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_directory(out, existing="empty") as staging:
         _write_files(spec, sweep_dir, rows, staging, versions)
         (staging / "submission.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(readme(spec, rows, payload, record_test), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

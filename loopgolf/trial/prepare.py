@@ -20,13 +20,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loopgolf.atomic import atomic_directory
 from loopgolf.errors import first_line
 from loopgolf.trial.data import (
     DataError,
@@ -160,10 +160,7 @@ def prepare(config: PrepareConfig) -> dict:
         if not items:
             raise DataError(f"prepare: the {split} split got no documents; use more text or another --val-fraction")
 
-    out = Path(config.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(config.out_dir, existing="replace", mode=0o755) as staging:
         tok_path = staging / TOKENIZER_FILE
         if config.tokenizer is not None:
             shutil.copyfile(config.tokenizer, tok_path)
@@ -213,15 +210,6 @@ def prepare(config: PrepareConfig) -> dict:
             "splits": splits,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, trash)
-            shutil.rmtree(trash)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
