@@ -36,6 +36,7 @@ from loopgolf.trial import artifact as A  # noqa: E402
 from loopgolf.trial import codecs as C  # noqa: E402
 from loopgolf.trial import estimate  # noqa: E402
 from loopgolf.trial import quantize as Q  # noqa: E402
+from loopgolf.trial.code_bytes import code_bytes  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
 from loopgolf.trial.model import RecurrentLM  # noqa: E402
 
@@ -373,7 +374,7 @@ def bench() -> None:
     ce_fp32 = _ce(model, windows)
     path = CACHE / "bench.lga"
     params = model.unique_params()
-    code = A.code_bytes()
+    code = code_bytes()
     baseline_model = (BASELINE_BYTES - 47_642) / BASELINE_PARAMS  # the challenge's model bytes per param
     baseline_total = BASELINE_BYTES / BASELINE_PARAMS
     print(f"\ntrained model: d_model 512, 3 blocks, vocab 1024, {params:,} params, 200 steps on tinyshakespeare")

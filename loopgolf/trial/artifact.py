@@ -3,8 +3,8 @@
     artifact_bytes = model_bytes + code_bytes
 
 `model_bytes` is the size of the artifact file on disk; `code_bytes` is the size of the
-source files needed to rebuild and run the model from it (`CODE_FILES`). Nothing in the
-reported number is estimated.
+source files needed to rebuild and run the model from it (code_bytes.py's `CODE_FILES`).
+Nothing in the reported number is estimated.
 
 What is stored per tensor, and how integers are encoded, is quantize.py's plan; the codecs
 that compress each frame are codecs.py's.
@@ -455,7 +455,7 @@ class ArtifactInfo:
 
     path: str
     model_bytes: int  # size of the artifact file on disk
-    code_bytes: int  # summed sizes of CODE_FILES
+    code_bytes: int  # summed sizes of code_bytes.CODE_FILES
     artifact_bytes: int  # model_bytes + code_bytes: the number checked against the cap
     params: int  # unique stored float parameters (tied tensors once)
     quantized_params: int  # stored at `bits`
@@ -491,7 +491,9 @@ def save_artifact(model: RecurrentLM, config: TrialConfig, path: str | os.PathLi
     except QuantizeError as exc:
         raise ArtifactError(str(exc)) from exc
     raw = encode_artifact(state, config)
-    from loopgolf.atomic import atomic_write_bytes  # saving only: loading needs no writer (CODE_FILES)
+    # Saving only: loading needs neither the writer nor the accounting, so neither is in CODE_FILES.
+    from loopgolf.atomic import atomic_write_bytes
+    from loopgolf.trial.code_bytes import code_bytes
 
     path = atomic_write_bytes(path, raw)
     model_bytes = os.path.getsize(path)
@@ -543,36 +545,3 @@ def load_artifact_with_config(path: str | os.PathLike[str]) -> tuple[RecurrentLM
     """(model, the TrialConfig it was trained and saved with), from the file alone."""
     loaded = read_artifact(path)
     return loaded.model, loaded.config
-
-
-# ----------------------------------------------------------------- byte accounting
-#
-# The code term counts the source a reader needs to rebuild and run the model from the
-# artifact: exactly the loopgolf modules that loading an artifact and running the model
-# imports (tests/trial/test_artifact.py checks this against the real import graph in a fresh
-# interpreter): the config dataclasses it is rebuilt from, the model, the dequantizer,
-# the FLOP count its forward stats report (flops.py), this loader and its codecs, the
-# error base class, and the package __init__ files Python executes to import them.
-# Training (train.py, qat.py), the data pipeline and bits-per-byte scorer (data.py,
-# evaluate.py), the orchestrator and the search spaces are not needed to run the model;
-# the scorer is the challenge's fixed definition, the same for every entry.
-# Third-party libraries (torch, numpy, the codec packages) are not counted, as in the challenge.
-CODE_FILES: tuple[str, ...] = (
-    "loopgolf/__init__.py",
-    "loopgolf/errors.py",
-    "loopgolf/trial/__init__.py",
-    "loopgolf/trial/config.py",
-    "loopgolf/trial/model.py",
-    "loopgolf/trial/flops.py",
-    "loopgolf/trial/routing.py",
-    "loopgolf/trial/selection.py",
-    "loopgolf/trial/quantize.py",
-    "loopgolf/trial/artifact.py",
-    "loopgolf/trial/codecs.py",
-)
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def code_bytes(files: tuple[str, ...] = CODE_FILES) -> int:
-    """Summed on-disk sizes of the counted source files."""
-    return sum(os.path.getsize(_REPO_ROOT / f) for f in files)

@@ -2,7 +2,7 @@
 attention and LM head, with refinement's extra blocks and head at a refined fraction.
 
 model.py's ForwardStats reports a forward's cost with this count, so loading an artifact
-imports this file (it is one of artifact.CODE_FILES). It needs only the configuration.
+imports this file (it is one of code_bytes.CODE_FILES). It needs only the configuration.
 """
 
 from __future__ import annotations

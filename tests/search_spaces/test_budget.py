@@ -30,7 +30,7 @@ from loopgolf.search_spaces.budget import (
     solve_width,
     width_grid,
 )
-from loopgolf.trial.artifact import code_bytes
+from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import bytes_with_margin, count_params, predict_artifact_bytes
 

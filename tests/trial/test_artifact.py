@@ -28,6 +28,7 @@ from loopgolf.trial import artifact as A
 from loopgolf.trial import codecs as C
 from loopgolf.trial import qat as QAT
 from loopgolf.trial import quantize as Q
+from loopgolf.trial.code_bytes import CODE_FILES, code_bytes
 from loopgolf.trial.config import CompressConfig, TrialConfig
 from loopgolf.trial.model import RecurrentLM
 from tests.conftest import RICH, trained_like
@@ -141,7 +142,7 @@ def test_reported_bytes_are_the_file_and_the_code_files(rich_model: RecurrentLM,
     info = A.save_artifact(rich_model, config, tmp_path / "a.lga")
     root = Path(A.__file__).resolve().parents[2]
     assert info.model_bytes == os.path.getsize(tmp_path / "a.lga")
-    assert info.code_bytes == sum(os.path.getsize(root / f) for f in A.CODE_FILES) == A.code_bytes()
+    assert info.code_bytes == sum(os.path.getsize(root / f) for f in CODE_FILES) == code_bytes()
     assert info.artifact_bytes == info.model_bytes + info.code_bytes
     assert info.params == rich_model.unique_params()
     assert info.quantized_params + info.protected_params + info.small_params == info.params
@@ -174,7 +175,7 @@ def test_code_files_are_exactly_what_loading_and_running_imports(rich_model: Rec
     root = Path(A.__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(path), str(root)], cwd=root,
                           capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == sorted(A.CODE_FILES)
+    assert json.loads(done.stdout) == sorted(CODE_FILES)
 
 
 def test_saving_a_model_that_does_not_match_its_config_fails(rich_model: RecurrentLM, tmp_path: Path) -> None:

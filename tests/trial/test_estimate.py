@@ -16,7 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopgolf.trial import estimate
-from loopgolf.trial.artifact import CODE_FILES, code_bytes, save_artifact
+from loopgolf.trial.artifact import save_artifact
+from loopgolf.trial.code_bytes import CODE_FILES, code_bytes
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory
 from loopgolf.trial.model import ForwardStats, RecurrentLM

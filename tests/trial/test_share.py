@@ -18,9 +18,10 @@ import torch
 from loopgolf.search_spaces import spaces
 from loopgolf.search_spaces.budget import EQUAL_BYTES_MARGIN, FILL, bytes_with_margin
 from loopgolf.trial import artifact as A
+from loopgolf.trial.blocks import MLP, Attention
 from loopgolf.trial.config import ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory, predict_artifact_bytes
-from loopgolf.trial.model import MLP, Attention, RecurrentLM
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.optim import parameter_role
 
 MODES = ("attn", "mlp")

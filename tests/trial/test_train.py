@@ -224,8 +224,8 @@ def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
 
 
 def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
+    from loopgolf.trial.compiled import compiles
     from loopgolf.trial.config import ConfigError
-    from loopgolf.trial.train import compiles
 
     assert tiny(compile=True).train.compile == "on" and tiny(compile=False).train.compile == "off"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
