@@ -4,8 +4,8 @@ It counts the source a reader needs to rebuild and run the model from the artifa
 exactly the loopgolf modules that loading an artifact and running the model imports
 (tests/trial/test_artifact.py checks this against the real import graph in a fresh
 interpreter): the config dataclasses it is rebuilt from, the model and its blocks, the
-dequantizer, the FLOP count its forward stats report (flops.py), the loader (artifact.py)
-and its codecs, the error base class, and the package __init__ files Python executes to
+dequantizer, the FLOP count its forward stats report (flops.py), the loader (artifact.py,
+artifact_parts.py) and its codecs, the error base class, and the package __init__ files Python executes to
 import them. Training (train.py, qat.py), the data pipeline and bits-per-byte scorer
 (data.py, evaluate.py), this accounting, the orchestrator and the search spaces are not
 needed to run the model; the scorer is the challenge's fixed definition, the same for
@@ -30,6 +30,7 @@ CODE_FILES: tuple[str, ...] = (
     "loopgolf/trial/selection.py",
     "loopgolf/trial/quantize.py",
     "loopgolf/trial/artifact.py",
+    "loopgolf/trial/artifact_parts.py",
     "loopgolf/trial/codecs.py",
 )
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # CODE_FILES are relative to it

@@ -26,10 +26,8 @@ from loopgolf.errors import LoopgolfError
 
 PhaseMode = Literal["none", "scale", "lora", "embed"]
 ShareMode = Literal["all", "attn", "mlp"]  # what the looped core's passes share (the rest is per pass)
-# The router's signals: a routed one scores tokens against a threshold; a fixed one (the
-# control arms) selects by construction, with no score and no threshold.
-RoutedSignal = Literal["entropy", "margin", "resid_norm", "kl"]
-FixedSignal = Literal["uniform", "stride", "random"]
+RoutedSignal = Literal["entropy", "margin", "resid_norm", "kl"]  # a score against a threshold
+FixedSignal = Literal["uniform", "stride", "random"]  # the control arms: selected by construction, no score
 RouterSignal = Literal[RoutedSignal, FixedSignal]  # Literal flattens: get_args gives all seven
 ROUTED_SIGNALS: tuple[str, ...] = get_args(RoutedSignal)
 FIXED_SIGNALS: tuple[str, ...] = get_args(FixedSignal)

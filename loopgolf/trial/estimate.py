@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from loopgolf.trial.artifact import MAGIC, PARTS
+from loopgolf.trial.artifact import MAGIC
+from loopgolf.trial.artifact_parts import PARTS
 from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig
 from loopgolf.trial.flops import flops_per_token

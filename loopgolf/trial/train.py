@@ -51,9 +51,10 @@ import torch
 from loopgolf.atomic import atomic_write_json
 from loopgolf.jsonio import json_default
 from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
+from loopgolf.trial.calibrate import threshold_metrics
 from loopgolf.trial.compiled import compiled_forward, compiles, loss_read_every, prime_compiled
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.data import DataError, TrainBatches
+from loopgolf.trial.data import TrainBatches
 from loopgolf.trial.distributed import DataParallel, GradientBuckets, check_divisible, grad_accum_steps
 from loopgolf.trial.estimate import predict_artifact_bytes
 from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
@@ -190,7 +191,6 @@ def _set_up(
     if device.type == "cuda":  # TF32 for any fp32 matmul left outside bf16 autocast
         torch.set_float32_matmul_precision("high")
     if compiles(config, device):
-        # dynamic=False: every shape is static, so each rung of the padded capacity is its own graph
         run.forward, run.compiled = compiled_forward(model), True
         prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
@@ -356,25 +356,6 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
     }
 
 
-def _threshold_metrics(run: _Run, model: RecurrentLM) -> dict[str, Any]:
-    """Calibrate a routed threshold on the held-out training tokens; {} for the control arms.
-
-    Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
-    """
-    from loopgolf.trial.calibrate import calibrate_router, needs_calibration
-
-    config, windows = run.config, run.batches.heldout_windows
-    if not needs_calibration(model):
-        return {}
-    if len(windows) == 0:
-        raise DataError(
-            f"calibration_tokens={config.train.calibration_tokens}: held out no window of "
-            f"seq_len+1={config.model.seq_len + 1} training tokens to calibrate signal={config.model.signal!r}"
-        )
-    threshold = calibrate_router(model, windows, batch_size=config.train.batch_size, device=run.device)
-    return {"refine_threshold": threshold, "calibration_tokens": int(windows[:, :-1].size)}
-
-
 def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: evaluate in memory, write the artifact, reload it from disk, evaluate that.
 
@@ -385,11 +366,12 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
     if config.compress.qat != "none":
         remove_qat(run.model)
-    calibration = _threshold_metrics(run, run.model)
+    windows = run.batches.heldout_windows
+    calibration = threshold_metrics(run.model, windows, config, device)
     prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
     if calibration:
         prequant_threshold = calibration["refine_threshold"]
-        calibration = _threshold_metrics(run, quantized_model(run.model, config.compress))
+        calibration = threshold_metrics(quantized_model(run.model, config.compress), windows, config, device)
         calibration["refine_threshold_prequant"] = prequant_threshold
         run.model.router_threshold.fill_(calibration["refine_threshold"])
     tick = time.perf_counter()
