@@ -343,7 +343,7 @@ class TrialConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as YAML (numbers, bools, lists)."""
-    import yaml
+    import yaml  # here: loading an artifact imports this file (code_bytes.CODE_FILES) and needs no YAML
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -381,7 +381,7 @@ def number_from_text(text: str) -> Any:
 
 def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[LoopgolfError] = ConfigError) -> dict:
     """A YAML file that must hold a mapping; anything else is one `error` naming the file."""
-    import yaml
+    import yaml  # here: see parse_override
 
     try:
         with open(path, encoding="utf-8") as fh:

@@ -29,6 +29,7 @@ import numpy as np
 
 from loopgolf.atomic import atomic_write
 from loopgolf.trial.data import list_shards, read_shard, val_tokens
+from loopgolf.trial.prepare import read_manifest
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -146,8 +147,6 @@ def stream_table(data_dir: str | os.PathLike[str], eval_tokens: int, seq_len: in
 def write_stream(sweep_results: str | os.PathLike[str], data_dir: str | os.PathLike[str], eval_tokens: int,
                  seq_len: int) -> Path:
     """`<results>/eval_stream.parquet`, written once: an existing file is kept."""
-    from loopgolf.trial.prepare import read_manifest
-
     path = Path(sweep_results) / STREAM_NAME
     if path.is_file():
         return path

@@ -136,7 +136,7 @@ def test_equal_bytes_fills_the_cap_in_each_mode(share: str, cap: int) -> None:
 
 
 def test_a_configuration_says_what_its_passes_share() -> None:
-    from loopgolf.analysis.evidence import describe_config
+    from loopgolf.analysis.evidence import describe_config  # the analysis layer: only where a test needs it
 
     row = {"d_model": 256, "n_prelude": 0, "n_blocks": 2, "n_passes": 3, "n_coda": 0, "bits": 6, "codec": "lzma"}
     assert describe_config(row | {"share": "attn"}) == "d256 0+2x3+0 share:attn int6/lzma"
