@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from loopgolf.trial.blocks import Block, Phase, Untied, rms_norm, rope_tables, untied_parts
 from loopgolf.trial.config import FIXED_SIGNALS, ModelConfig
-from loopgolf.trial.flops import _flops
+from loopgolf.trial.flops import forward_flops
 from loopgolf.trial.routing import CAP_EPSILON, causal_cap, random_scores, stride_mask
 from loopgolf.trial.selection import (
     PaddedSelection,
@@ -74,7 +74,7 @@ class ForwardStats:
     @property
     def flops_per_token(self) -> float:
         """Analytic forward FLOPs per token of this forward (see flops.flops_per_token)."""
-        return _flops(self.config, self.refined_fraction, self.passes, self.seq_len)
+        return forward_flops(self.config, self.refined_fraction, self.passes, self.seq_len)
 
 
 @dataclasses.dataclass
