@@ -33,6 +33,7 @@ import pandas as pd
 
 from loopgolf.atomic import atomic_directory
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.ledger_schema import TRIALS_FILE
 from loopgolf.orchestrator.spec import SweepSpec
 from loopgolf.orchestrator.sweep import read_sweep_spec
 from loopgolf.orchestrator.trialdir import TRIAL_FILE, read_json, trial_dir
@@ -160,7 +161,7 @@ def export_record(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty directory")
     spec = read_sweep_spec(sweep_dir)
-    trials = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
+    trials = pd.read_parquet(sweep_dir / TRIALS_FILE)
     rows = check_exportable(_rows(trials, config_id), seeds)
     records = [read_json(trial_dir(sweep_dir, key) / TRIAL_FILE) or {} for key in rows["trial_id"]]
     versions = next((r["versions"] for r in records if r.get("versions")), {})
