@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 from common import challenge_data  # noqa: E402  (bench/common.py, the script's own directory)
 
 from loopgolf.trial import artifact as A  # noqa: E402
+from loopgolf.trial import artifact_parts as AP  # noqa: E402
 from loopgolf.trial import codecs as C  # noqa: E402
 from loopgolf.trial import estimate  # noqa: E402
 from loopgolf.trial import quantize as Q  # noqa: E402
+from loopgolf.trial.code_bytes import code_bytes  # noqa: E402
 from loopgolf.trial.config import CompressConfig, TrialConfig, preset  # noqa: E402
 from loopgolf.trial.model import RecurrentLM  # noqa: E402
 
@@ -127,7 +129,7 @@ def section_bytes(state: Q.QuantizedState, codec: str) -> dict[str, float]:
             continue
         if t.plan.enc == "int":
             groups["quantized" if t.plan.group == "quantized" else "protected_int"].append(
-                A._pack_levels(t.q, t.plan.bits)
+                AP._pack_levels(t.q, t.plan.bits)
             )
             groups["scales"].append(t.scales.numpy().astype("<f2").tobytes())
         elif t.plan.enc == "half":
@@ -135,13 +137,13 @@ def section_bytes(state: Q.QuantizedState, codec: str) -> dict[str, float]:
     out = {}
     for key, chunks in groups.items():
         raw = b"".join(chunks)
-        planes = A._byte_planes(raw) if key in ("scales", "matrix", "control") else (raw,)
+        planes = AP._byte_planes(raw) if key in ("scales", "matrix", "control") else (raw,)
         out[key] = sum(len(C.compress_bytes(p, codec)) for p in planes if p)
     return out
 
 
 def header_bytes(state: Q.QuantizedState, config: TrialConfig) -> int:
-    return len(C.compress_bytes(A.encode_parts(state, config)["header"], config.compress.codec))
+    return len(C.compress_bytes(AP.encode_parts(state, config)["header"], config.compress.codec))
 
 
 def predicted_entropy_bytes(state: Q.QuantizedState, group: str) -> float:
@@ -324,7 +326,7 @@ def packing() -> None:
         for codec in CODECS:
             sizes = [len(C.compress_bytes(as_int8, codec)) / n, len(C.compress_bytes(packed, codec)) / n]
             if bits == 4:
-                sizes.append(len(C.compress_bytes(b"".join(A._pack_levels(q, 4) for q in qs), codec)) / n)
+                sizes.append(len(C.compress_bytes(b"".join(AP._pack_levels(q, 4) for q in qs), codec)) / n)
             row.append(f"{codec} " + " | ".join(f"{v:.4f}" for v in sizes))
         print(f"  int{bits}: " + "   ".join(row))
     state = Q.quantize_model(model, CompressConfig(bits=6, protect=("tok_emb.weight",)))
@@ -334,14 +336,14 @@ def packing() -> None:
     for label, raw in (("scales", scales), ("fp16 tensors", half)):
         row = []
         for c in CODECS:
-            lo, hi = A._byte_planes(raw)
+            lo, hi = AP._byte_planes(raw)
             sizes = (len(C.compress_bytes(raw, c)), len(C.compress_bytes(lo + hi, c)),
                      len(C.compress_bytes(lo, c)) + len(C.compress_bytes(hi, c)))
             row.append(f"{c} " + " | ".join(f"{v:,}" for v in sizes))
         print(f"  {label}: " + "   ".join(row))
-    parts = A.encode_parts(state, TrialConfig.from_flat({**BENCH_SHAPE, "bits": 6, "protect": ["tok_emb.weight"]}))
+    parts = AP.encode_parts(state, TrialConfig.from_flat({**BENCH_SHAPE, "bits": 6, "protect": ["tok_emb.weight"]}))
     interleaved = b"".join(
-        A._pack_levels(t.q, 6) + t.scales.numpy().astype("<f2").tobytes() if t.q is not None
+        AP._pack_levels(t.q, 6) + t.scales.numpy().astype("<f2").tobytes() if t.q is not None
         else t.data.numpy().astype("<f2").tobytes() if t.data is not None else b""
         for t in state.tensors
     )
@@ -373,7 +375,7 @@ def bench() -> None:
     ce_fp32 = _ce(model, windows)
     path = CACHE / "bench.lga"
     params = model.unique_params()
-    code = A.code_bytes()
+    code = code_bytes()
     baseline_model = (BASELINE_BYTES - 47_642) / BASELINE_PARAMS  # the challenge's model bytes per param
     baseline_total = BASELINE_BYTES / BASELINE_PARAMS
     print(f"\ntrained model: d_model 512, 3 blocks, vocab 1024, {params:,} params, 200 steps on tinyshakespeare")

@@ -1,5 +1,5 @@
-"""Atomic writes: the old file or the new one, never half of one, and no temporary file
-left behind, whatever fails.
+"""Atomic writes: the old file (or directory) or the new one, never half of one, and no
+temporary file left behind, whatever fails.
 
     python -m pytest tests/test_atomic.py
 """
@@ -15,7 +15,14 @@ from typing import BinaryIO
 import numpy as np
 import pytest
 
-from loopgolf.atomic import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
+from loopgolf.atomic import (
+    Existing,
+    atomic_directory,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 OLD = b"the old content\n"
 
@@ -90,3 +97,82 @@ def test_the_file_and_its_directory_are_synced_before_returning(
     atomic_write_bytes(old_file, b"new content")
     assert synced[0] == (False, len(b"new content"), OLD)  # all the data, before the rename
     assert synced[-1][0] and synced[-1][2] == b"new content"  # then the directory, after it
+
+
+# ------------------------------------------------------------------ directories
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _stage(staging: Path, content: bytes) -> None:
+    (staging / "sub").mkdir()
+    (staging / "sub" / "file.bin").write_bytes(content)
+    (staging / "top.txt").write_bytes(content)
+
+
+@pytest.mark.parametrize("existing", ["empty", "keep", "replace"])
+def test_a_staged_directory_lands_whole(tmp_path: Path, existing: Existing) -> None:
+    dest = tmp_path / "deep" / "out"
+    with atomic_directory(dest, existing=existing) as staging:
+        assert staging.parent == dest.parent and not dest.exists()
+        _stage(staging, b"new")
+    assert _tree(dest) == {"sub/file.bin": b"new", "top.txt": b"new"}
+    assert os.listdir(dest.parent) == ["out"]
+
+
+@pytest.mark.parametrize("existing", ["empty", "keep", "replace"])
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_crash_mid_stage_leaves_no_half_directory(tmp_path: Path, existing: Existing, error: BaseException) -> None:
+    dest = tmp_path / "out"
+    with pytest.raises(type(error)), atomic_directory(dest, existing=existing) as staging:
+        (staging / "half.bin").write_bytes(b"half of it")
+        raise error
+    assert os.listdir(tmp_path) == []
+    dest.mkdir()  # and over an existing destination, whatever the policy: the old one untouched
+    (dest / "old.txt").write_bytes(OLD)
+    with pytest.raises(type(error)), atomic_directory(dest, existing=existing) as staging:
+        (staging / "half.bin").write_bytes(b"half of it")
+        raise error
+    assert os.listdir(tmp_path) == ["out"] and _tree(dest) == {"old.txt": OLD}
+
+
+def test_each_policy_for_an_existing_destination(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with atomic_directory(dest, existing="empty") as staging:  # an empty directory is replaced
+        _stage(staging, b"first")
+    with pytest.raises(OSError), atomic_directory(dest, existing="empty") as staging:  # a full one is not
+        _stage(staging, b"second")
+    with atomic_directory(dest, existing="keep") as staging:  # the first copy stands
+        _stage(staging, b"second")
+    assert _tree(dest) == {"sub/file.bin": b"first", "top.txt": b"first"}
+    with atomic_directory(dest, existing="replace") as staging:  # replaced whole: no old file survives
+        (staging / "only.txt").write_bytes(b"third")
+    assert _tree(dest) == {"only.txt": b"third"}
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_staged_directory_gets_its_mode(tmp_path: Path) -> None:
+    with atomic_directory(tmp_path / "out", mode=0o755):
+        pass
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_every_staged_file_is_synced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "out"
+    synced: list[tuple[bool, int, bool]] = []  # (a directory?, its size, dest there then)
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        synced.append((stat.S_ISDIR(info.st_mode), info.st_size, dest.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with atomic_directory(dest) as staging:
+        _stage(staging, b"12345")
+    files = [s for s in synced if not s[0]]
+    assert files == [(False, 5, False)] * 2  # both files, before the rename
+    assert synced[-1][0] and synced[-1][2]  # the parent directory, after it

@@ -15,7 +15,8 @@ import pandas as pd
 METRIC = "val_bpb"
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib.pyplot, drawing off-screen (imported here: only the figures need it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -26,7 +27,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 def png_bytes(fig: object) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
-    plt = _pyplot()
+    plt = pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
     plt.close(fig)  # type: ignore[arg-type]
@@ -35,7 +36,7 @@ def png_bytes(fig: object) -> bytes:
 
 def forest(table: pd.DataFrame, xlabel: str, label_columns: Sequence[str] | None = None) -> object:
     """Estimates with their intervals, one row each; significant ones (after Holm) in red."""
-    plt = _pyplot()
+    plt = pyplot()
     shown = table[np.isfinite(table["_value"].astype(float))]
     fig, ax = plt.subplots(figsize=(8, 0.8 + 0.35 * max(1, len(shown))))
     if label_columns is None:
@@ -55,7 +56,7 @@ def forest(table: pd.DataFrame, xlabel: str, label_columns: Sequence[str] | None
 
 
 def overhead(table: pd.DataFrame) -> object:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for phase, part in table.groupby("phase"):
         ratio = part["time ratio [95% CI]"].str.split(" ").str[0].astype(float)
@@ -71,7 +72,7 @@ def overhead(table: pd.DataFrame) -> object:
 
 def profile(table: pd.DataFrame) -> object:
     """Mean CE change per refined token by bucket, one panel per bucketing."""
-    plt = _pyplot()
+    plt = pyplot()
     kinds = [k for k in ("decile", "position", "frequency") if (table["by"] == k).any()]
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(4.5 * max(1, len(kinds)), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=False):
@@ -92,7 +93,7 @@ def profile(table: pd.DataFrame) -> object:
 
 def concentration(curves: dict[str, np.ndarray]) -> object:
     """Cumulative share of the gain against the share of documents, best documents first."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for label, curve in curves.items():
         ax.plot(np.arange(1, len(curve) + 1) / len(curve), curve, label=label)
@@ -104,7 +105,7 @@ def concentration(curves: dict[str, np.ndarray]) -> object:
 
 
 def front(rows: pd.DataFrame, front_rows: pd.DataFrame, x: str) -> object:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     front_rows = front_rows.sort_values(x, kind="stable")  # the staircase runs along x
     ax.scatter(rows[x].astype(float), rows[METRIC], s=10, color="lightgrey", label="feasible trials")
@@ -119,7 +120,7 @@ def front(rows: pd.DataFrame, front_rows: pd.DataFrame, x: str) -> object:
 
 def learning_curves(curves: pd.DataFrame, labels: dict[str, str]) -> object:
     """Quick val bpb against elapsed seconds, one line per trial, one colour per configuration."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, (config, part) in enumerate(curves.groupby("config", sort=True)):
         for i, (_, trial) in enumerate(part.groupby("trial_id", sort=True)):

@@ -1,4 +1,4 @@
-"""Per-token evaluation files: their schemas, and their reduction to seeds x documents.
+"""Per-token evaluation files read for the report, and their reduction to seeds x documents.
 
 Every trial of a sweep scores the same validation tokens with the same windows. A trial's
 final evaluation (from its artifact) writes one Parquet file, named by the ledger column
@@ -6,7 +6,8 @@ final evaluation (from its artifact) writes one Parquet file, named by the ledge
 scored position in stream order (`eval_tokens_schema()`). The sweep writes once
 `results/eval_stream.parquet` (`eval_stream_schema()`): which token, document and
 position in the document each scored position is, and the token's frequency bucket in
-the training split. The report needs nothing else to pair arms token by token.
+the training split. The report needs nothing else to pair arms token by token. The
+schemas and file names are trial/eval_tokens.py's, which writes both files.
 """
 
 from __future__ import annotations
@@ -21,36 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loopgolf.errors import LoopgolfError, first_line
+from loopgolf.trial.eval_tokens import STREAM_NAME, eval_stream_schema, eval_tokens_schema
 
-STREAM_FILE = Path("results") / "eval_stream.parquet"
+STREAM_FILE = Path("results") / STREAM_NAME  # in a sweep directory
 LN2 = math.log(2.0)
-
-
-def eval_tokens_schema() -> pa.Schema:
-    """One row per scored position of one trial (stream order)."""
-    return pa.schema(
-        [
-            pa.field("ce", pa.float32()),  # cross-entropy in nats of the final logits
-            pa.field("base_ce", pa.float32()),  # of the base pass (before any refinement)
-            pa.field("refined", pa.bool_()),
-            pa.field("router_score", pa.float32()),  # NaN when the trial does not route
-            pa.field("bytes", pa.int32()),  # UTF-8 bytes the target token stands for (bpb's denominator)
-        ],
-        metadata={"loopgolf.table": "eval_tokens"},
-    )
-
-
-def eval_stream_schema() -> pa.Schema:
-    """One row per scored position of the sweep's shared evaluation stream."""
-    return pa.schema(
-        [
-            pa.field("token", pa.int32()),  # the target token id
-            pa.field("document", pa.int64()),  # index of its document in the val split
-            pa.field("position", pa.int32()),  # its position in that document (0 = first token)
-            pa.field("freq_bucket", pa.int16()),  # frequency bucket of the token in the training split
-        ],
-        metadata={"loopgolf.table": "eval_stream"},
-    )
 
 
 def _read(path: Path, schema: pa.Schema) -> pd.DataFrame:

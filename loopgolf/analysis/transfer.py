@@ -24,6 +24,7 @@ import pandas as pd
 from scipy import stats as sp
 
 from loopgolf.analysis.evidence import METRIC, competing, describe_config
+from loopgolf.analysis.plots import pyplot as _pyplot
 from loopgolf.analysis.questions import Answer
 from loopgolf.analysis.results import ROUTED_ARM
 from loopgolf.analysis.stats import (
@@ -44,15 +45,6 @@ NO_PROMOTED = "No promoted sweep among these: run `loopgolf promote SWEEP --top 
 TRANSFER_TITLE = "Transfer: does the proxy ranking hold?"
 RECORD_TITLE = "Record-grade: the challenge's acceptance rule"
 MIN_RANKED = 3  # configurations with both fidelities below which a rank correlation says nothing
-
-
-def _pyplot():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _seed_rows(rows: pd.DataFrame, columns: tuple[str, ...] = (METRIC,)) -> pd.DataFrame:

@@ -25,14 +25,15 @@ import datetime as dt
 import json
 import shlex
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from loopgolf.atomic import atomic_directory
 from loopgolf.errors import LoopgolfError
+from loopgolf.orchestrator.ledger_schema import TRIALS_FILE
 from loopgolf.orchestrator.spec import SweepSpec
 from loopgolf.orchestrator.sweep import read_sweep_spec
 from loopgolf.orchestrator.trialdir import TRIAL_FILE, read_json, trial_dir
@@ -160,25 +161,17 @@ def export_record(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out}: exists and is not an empty directory")
     spec = read_sweep_spec(sweep_dir)
-    trials = pd.read_parquet(sweep_dir / "results" / "trials.parquet")
+    trials = pd.read_parquet(sweep_dir / TRIALS_FILE)
     rows = check_exportable(_rows(trials, config_id), seeds)
     records = [read_json(trial_dir(sweep_dir, key) / TRIAL_FILE) or {} for key in rows["trial_id"]]
     versions = next((r["versions"] for r in records if r.get("versions")), {})
     title = name or f"{spec.name} {rows['config_id'].iloc[0]}"
     payload = submission(rows, title, blurb or f"loopgolf sweep {spec.name}, configuration "
                          f"{rows['config_id'].iloc[0]}", author, github_id, versions)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_directory(out, existing="empty") as staging:
         _write_files(spec, sweep_dir, rows, staging, versions)
         (staging / "submission.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         (staging / "README.md").write_text(readme(spec, rows, payload, record_test), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

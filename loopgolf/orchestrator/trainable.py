@@ -47,6 +47,7 @@ import ray
 import torch
 from ray import tune
 
+from loopgolf.atomic import atomic_directory
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.jsonio import json_default, short_digest
 from loopgolf.orchestrator.trialdir import (
@@ -88,21 +89,9 @@ def load_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def save_checkpoint(state: dict[str, Any], directory: Path) -> Path:
     """Write a checkpoint that is complete or absent: staged, fsynced, renamed to step_<N>."""
-    root = directory / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{int(state['step']):09d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    try:
+    final = directory / CHECKPOINTS / f"step_{int(state['step']):09d}"
+    with atomic_directory(final, existing="keep") as staging:  # the same step twice (a re-run): the first stands
         save_state(state, staging)
-        with open(staging / STATE_FILE, "rb") as fh:
-            os.fsync(fh.fileno())
-        if final.exists():  # the same step twice (a re-run): the first copy stands
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in checkpoints(directory)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final

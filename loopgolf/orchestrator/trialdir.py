@@ -16,6 +16,7 @@ import json
 import os
 import platform
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,6 @@ def hardware(cpus: float, gpus: float, workers: int = 1) -> str:
 
 def environment_versions() -> dict[str, str]:
     """The versions a trial ran with (a record folder's requirements.txt is written from them)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": platform.python_version()}
     for name in ("torch", "numpy", "sentencepiece"):
         try:

@@ -15,7 +15,7 @@ import dataclasses
 from fractions import Fraction
 
 from loopgolf.errors import LoopgolfError
-from loopgolf.trial.artifact import code_bytes
+from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import TrialConfig
 from loopgolf.trial.estimate import bytes_with_margin
 

@@ -143,6 +143,7 @@ def derive(values: Mapping[str, Any], base: TrialConfig, equal_bytes: bool, byte
     With equal bytes, a configuration that fits at no width gets the narrowest width:
     its prediction is then over the budget, and the trial is rejected before training.
     """
+    # Here, not at the top: budget and estimate import torch, which reading a spec or status does not need.
     from loopgolf.search_spaces.budget import BudgetError, attention_design, derive_heads, solve_width
 
     flat = {k: coerce_field(k, v) for k, v in values.items() if k != _PROTECT_FIELD}
@@ -169,7 +170,7 @@ def smallest_predicted_bytes(space: Space, base: TrialConfig, equal_bytes: bool)
     setting each dimension in turn to the value that minimizes the prediction, twice
     over, finds the minimum without enumerating the product of all dimensions.
     """
-    from loopgolf.search_spaces.budget import MLP_STEP, attention_design
+    from loopgolf.search_spaces.budget import MLP_STEP, attention_design  # torch: see derive
     from loopgolf.trial.estimate import predict_artifact_bytes
 
     head_dim, kv_ratio = attention_design(base)
@@ -259,7 +260,7 @@ class ConfigSampler:
     byte_budget: int
 
     def __call__(self, trial: Any) -> dict[str, Any]:
-        from loopgolf.trial.estimate import predict_artifact_bytes
+        from loopgolf.trial.estimate import predict_artifact_bytes  # torch: see derive
 
         fixed = dict(trial.user_attrs.get(FIXED, {}))
         values = {

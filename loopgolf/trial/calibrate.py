@@ -11,10 +11,13 @@ no calibration: their fraction is fixed by construction.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from loopgolf.trial.config import FIXED_SIGNALS
+from loopgolf.trial.config import FIXED_SIGNALS, TrialConfig
+from loopgolf.trial.data import DataError
 from loopgolf.trial.evaluate import autocast_for
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.routing import threshold_for_fraction
@@ -46,3 +49,21 @@ def calibrate_router(model: RecurrentLM, windows: np.ndarray, *, batch_size: int
     threshold = threshold_for_fraction(torch.cat(scores).cpu(), c.refine_target, c.refine_cap)
     model.router_threshold.fill_(threshold)
     return threshold
+
+
+def threshold_metrics(
+    model: RecurrentLM, windows: np.ndarray, config: TrialConfig, device: torch.device
+) -> dict[str, Any]:
+    """Calibrate a routed threshold on the held-out training `windows`; {} for the control arms.
+
+    Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
+    """
+    if not needs_calibration(model):
+        return {}
+    if len(windows) == 0:
+        raise DataError(
+            f"calibration_tokens={config.train.calibration_tokens}: held out no window of "
+            f"seq_len+1={config.model.seq_len + 1} training tokens to calibrate signal={config.model.signal!r}"
+        )
+    threshold = calibrate_router(model, windows, batch_size=config.train.batch_size, device=device)
+    return {"refine_threshold": threshold, "calibration_tokens": int(windows[:, :-1].size)}

@@ -26,10 +26,8 @@ from loopgolf.errors import LoopgolfError
 
 PhaseMode = Literal["none", "scale", "lora", "embed"]
 ShareMode = Literal["all", "attn", "mlp"]  # what the looped core's passes share (the rest is per pass)
-# The router's signals: a routed one scores tokens against a threshold; a fixed one (the
-# control arms) selects by construction, with no score and no threshold.
-RoutedSignal = Literal["entropy", "margin", "resid_norm", "kl"]
-FixedSignal = Literal["uniform", "stride", "random"]
+RoutedSignal = Literal["entropy", "margin", "resid_norm", "kl"]  # a score against a threshold
+FixedSignal = Literal["uniform", "stride", "random"]  # the control arms: selected by construction, no score
 RouterSignal = Literal[RoutedSignal, FixedSignal]  # Literal flattens: get_args gives all seven
 ROUTED_SIGNALS: tuple[str, ...] = get_args(RoutedSignal)
 FIXED_SIGNALS: tuple[str, ...] = get_args(FixedSignal)
@@ -345,7 +343,7 @@ class TrialConfig:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse one `key=value` override; the value is read as YAML (numbers, bools, lists)."""
-    import yaml
+    import yaml  # here: loading an artifact imports this file (code_bytes.CODE_FILES) and needs no YAML
 
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -383,7 +381,7 @@ def number_from_text(text: str) -> Any:
 
 def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[LoopgolfError] = ConfigError) -> dict:
     """A YAML file that must hold a mapping; anything else is one `error` naming the file."""
-    import yaml
+    import yaml  # here: see parse_override
 
     try:
         with open(path, encoding="utf-8") as fh:

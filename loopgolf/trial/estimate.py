@@ -10,7 +10,7 @@ margin.
 2. Params per storage group, by quantize.py's own `plan_tensor` rule.
 3. Bytes: the entropy of Gaussian weights quantized by the export rule, times a measured
    codec overhead, plus measured bytes for scales, fp16 tensors and the header.
-4. FLOPs: model.py's analytic count.
+4. FLOPs: flops.py's analytic count.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import math
 
 import torch
 
-from loopgolf.trial.artifact import MAGIC, PARTS, code_bytes
+from loopgolf.trial.artifact import MAGIC
+from loopgolf.trial.artifact_parts import PARTS
+from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig
 from loopgolf.trial.flops import flops_per_token
 from loopgolf.trial.quantize import n_rows, plan_tensor, qmax

@@ -5,14 +5,17 @@ position i of one trial's per-token file is position i of every other's: two arm
 configuration compare token by token, and the sweep's `eval_stream.parquet` says which
 document, position in document and frequency bucket each scored token is.
 
-- `<trial>/eval_tokens.parquet`: per scored position, in scoring order: `ce` (float32,
-  nats, final logits), `base_ce` (the base pass's CE: equal to ce when nothing is
-  refined), `refined` (bool), `router_score` (float32; NaN, not null, when the model
-  does not refine: refine_passes = 0), `bytes`.
-- `<sweep>/results/eval_stream.parquet`: per scored position: `token` (id), `document`
-  (index of its document in the val split), `position` (its position there; the
-  document's BOS is position 0), `freq_bucket` (decile of the token's frequency in the
-  training split, 0 = rarest; tokens absent from it are bucket 0).
+- `<trial>/eval_tokens.parquet` (`eval_tokens_schema`): per scored position, in scoring
+  order: `ce` (float32, nats, final logits), `base_ce` (the base pass's CE: equal to ce
+  when nothing is refined), `refined` (bool), `router_score` (float32; NaN, not null, when
+  the model does not refine: refine_passes = 0), `bytes`.
+- `<sweep>/results/eval_stream.parquet` (`eval_stream_schema`): per scored position:
+  `token` (id), `document` (index of its document in the val split), `position` (its
+  position there; the document's BOS is position 0), `freq_bucket` (decile of the token's
+  frequency in the training split, 0 = rarest; tokens absent from it are bucket 0).
+
+These schemas are the contract with the analysis (analysis/tokens.py reads them). PyArrow
+is imported where a table is made: a trial that never writes one runs without it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from loopgolf.atomic import atomic_write
 from loopgolf.trial.data import list_shards, read_shard, val_tokens
+from loopgolf.trial.prepare import read_manifest
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 EVAL_TOKENS_NAME = "eval_tokens.parquet"
 STREAM_NAME = "eval_stream.parquet"
@@ -49,7 +57,38 @@ class TokenScores:
     bytes: np.ndarray  # int32
 
 
-def _write_parquet(table: object, path: Path) -> Path:
+def eval_tokens_schema() -> pa.Schema:
+    """One row per scored position of one trial (stream order)."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("ce", pa.float32()),  # cross-entropy in nats of the final logits
+            pa.field("base_ce", pa.float32()),  # of the base pass (before any refinement)
+            pa.field("refined", pa.bool_()),
+            pa.field("router_score", pa.float32()),  # NaN when the trial does not route
+            pa.field("bytes", pa.int32()),  # UTF-8 bytes the target token stands for (bpb's denominator)
+        ],
+        metadata={"loopgolf.table": "eval_tokens"},
+    )
+
+
+def eval_stream_schema() -> pa.Schema:
+    """One row per scored position of the sweep's shared evaluation stream."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("token", pa.int32()),  # the target token id
+            pa.field("document", pa.int64()),  # index of its document in the val split
+            pa.field("position", pa.int32()),  # its position in that document (0 = first token)
+            pa.field("freq_bucket", pa.int16()),  # frequency bucket of the token in the training split
+        ],
+        metadata={"loopgolf.table": "eval_stream"},
+    )
+
+
+def _write_parquet(table: pa.Table, path: Path) -> Path:
     import pyarrow.parquet as pq
 
     atomic_write(path, lambda fh: pq.write_table(table, fh))
@@ -68,7 +107,7 @@ def write_token_scores(scores: TokenScores, path: str | os.PathLike[str]) -> Pat
         "refined": pa.array(scores.refined.astype(bool)),
         "router_score": pa.array(router.astype(np.float32)),
         "bytes": pa.array(scores.bytes.astype(np.int32)),
-    })
+    }, schema=eval_tokens_schema())
     return _write_parquet(table, Path(path))
 
 
@@ -84,7 +123,7 @@ def frequency_buckets(data_dir: str | os.PathLike[str], vocab_size: int) -> np.n
 
 
 def stream_table(data_dir: str | os.PathLike[str], eval_tokens: int, seq_len: int, bos_id: int,
-                 vocab_size: int) -> object:
+                 vocab_size: int) -> pa.Table:
     """What every trial's per-token file is aligned to: the scored targets of val_windows."""
     import pyarrow as pa
 
@@ -102,14 +141,12 @@ def stream_table(data_dir: str | os.PathLike[str], eval_tokens: int, seq_len: in
         "document": pa.array(document[targets].astype(np.int64)),
         "position": pa.array(position[targets].astype(np.int32)),
         "freq_bucket": pa.array(buckets[tokens[targets]].astype(np.int16)),
-    })
+    }, schema=eval_stream_schema())
 
 
 def write_stream(sweep_results: str | os.PathLike[str], data_dir: str | os.PathLike[str], eval_tokens: int,
                  seq_len: int) -> Path:
     """`<results>/eval_stream.parquet`, written once: an existing file is kept."""
-    from loopgolf.trial.prepare import read_manifest
-
     path = Path(sweep_results) / STREAM_NAME
     if path.is_file():
         return path

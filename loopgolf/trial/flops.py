@@ -2,7 +2,7 @@
 attention and LM head, with refinement's extra blocks and head at a refined fraction.
 
 model.py's ForwardStats reports a forward's cost with this count, so loading an artifact
-imports this file (it is one of artifact.CODE_FILES). It needs only the configuration.
+imports this file (it is one of code_bytes.CODE_FILES). It needs only the configuration.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def block_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> fl
     return matmuls + 4 * c.d_model * (t + 1) / 2
 
 
-def _flops(c: ModelConfig, refined_fraction: float, passes: int, seq_len: int) -> float:
+def forward_flops(c: ModelConfig, refined_fraction: float, passes: int, seq_len: int) -> float:
+    """FLOPs per token of one forward with `passes` core passes at `seq_len` (what ForwardStats reports)."""
     block = block_flops_per_token(c, seq_len)
     head = 2 * c.d_model * c.vocab_size
     lora = 0.0
@@ -47,4 +48,4 @@ def flops_per_token(config: ModelConfig, refined_fraction: float = 0.0, looping:
     """
     if not 0.0 <= refined_fraction <= 1.0:
         raise ValueError(f"flops_per_token: refined_fraction={refined_fraction!r}: expected a fraction in [0, 1]")
-    return _flops(config, refined_fraction, config.n_passes if looping else 1, config.seq_len)
+    return forward_flops(config, refined_fraction, config.n_passes if looping else 1, config.seq_len)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from loopgolf.trial.blocks import QATLinear
 from loopgolf.trial.config import TrialConfig
 
 
@@ -69,8 +70,6 @@ def parameter_role(model: torch.nn.Module) -> dict[str, str]:
     linear layer. per_pass: phase conditioning (gains, LoRA factors, pass embeddings).
     control: every other tensor (attn_scale, mlp_scale, resid_mix, q_gain, skip_weights).
     """
-    from loopgolf.trial.model import QATLinear
-
     linear = {id(m.weight) for m in model.modules() if isinstance(m, QATLinear)}
     roles = {}
     for name, param in model.named_parameters():

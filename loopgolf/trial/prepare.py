@@ -20,13 +20,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from loopgolf.atomic import atomic_directory
 from loopgolf.errors import first_line
 from loopgolf.trial.data import (
     DataError,
@@ -146,6 +146,30 @@ def _write_split(tokens: np.ndarray, split: str, shard_tokens: int, out: Path) -
     return names
 
 
+def _encode_split(
+    sp: Any, split: str, docs: list[str], raw_bytes: int, shard_tokens: int, out: Path
+) -> dict[str, Any]:
+    """Tokenize one split's documents (each after a BOS), write its shards; its manifest entry."""
+    bos, unk = sp.bos_id(), sp.unk_id()
+    encoded = sp.encode(docs)
+    stream = np.fromiter(
+        (t for ids in encoded for t in (bos, *ids)), dtype=np.int64, count=sum(len(e) + 1 for e in encoded)
+    )
+    counted = stream_bytes(stream, byte_table(sp))
+    return {
+        "documents": len(docs),
+        "tokens": int(stream.size),
+        "bytes": counted,
+        "raw_text_bytes": raw_bytes,
+        "bytes_lost_to_normalization_and_unknown": raw_bytes - counted,
+        "unknown_tokens": int((stream == unk).sum()),
+        "shards": _write_split(stream, split, shard_tokens, out),
+        "max_token_ids": [  # checked against the tokenizer before any compute
+            int(stream[first : first + shard_tokens].max()) for first in range(0, len(stream), shard_tokens)
+        ],
+    }
+
+
 def prepare(config: PrepareConfig) -> dict:
     """Write shards, tokenizer.model and manifest.json into config.out_dir; return the manifest."""
     sources = read_sources(config.text_files)
@@ -160,10 +184,7 @@ def prepare(config: PrepareConfig) -> dict:
         if not items:
             raise DataError(f"prepare: the {split} split got no documents; use more text or another --val-fraction")
 
-    out = Path(config.out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(config.out_dir, existing="replace", mode=0o755) as staging:
         tok_path = staging / TOKENIZER_FILE
         if config.tokenizer is not None:
             shutil.copyfile(config.tokenizer, tok_path)
@@ -171,29 +192,11 @@ def prepare(config: PrepareConfig) -> dict:
             assert config.vocab_size is not None
             train_tokenizer(docs["train"], config.vocab_size, tok_path, config.byte_fallback)
         sp = load_tokenizer(tok_path)
-        table = byte_table(sp)
         bos = sp.bos_id()  # type: ignore[attr-defined]
-        unk = sp.unk_id()  # type: ignore[attr-defined]
-        splits = {}
-        for split, items in docs.items():
-            encoded = sp.encode(items)  # type: ignore[attr-defined]
-            stream = np.fromiter(
-                (t for ids in encoded for t in (bos, *ids)), dtype=np.int64, count=sum(len(e) + 1 for e in encoded)
-            )
-            counted = stream_bytes(stream, table)
-            splits[split] = {
-                "documents": len(items),
-                "tokens": int(stream.size),
-                "bytes": counted,
-                "raw_text_bytes": raw_bytes[split],
-                "bytes_lost_to_normalization_and_unknown": raw_bytes[split] - counted,
-                "unknown_tokens": int((stream == unk).sum()),
-                "shards": _write_split(stream, split, config.shard_tokens, staging),
-            }
-            splits[split]["max_token_ids"] = [  # checked against the tokenizer before any compute
-                int(stream[first : first + config.shard_tokens].max())
-                for first in range(0, len(stream), config.shard_tokens)
-            ]
+        splits = {
+            split: _encode_split(sp, split, items, raw_bytes[split], config.shard_tokens, staging)
+            for split, items in docs.items()
+        }
         manifest = {
             "format": "challenge-shards/1 (int32[256] header: magic 20240520, version 1, count; uint16 tokens)",
             "tokenizer": {
@@ -213,15 +216,6 @@ def prepare(config: PrepareConfig) -> dict:
             "splits": splits,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.chmod(staging, 0o755)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, trash)
-            shutil.rmtree(trash)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

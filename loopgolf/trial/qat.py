@@ -1,6 +1,6 @@
 """Quantization-aware training: show training the weights the artifact will store.
 
-A QATLinear (model.py) passes its weight through `weight_transform` in forward;
+A QATLinear (blocks.py) passes its weight through `weight_transform` in forward;
 `install_qat` sets that transform on exactly the layers the export quantizes at
 `bits` (quantize.py's plan), and `remove_qat` clears it.
 
@@ -19,8 +19,9 @@ import weakref
 import torch
 from torch import Tensor
 
+from loopgolf.trial.blocks import QATLinear
 from loopgolf.trial.config import CompressConfig
-from loopgolf.trial.model import QATLinear, RecurrentLM
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.quantize import (
     as_rows,
     dequantize,

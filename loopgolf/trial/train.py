@@ -10,10 +10,10 @@
    over `warmup_steps`, constant, then a linear warmdown over the last `warmdown_frac`
    of the budget, keyed to elapsed time as in the challenge (or to steps, when the step
    budget is the one nearer its end). Muon for block matrices, AdamW for embeddings and
-   small tensors (optim.py holds the optimizers and schedules). Compiled (`compile`),
-   every graph is built before the clock starts and a compile on the clock raises; on one
-   CUDA device the loss is read (a host sync) every LOSS_READ_EVERY steps, and every step
-   whose end could cross the budget is read.
+   small tensors (optim.py holds the optimizers and schedules). Compiled (`compile`,
+   compiled.py), every graph is built before the clock starts and a compile on the clock
+   raises; on one CUDA device the loss is read (a host sync) every LOSS_READ_EVERY steps,
+   and every step whose end could cross the budget is read.
 3. Evaluate the in-memory model (`val_bpb_prequant`), write the artifact, reload it
    from disk, and evaluate that (`val_bpb`, the number that counts).
 
@@ -36,7 +36,6 @@ return the training part (status, steps, tokens, loss).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
@@ -52,8 +51,10 @@ import torch
 from loopgolf.atomic import atomic_write_json
 from loopgolf.jsonio import json_default
 from loopgolf.trial.artifact import load_artifact, require_codec, save_artifact
+from loopgolf.trial.calibrate import threshold_metrics
+from loopgolf.trial.compiled import compiled_forward, compiles, loss_read_every, prime_compiled
 from loopgolf.trial.config import TrialConfig
-from loopgolf.trial.data import DataError, TrainBatches
+from loopgolf.trial.data import TrainBatches
 from loopgolf.trial.distributed import DataParallel, GradientBuckets, check_divisible, grad_accum_steps
 from loopgolf.trial.estimate import predict_artifact_bytes
 from loopgolf.trial.eval_tokens import EVAL_TOKENS_NAME, write_token_scores
@@ -65,70 +66,7 @@ from loopgolf.trial.qat import install_qat, quantized_model, remove_qat
 Reporter = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
 ARTIFACT_NAME = "model.lgart"
 METRICS_NAME = "metrics.json"
-
-
-# ----------------------------------------------------------------------------- pieces
-
-
-def compiles(config: TrialConfig, device: torch.device) -> bool:
-    """Whether the trial runs torch.compile'd: `compile`, with "auto" meaning on CUDA.
-
-    Routed trials too: compiled, the model refines in a padded layout whose per-row
-    capacity is one of a few rungs (model.refine_capacities), so the graphs are bounded
-    and priming builds them all before the clock starts.
-    """
-    choice = config.train.compile
-    if choice == "auto":
-        return device.type == "cuda"
-    return choice == "on"
-
-
-COMPILE_BACKEND: str | Callable[..., Any] = "inductor"  # torch.compile's backend (tests count graphs with their own)
-LOSS_READ_EVERY = 10  # compiled CUDA steps between host reads of the loss (each read waits for the device)
 TRAIN_CLOCK: Callable[[], float] = time.perf_counter  # times the optimizer steps (tests give steps a fixed time)
-
-
-def loss_read_every(device: torch.device, parallel: DataParallel | None) -> int:
-    """Steps between reads of the loss: every step on a CPU (its ops finish as they run, so a
-    read costs nothing) and in data parallel (ranks agree on the clock and the router's
-    threshold every step); LOSS_READ_EVERY on one CUDA device, which runs ahead of the host."""
-    return LOSS_READ_EVERY if device.type == "cuda" and parallel is None else 1
-
-
-def _prime_compiled(
-    forward: Callable[..., Any],
-    model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer],
-    batch: tuple[np.ndarray, np.ndarray],
-    device: torch.device,
-    config: TrialConfig,
-) -> None:
-    """Compile every graph the clock will run outside it, then roll the steps back: the core
-    looped and not, and with refinement every rung of the padded capacity (forced per step,
-    whatever the batch selects)."""
-    assert isinstance(model, RecurrentLM)
-    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    saved_draws = model.train_draws
-    x, y = (torch.from_numpy(a).to(device) for a in batch)
-    rungs: tuple[int | None, ...] = (None,)
-    if config.model.refine_passes:
-        rungs = model.refine_capacities(x.size(1))
-    for looping in [True] if config.model.loop_start == 0.0 else [False, True]:
-        model.set_looping(looping)
-        for rung in rungs:
-            model.capacity_override = rung
-            with autocast_for(device):
-                out = forward(x, y)
-                (out.loss + config.model.aux_loss * out.base_loss).backward()
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    model.capacity_override = None
-    model.train_draws = saved_draws
-    model.load_state_dict(saved_model)
-    for opt, state in zip(optimizers, saved_opts, strict=True):
-        opt.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------- the trial
@@ -253,9 +191,8 @@ def _set_up(
     if device.type == "cuda":  # TF32 for any fp32 matmul left outside bf16 autocast
         torch.set_float32_matmul_precision("high")
     if compiles(config, device):
-        # dynamic=False: every shape is static, so each rung of the padded capacity is its own graph
-        run.forward, run.compiled = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND), True
-        _prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
+        run.forward, run.compiled = compiled_forward(model), True
+        prime_compiled(run.forward, model, run.optimizers, run.micro_batch(0), device, config)
     if parallel is not None:  # start the clocks together
         parallel.barrier(device)
     run.startup_seconds = time.perf_counter() - wall_start
@@ -419,25 +356,6 @@ def _training_metrics(run: _Run) -> dict[str, Any]:
     }
 
 
-def _threshold_metrics(run: _Run, model: RecurrentLM) -> dict[str, Any]:
-    """Calibrate a routed threshold on the held-out training tokens; {} for the control arms.
-
-    Keys: refine_threshold (the calibrated value) and calibration_tokens (tokens it read).
-    """
-    from loopgolf.trial.calibrate import calibrate_router, needs_calibration
-
-    config, windows = run.config, run.batches.heldout_windows
-    if not needs_calibration(model):
-        return {}
-    if len(windows) == 0:
-        raise DataError(
-            f"calibration_tokens={config.train.calibration_tokens}: held out no window of "
-            f"seq_len+1={config.model.seq_len + 1} training tokens to calibrate signal={config.model.signal!r}"
-        )
-    threshold = calibrate_router(model, windows, batch_size=config.train.batch_size, device=run.device)
-    return {"refine_threshold": threshold, "calibration_tokens": int(windows[:, :-1].size)}
-
-
 def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     """Rank 0: evaluate in memory, write the artifact, reload it from disk, evaluate that.
 
@@ -448,11 +366,12 @@ def _finish(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
     batch_size, path = config.train.batch_size, run.out / ARTIFACT_NAME
     if config.compress.qat != "none":
         remove_qat(run.model)
-    calibration = _threshold_metrics(run, run.model)
+    windows = run.batches.heldout_windows
+    calibration = threshold_metrics(run.model, windows, config, device)
     prequant = evaluate(run.model, val.val, val.table, batch_size=batch_size, device=device)
     if calibration:
         prequant_threshold = calibration["refine_threshold"]
-        calibration = _threshold_metrics(run, quantized_model(run.model, config.compress))
+        calibration = threshold_metrics(quantized_model(run.model, config.compress), windows, config, device)
         calibration["refine_threshold_prequant"] = prequant_threshold
         run.model.router_threshold.fill_(calibration["refine_threshold"])
     tick = time.perf_counter()

@@ -22,6 +22,8 @@ from loopgolf.search_spaces.budget import (
     MLP_RATIO_BAND,
     MLP_STEP,
     BudgetError,
+    _at,
+    _widest_mlp,
     attention_design,
     candidates,
     derive_heads,
@@ -30,9 +32,10 @@ from loopgolf.search_spaces.budget import (
     solve_width,
     width_grid,
 )
-from loopgolf.trial.artifact import code_bytes
+from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import bytes_with_margin, count_params, predict_artifact_bytes
+from loopgolf.trial.train import run_trial
 
 # ------------------------------------------------------------------------ heads
 
@@ -189,8 +192,6 @@ def test_trained_equal_bytes_models_fill_within_2_percent(
     tokenizer, 150 training steps. Outside it the prediction drifts, measured 2026-12-03 on
     the first shape (d192, MLP 224): +2.9% after 40 steps (weights still near their uniform
     init), and -2.6% after 150 steps on the suite's built-in corpus and tokenizer."""
-    from loopgolf.trial.train import run_trial
-
     base = preset("small").replace(seq_len=128, batch_size=8, train_seconds=600.0, max_steps=150, eval_tokens=4096,
                                    max_artifact_bytes=cap, **shape)
     config = solve_width(base, cap)
@@ -333,8 +334,6 @@ def test_the_widest_mlp_search_gallops_far_when_bytes_bend(shape: str, monkeypat
     """Bytes that bend away from the secant through the first probes: the guess lands many
     steps over (convex) or under (concave) the answer, so the gallop must double its way to
     a bracket, checking that each lower end fits. A scan of the same bytes is the reference."""
-    from loopgolf.search_spaces.budget import _widest_mlp
-
     def fake(steps: int) -> int:
         return 10_000 + (steps * steps if shape == "convex" else int(4_000 * math.sqrt(steps)))
 
@@ -356,8 +355,6 @@ def test_the_widest_mlp_search_agrees_with_a_scan_on_every_path() -> None:
     smallest, in the fp16 region (where the first quantized MLP does not fit but a smaller fp16
     one does), and where the secant guess lands over or under, so the search gallops either way.
     The answer and its predicted bytes equal a plain scan's (the reference's rule)."""
-    from loopgolf.search_spaces.budget import _at, _widest_mlp
-
     config, d = preset("tiny"), 64
     design, code = attention_design(config), code_bytes()
     predicted = [0] + [bytes_with_margin(_at(config, d, s * MLP_STEP, design), EQUAL_BYTES_MARGIN, code)

@@ -30,7 +30,7 @@ from loopgolf.search_spaces.spaces import (
     smallest_predicted_bytes,
     suggest,
 )
-from loopgolf.trial.artifact import code_bytes
+from loopgolf.trial.code_bytes import code_bytes
 from loopgolf.trial.config import TrialConfig, preset
 from loopgolf.trial.estimate import predict_artifact_bytes
 

@@ -25,9 +25,11 @@ import torch
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.trial import artifact as A
+from loopgolf.trial import artifact_parts as AP
 from loopgolf.trial import codecs as C
 from loopgolf.trial import qat as QAT
 from loopgolf.trial import quantize as Q
+from loopgolf.trial.code_bytes import CODE_FILES, code_bytes
 from loopgolf.trial.config import CompressConfig, TrialConfig
 from loopgolf.trial.model import RecurrentLM
 from tests.conftest import RICH, trained_like
@@ -42,9 +44,9 @@ def rich_model() -> RecurrentLM:
 
 def test_nibble_packing_roundtrips_odd_lengths() -> None:
     q = torch.randint(-7, 8, (3, 5), dtype=torch.int8)
-    raw = A._pack_levels(q, 4)
+    raw = AP._pack_levels(q, 4)
     assert len(raw) == 8
-    assert torch.equal(torch.from_numpy(A._unpack_levels(raw, 4, 15).copy()).reshape(3, 5), q)
+    assert torch.equal(torch.from_numpy(AP._unpack_levels(raw, 4, 15).copy()).reshape(3, 5), q)
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -111,7 +113,7 @@ def test_exact_dtypes_and_aliases_survive_the_body(tmp_path: Path) -> None:
         data = torch.tensor(values, dtype=dtype)
         tensors.append(Q.QuantizedTensor(f"x_{dtype}_{len(values)}", (len(values),), dtype, exact, data=data))
     state = Q.QuantizedState(tuple(tensors), cfg)
-    _, back = A.decode_parts(A.encode_parts(state, TrialConfig(compress=cfg)))
+    _, back = AP.decode_parts(AP.encode_parts(state, TrialConfig(compress=cfg)))
     assert back.compress == cfg
     assert [_stored(t) for t in back.tensors] == [_stored(t) for t in state.tensors]
     before, after = Q.dequantize(state), Q.dequantize(back)
@@ -141,7 +143,7 @@ def test_reported_bytes_are_the_file_and_the_code_files(rich_model: RecurrentLM,
     info = A.save_artifact(rich_model, config, tmp_path / "a.lga")
     root = Path(A.__file__).resolve().parents[2]
     assert info.model_bytes == os.path.getsize(tmp_path / "a.lga")
-    assert info.code_bytes == sum(os.path.getsize(root / f) for f in A.CODE_FILES) == A.code_bytes()
+    assert info.code_bytes == sum(os.path.getsize(root / f) for f in CODE_FILES) == code_bytes()
     assert info.artifact_bytes == info.model_bytes + info.code_bytes
     assert info.params == rich_model.unique_params()
     assert info.quantized_params + info.protected_params + info.small_params == info.params
@@ -174,7 +176,7 @@ def test_code_files_are_exactly_what_loading_and_running_imports(rich_model: Rec
     root = Path(A.__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(path), str(root)], cwd=root,
                           capture_output=True, text=True, check=True)
-    assert json.loads(done.stdout) == sorted(A.CODE_FILES)
+    assert json.loads(done.stdout) == sorted(CODE_FILES)
 
 
 def test_saving_a_model_that_does_not_match_its_config_fails(rich_model: RecurrentLM, tmp_path: Path) -> None:
@@ -236,7 +238,7 @@ def test_rejects_a_raw_pickle(tmp_path: Path) -> None:
 
 
 def test_rejects_a_pickled_header_inside_a_valid_container(tmp_path: Path) -> None:
-    parts = dict.fromkeys(A.PARTS, b"") | {"header": pickle.dumps({"evil": True})}
+    parts = dict.fromkeys(AP.PARTS, b"") | {"header": pickle.dumps({"evil": True})}
     _rejected(tmp_path, A.pack_parts(parts, "zlib"), "header part is not JSON")
 
 
@@ -283,7 +285,7 @@ def test_rejects_a_header_whose_slices_lie(good_file: bytes, tmp_path: Path) -> 
 
 
 def test_rejects_a_frame_that_does_not_decompress(tmp_path: Path) -> None:
-    payload = b"".join(struct.pack("<I", len(f)) + f for f in (b"not zlib data", *([b""] * (len(A.PARTS) - 1))))
+    payload = b"".join(struct.pack("<I", len(f)) + f for f in (b"not zlib data", *([b""] * (len(AP.PARTS) - 1))))
     _rejected(tmp_path, A._outer_header("zlib", payload) + payload, "does not decompress")
 
 
@@ -302,7 +304,7 @@ def test_rejects_a_config_edited_in_the_file(good_file: bytes, tmp_path: Path) -
     header["config"]["model"]["n_passes"] -= 1
     header["config"]["model"]["refine_cap"] = 0.75  # no shape depends on it: only the digest can tell
     _rejected(tmp_path, A.pack_parts(parts | {"header": json.dumps(header).encode()}, codec), "digest")
-    header["digest"] = A.header_digest(header)  # an edit that keeps the digest consistent loads as what it says
+    header["digest"] = AP.header_digest(header)  # an edit that keeps the digest consistent loads as what it says
     (tmp_path / "resigned.lga").write_bytes(A.pack_parts(parts | {"header": json.dumps(header).encode()}, codec))
     assert A.load_artifact(tmp_path / "resigned.lga").config.refine_cap == 0.75
 
@@ -311,6 +313,7 @@ _BOMB = """
 import json, lzma, resource, sys, zlib
 import brotli, zstandard
 from loopgolf.trial import artifact as A
+from loopgolf.trial import artifact_parts as AP
 from loopgolf.trial import codecs as C
 
 def frame(codec, size):  # `size` zero bytes, compressed without ever holding them
@@ -326,11 +329,11 @@ def frame(codec, size):  # `size` zero bytes, compressed without ever holding th
     c = brotli.Compressor(quality=1); return b"".join(c.process(chunk) for _ in range(n)) + c.finish()
 
 codec = sys.argv[1]
-parts = dict.fromkeys(A.PARTS, b"")
-header = {"format": A.FORMAT, "version": A.VERSION, "config": {}, "tensors": [],
-          "sections": [[s, 1024 if s == "q" else 0] for s in A.SECTIONS]}
+parts = dict.fromkeys(AP.PARTS, b"")
+header = {"format": AP.FORMAT, "version": AP.VERSION, "config": {}, "tensors": [],
+          "sections": [[s, 1024 if s == "q" else 0] for s in AP.SECTIONS]}
 parts["header"] = json.dumps(header).encode()
-frames = [C.compress_bytes(parts["header"], codec), frame(codec, 1 << 29)] + [b""] * (len(A.PARTS) - 2)
+frames = [C.compress_bytes(parts["header"], codec), frame(codec, 1 << 29)] + [b""] * (len(AP.PARTS) - 2)
 payload = b"".join(len(f).to_bytes(4, "little") + f for f in frames)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
@@ -435,7 +438,7 @@ def test_pg_int8_needs_int8_and_zlib() -> None:
 
 def _outer(payload: bytes, codec: bytes = b"zlib") -> bytes:
     """A well-formed outer header (right length and crc) around `payload`."""
-    header = A.MAGIC + bytes([A.VERSION, len(codec)]) + codec + struct.pack("<II", len(payload), zlib.crc32(payload))
+    header = A.MAGIC + bytes([AP.VERSION, len(codec)]) + codec + struct.pack("<II", len(payload), zlib.crc32(payload))
     return header + payload
 
 
@@ -445,9 +448,9 @@ def _frames(*frames: bytes) -> bytes:
 
 def _container(sections: dict[str, int], **frames: bytes) -> bytes:
     """A container whose header declares `sections` (the rest 0), its other frames zlib'd."""
-    sizes = {s: 0 for s in A.SECTIONS} | sections
+    sizes = {s: 0 for s in AP.SECTIONS} | sections
     header = json.dumps({"sections": [[s, n] for s, n in sizes.items()]}).encode()
-    parts = {p: frames.get(p.replace(".", "_"), b"") for p in A.PARTS} | {"header": zlib.compress(header)}
+    parts = {p: frames.get(p.replace(".", "_"), b"") for p in AP.PARTS} | {"header": zlib.compress(header)}
     return _outer(_frames(*(zlib.compress(f) if p != "header" and f else f for p, f in parts.items())))
 
 
@@ -493,9 +496,9 @@ def test_a_bad_container_is_refused_naming_what_is_wrong(raw: bytes, message: st
 def test_empty_sections_unpack_to_empty_parts() -> None:
     """Sections of 0 bytes (a model with no fp16 tensor has them) are empty frames, read as b""."""
     codec, parts = A.unpack_parts(_container({}))
-    assert codec == "zlib" and {p: parts[p] for p in A.PARTS[1:]} == dict.fromkeys(A.PARTS[1:], b"")
+    assert codec == "zlib" and {p: parts[p] for p in AP.PARTS[1:]} == dict.fromkeys(AP.PARTS[1:], b"")
     with pytest.raises(ValueError, match=r"^the JSON header is not a loopgolf artifact header of this version$"):
-        A.decode_parts(parts)
+        AP.decode_parts(parts)
 
 
 @pytest.fixture(scope="module")
@@ -511,7 +514,7 @@ def body_parts() -> dict[str, bytes]:
         Q.QuantizedTensor("h", (2,), torch.float32, Q.Plan("half", "small"), data=torch.tensor([1.5, -2.0]).half()),
         Q.QuantizedTensor("x", (2,), torch.float32, Q.Plan("exact", "exact"), data=torch.tensor([3.0, 4.0])),
     ), cfg)  # fmt: skip
-    return A.encode_parts(state, TrialConfig(compress=cfg))
+    return AP.encode_parts(state, TrialConfig(compress=cfg))
 
 
 def _tensor(i: int, **fields: Any) -> Callable[[dict, dict], None]:
@@ -563,10 +566,10 @@ def test_a_bad_body_is_refused_naming_what_is_wrong(
     parts = dict(body_parts)
     header = json.loads(parts["header"])
     edit(header, parts)
-    header["digest"] = A.header_digest(header)
+    header["digest"] = AP.header_digest(header)
     parts["header"] = json.dumps(header).encode()
     with pytest.raises(ValueError) as info:
-        A.decode_parts(parts)
+        AP.decode_parts(parts)
     assert str(info.value) == message or (message == "bad name or shape" and str(info.value).endswith(message))
 
 
@@ -577,12 +580,12 @@ _NOT_OURS = "the JSON header is not a loopgolf artifact header of this version"
     (b"\x80\x04K\x01.", "the header part is not JSON (UnicodeDecodeError)"),
     (b"{nope", "the header part is not JSON (JSONDecodeError)"),
     (b"[]", _NOT_OURS),
-    (json.dumps({"format": A.FORMAT, "version": 1}).encode(), _NOT_OURS),
-    (json.dumps({"format": "other", "version": A.VERSION}).encode(), _NOT_OURS),
+    (json.dumps({"format": AP.FORMAT, "version": 1}).encode(), _NOT_OURS),
+    (json.dumps({"format": "other", "version": AP.VERSION}).encode(), _NOT_OURS),
 ])  # fmt: skip
 def test_a_header_that_is_not_ours_is_refused(body_parts: dict[str, bytes], header: bytes, message: str) -> None:
     with pytest.raises(ValueError) as info:
-        A.decode_parts(body_parts | {"header": header})
+        AP.decode_parts(body_parts | {"header": header})
     assert str(info.value) == message
 
 
@@ -590,7 +593,7 @@ def test_an_edited_header_is_refused_by_its_digest(body_parts: dict[str, bytes])
     header = json.loads(body_parts["header"])
     header["config"]["model"]["n_passes"] += 1
     with pytest.raises(ValueError) as info:
-        A.decode_parts(body_parts | {"header": json.dumps(header).encode()})
+        AP.decode_parts(body_parts | {"header": json.dumps(header).encode()})
     assert str(info.value) == "the header's config or tensor shapes do not match its digest: the file was edited"
 
 

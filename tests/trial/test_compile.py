@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from loopgolf.trial import train
+from loopgolf.trial import compiled as compiled_module
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.train import run_trial
 from tests.trial.makers import tiny
@@ -64,7 +64,7 @@ def test_a_compiled_routed_trial_builds_a_bounded_set_of_graphs_before_the_clock
     corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: str
 ) -> None:
     counter = GraphCounter()
-    monkeypatch.setattr(train, "COMPILE_BACKEND", counter)
+    monkeypatch.setattr(compiled_module, "COMPILE_BACKEND", counter)
     rungs: list[int] = []
     read_rung = RecurrentLM._read_rung
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
+from loopgolf.trial import distributed
 from loopgolf.trial.config import ConfigError, TrialConfig, preset
 from loopgolf.trial.distributed import DataParallel, GradientBuckets, check_divisible
+from loopgolf.trial.optim import lr_scale
 from loopgolf.trial.train import run_trial
 
 # A fixed-step trial: the schedule follows steps (train_seconds is out of reach), so runs
@@ -161,8 +167,6 @@ def test_a_micro_batch_that_does_not_split_the_batch_is_one_clear_error(corpus_d
 
 
 def test_max_steps_ends_a_trial_at_that_step_and_drives_the_schedule(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.trial.optim import lr_scale
-
     config = fixed_steps(max_steps=10, warmup_steps=0, warmdown_frac=0.5)
     assert lr_scale(4, 0.0, config) == 1.0 and lr_scale(8, 0.0, config) == pytest.approx(0.4)
     assert lr_scale(2, 0.9e6, config) == pytest.approx(0.2)  # the time budget, when it is further along
@@ -220,7 +224,7 @@ def _spec(data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int
 def test_bad_worker_resources_fail_with_one_line(
     corpus_data: Path, tmp_path: Path, resources: dict[str, Any], batch_size: int, message: str
 ) -> None:
-    from loopgolf.orchestrator.spec import SpecError
+    from loopgolf.orchestrator.spec import SpecError  # the sweep layer: only where a test needs it
     from loopgolf.orchestrator.spec_file import spec_from_dict
 
     with pytest.raises(SpecError) as info:
@@ -229,7 +233,7 @@ def test_bad_worker_resources_fail_with_one_line(
 
 
 def test_workers_default_to_one_and_round_trip_through_the_saved_spec(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.orchestrator.spec_file import spec_from_dict
+    from loopgolf.orchestrator.spec_file import spec_from_dict  # the sweep layer: only where a test needs it
 
     assert spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 1})).workers == 1
     spec = spec_from_dict(_spec(corpus_data, tmp_path, {"cpu": 2, "gpu": 1, "workers": 8}))
@@ -239,12 +243,6 @@ def test_workers_default_to_one_and_round_trip_through_the_saved_spec(corpus_dat
 
 @pytest.mark.slow
 def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data: Path, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    import pandas as pd
-    import yaml
-
     spec = _spec(corpus_data, tmp_path, {"cpu": 1, "gpu": 0, "workers": 2}) | {
         "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 1},
         "seeds": 1, "max_concurrent": 1,
@@ -343,8 +341,6 @@ class _Net(torch.nn.Module):
 
 
 def _bucket_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    from loopgolf.trial import distributed
-
     torch.set_num_threads(1)
     distributed.BUCKET_BYTES = 8 * 9 * 4  # one Linear's weight and bias a bucket: several buckets
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

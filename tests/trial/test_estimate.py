@@ -16,10 +16,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from loopgolf.trial import estimate
-from loopgolf.trial.artifact import CODE_FILES, code_bytes, save_artifact
+from loopgolf.trial.artifact import save_artifact
+from loopgolf.trial.code_bytes import CODE_FILES, code_bytes
 from loopgolf.trial.config import CompressConfig, ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory
 from loopgolf.trial.model import ForwardStats, RecurrentLM
+from loopgolf.trial.optim import build_optimizers
 from loopgolf.trial.quantize import quantize_model
 from tests.conftest import REPO
 
@@ -79,8 +81,6 @@ def test_count_groups_match_what_the_quantizer_stores(compress: CompressConfig) 
 
 def _train(config: TrialConfig, steps: int, tokens: np.ndarray) -> RecurrentLM:
     """A brief run of the trial's own optimizers (Muon + AdamW) on real text."""
-    from loopgolf.trial.optim import build_optimizers
-
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = RecurrentLM(config.model)

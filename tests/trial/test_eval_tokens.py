@@ -15,10 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from loopgolf.analysis.tokens import eval_stream_schema, eval_tokens_schema
 from loopgolf.trial.config import preset
 from loopgolf.trial.data import byte_table, list_shards, load_tokenizer, read_shard, val_tokens
-from loopgolf.trial.eval_tokens import AUTO_EVAL_LIMIT, eval_size, write_stream, write_token_scores
+from loopgolf.trial.eval_tokens import (
+    AUTO_EVAL_LIMIT,
+    eval_size,
+    eval_stream_schema,
+    eval_tokens_schema,
+    write_stream,
+    write_token_scores,
+)
 from loopgolf.trial.evaluate import evaluate
 from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.prepare import read_manifest, tokenizer_path

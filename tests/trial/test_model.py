@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from loopgolf.trial import selection as selection_module
+from loopgolf.trial.blocks import QATLinear
 from loopgolf.trial.config import FIXED_SIGNALS, ROUTED_SIGNALS, ModelConfig, preset
 from loopgolf.trial.flops import block_flops_per_token, flops_per_token
-from loopgolf.trial.model import QATLinear, RecurrentLM
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.routing import causal_cap
 from tests.trial.makers import build, small, tokens
 

@@ -11,7 +11,7 @@ import torch
 
 from loopgolf.trial import qat as QAT
 from loopgolf.trial import quantize as Q
-from loopgolf.trial.model import QATLinear
+from loopgolf.trial.blocks import QATLinear
 from tests.conftest import RICH, trained_like
 
 

@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from loopgolf.trial import selection
+from loopgolf.trial.blocks import NO_COND, Block, rope_tables
 from loopgolf.trial.config import ModelConfig
-from loopgolf.trial.model import NO_COND, Block, RecurrentLM, rope_tables
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.selection import (
     PaddedSelection,
     RecordKV,

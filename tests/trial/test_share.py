@@ -18,9 +18,10 @@ import torch
 from loopgolf.search_spaces import spaces
 from loopgolf.search_spaces.budget import EQUAL_BYTES_MARGIN, FILL, bytes_with_margin
 from loopgolf.trial import artifact as A
+from loopgolf.trial.blocks import MLP, Attention
 from loopgolf.trial.config import ModelConfig, TrialConfig, preset
 from loopgolf.trial.estimate import count_params, inventory, predict_artifact_bytes
-from loopgolf.trial.model import MLP, Attention, RecurrentLM
+from loopgolf.trial.model import RecurrentLM
 from loopgolf.trial.optim import parameter_role
 
 MODES = ("attn", "mlp")
@@ -135,7 +136,7 @@ def test_equal_bytes_fills_the_cap_in_each_mode(share: str, cap: int) -> None:
 
 
 def test_a_configuration_says_what_its_passes_share() -> None:
-    from loopgolf.analysis.evidence import describe_config
+    from loopgolf.analysis.evidence import describe_config  # the analysis layer: only where a test needs it
 
     row = {"d_model": 256, "n_prelude": 0, "n_blocks": 2, "n_passes": 3, "n_coda": 0, "bits": 6, "codec": "lzma"}
     assert describe_config(row | {"share": "attn"}) == "d256 0+2x3+0 share:attn int6/lzma"

@@ -8,17 +8,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from loopgolf.trial.config import preset
-from loopgolf.trial.data import list_shards, read_shard
+from loopgolf.trial import model as model_module
+from loopgolf.trial import train as train_module
+from loopgolf.trial.compiled import compiles
+from loopgolf.trial.config import ConfigError, preset
+from loopgolf.trial.data import byte_table, list_shards, load_tokenizer, read_shard, token_bytes, val_tokens
 from loopgolf.trial.model import RecurrentLM
-from loopgolf.trial.optim import lr_scale
-from loopgolf.trial.train import run_trial
+from loopgolf.trial.optim import build_optimizers, lr_scale, muon_momentum
+from loopgolf.trial.train import _accumulate, run_trial
 from tests.trial.makers import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +30,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def unigram_bpb(data_dir: Path) -> float:
     """bpb of the add-one unigram model fitted on the train split, scored on the val split."""
-    from loopgolf.trial.data import byte_table, load_tokenizer, token_bytes, val_tokens
-
     train = np.concatenate([np.asarray(read_shard(p)) for p in list_shards(data_dir, "train")])
     counts = np.bincount(train, minlength=1024) + 1.0
     log_p = np.log(counts / counts.sum())
@@ -58,8 +60,6 @@ def test_the_challenge_warmdown_spans_warmdown_steps_at_the_mean_step_time() -> 
 
 
 def test_pg_baseline_warms_muon_momentum_up_over_500_steps(corpus_data: Path, tmp_path: Path) -> None:
-    from loopgolf.trial.optim import muon_momentum
-
     recipe = preset("pg_baseline")
     assert [muon_momentum(s, recipe) for s in (0, 250, 500, 5000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
     # A real trial sets it on Muon's groups before every step (the state holds the last step's).
@@ -131,8 +131,6 @@ def test_a_stopped_trial_resumes_with_the_remaining_budget(corpus_data: Path, tm
 def test_non_finite_loss_ends_as_a_failed_trial_with_a_reason(
     corpus_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loopgolf.trial import model as model_module
-
     real_forward = model_module.RecurrentLM.forward
     calls = {"n": 0}
 
@@ -194,9 +192,6 @@ def test_trial_cli_prints_json_last_and_fails_cleanly_on_bad_override(corpus_dat
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
     """Every parameter in exactly one group; control tensors and per-pass vectors in Adam, never Muon."""
-    from loopgolf.trial.model import RecurrentLM
-    from loopgolf.trial.optim import build_optimizers
-
     config = preset("small").replace(
         n_prelude=1, n_coda=1, unet_skips=True, tie_embeddings=False, phase="embed", refine_passes=1,
         optimizer=optimizer,
@@ -224,9 +219,6 @@ def test_optimizer_groups_follow_roles_not_shapes(optimizer: str) -> None:
 
 
 def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
-    from loopgolf.trial.config import ConfigError
-    from loopgolf.trial.train import compiles
-
     assert tiny(compile=True).train.compile == "on" and tiny(compile=False).train.compile == "off"
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [compiles(tiny(), d) for d in (cpu, cuda)] == [False, True]
@@ -240,10 +232,6 @@ def test_compile_reads_yaml_booleans_and_defaults_to_cuda_only() -> None:
 @pytest.mark.parametrize("accum", [2, 4])
 def test_accumulated_micro_batches_give_the_whole_batch_gradient(accum: int) -> None:
     """The loss curves cannot show it (AdamW and Muon are blind to a gradient's scale): compare gradients."""
-    from types import SimpleNamespace
-
-    from loopgolf.trial.train import _accumulate
-
     config = tiny(batch_size=8, seq_len=32, aux_loss=0.5, refine_passes=1, signal="uniform")
     torch.manual_seed(0)
     x, y = torch.randint(0, 1024, (2, 8, 32))
@@ -269,17 +257,15 @@ def test_the_loss_is_read_every_n_steps_and_at_the_budget(
 ) -> None:
     """As on one CUDA device (reads every 4 steps here): the first step is read (it times the
     clock's step), then every 4th, and the last; the logged loss is the mean of the read steps'."""
-    from loopgolf.trial import train
-
     reads: list[tuple[int, int]] = []  # (step after the read, steps it read)
-    read_clock = train._read_clock
+    read_clock = train_module._read_clock
 
     def recording(run: Any) -> float:
         reads.append((run.step, run.pending_steps))
         return read_clock(run)
 
-    monkeypatch.setattr(train, "loss_read_every", lambda device, parallel: 4)
-    monkeypatch.setattr(train, "_read_clock", recording)
+    monkeypatch.setattr(train_module, "loss_read_every", lambda device, parallel: 4)
+    monkeypatch.setattr(train_module, "_read_clock", recording)
     losses: list[torch.Tensor] = []
     forward = RecurrentLM.forward
 
@@ -302,18 +288,16 @@ def test_the_budget_stops_where_it_is_nearest_within_half_a_step(
 ) -> None:
     """Every step takes one second on the training clock. A 10.3 s budget stops after 10 steps
     (an 11th would end 0.7 s late); a 10.7 s budget runs the 11th (0.3 s late beats 0.7 s early)."""
-    from loopgolf.trial import train
-
     taken = 0
-    step = train._step
+    step = train_module._step
 
     def counted(run: Any, scale: float) -> None:
         nonlocal taken
         step(run, scale)
         taken += 1
 
-    monkeypatch.setattr(train, "_step", counted)
-    monkeypatch.setattr(train, "TRAIN_CLOCK", lambda: float(taken))  # seconds = steps taken
+    monkeypatch.setattr(train_module, "_step", counted)
+    monkeypatch.setattr(train_module, "TRAIN_CLOCK", lambda: float(taken))  # seconds = steps taken
     config = tiny(train_seconds=train_seconds, report_every_seconds=1e6, checkpoint_every_seconds=1e6)
     metrics = run_trial(config, corpus_data, tmp_path / "m")
     assert (metrics["train_steps"], metrics["train_seconds"]) == (steps, float(steps))
