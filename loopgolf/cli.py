@@ -101,7 +101,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from loopgolf.orchestrator.sweep import read_sweep_spec, resume_sweep
+    from loopgolf.orchestrator.sweep import resume_sweep
+    from loopgolf.orchestrator.sweepdir import read_sweep_spec
 
     outcome = resume_sweep(args.sweep_dir, address=args.address, sets=args.set or ())
     return _summarize(outcome, read_sweep_spec(args.sweep_dir).objectives)
@@ -110,7 +111,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from loopgolf.analysis.pareto import choose_configurations
     from loopgolf.orchestrator.promote import check_new, describe, promoted_spec, source_trials
-    from loopgolf.orchestrator.sweep import read_sweep_spec, run_sweep
+    from loopgolf.orchestrator.sweep import run_sweep
+    from loopgolf.orchestrator.sweepdir import read_sweep_spec
 
     source_dir = Path(args.sweep_dir).resolve()
     source = read_sweep_spec(source_dir)
@@ -135,9 +137,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _record_markdown(sweep_dir: str, config_id: str, reference: str) -> str:
     """The record test's row of one configuration, as the export README shows it."""
+    from loopgolf.analysis.record import parse_reference, record_test
     from loopgolf.analysis.report import md_table
     from loopgolf.analysis.results import load_results
-    from loopgolf.analysis.transfer import parse_reference, record_test
 
     df = load_results(sweep_dir)
     answer = record_test(df, parse_reference(reference, df))

@@ -47,6 +47,12 @@ class ReportConfig:
             raise LoopgolfError(f"min_seeds={self.min_seeds}: a test needs at least 2 seeds per side")
 
 
+def seed_rows(rows: pd.DataFrame, columns: tuple[str, ...] = (METRIC,)) -> pd.DataFrame:
+    """One row per seed (ascending; the first trial of a repeated seed), with every column present."""
+    present = rows[rows[list(columns)].notna().all(axis=1)] if all(c in rows for c in columns) else rows.iloc[:0]
+    return present.sort_values("seed", kind="stable").drop_duplicates("seed")
+
+
 def competing(df: pd.DataFrame) -> pd.DataFrame:
     """Feasible, complete rows with a score."""
     return df[feasible_complete(df) & df[METRIC].notna()]

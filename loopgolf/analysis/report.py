@@ -23,10 +23,11 @@ from loopgolf.analysis.questions import (
     routing_overhead,
     shared_vs_unique,
 )
-from loopgolf.analysis.results import CURVES_FILE, STATUSES, load_curves, load_results, trials_files
+from loopgolf.analysis.record import parse_reference, record_test
+from loopgolf.analysis.results import CURVES_FILE, RESULTS_DIR, STATUSES, load_curves, load_results, trials_files
 from loopgolf.analysis.token_questions import robustness, where_refinement_helps
 from loopgolf.analysis.tokens import TokenStore, sweep_dir_of
-from loopgolf.analysis.transfer import parse_reference, record_test, transfer
+from loopgolf.analysis.transfer import transfer
 from loopgolf.atomic import atomic_write_bytes
 from loopgolf.errors import LoopgolfError
 
@@ -64,7 +65,7 @@ def _load(dirs: Sequence[str | os.PathLike[str]]) -> tuple[pd.DataFrame, dict[st
 
 def _expand(dirs: Sequence[str | os.PathLike[str]]) -> list[str | os.PathLike[str]]:
     """Globs and Parquet paths -> one sweep directory per trials file."""
-    return [f.parent.parent if f.parent.name == "results" else f for f in trials_files(*dirs)]
+    return [f.parent.parent if f.parent.name == RESULTS_DIR.name else f for f in trials_files(*dirs)]
 
 
 NOT_APPLICABLE = ("Not applicable to script trials: loopgolf sees a script's environment variables, not its "

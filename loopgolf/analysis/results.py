@@ -41,6 +41,7 @@ from loopgolf.orchestrator.ledger_schema import (  # noqa: F401  (re-exported: t
     METRICS,
     NO_REFINE,
     REFINEMENT_FIELDS,
+    RESULTS_DIR,
     ROUTED_ARM,
     STATUSES,
     TRIALS_FILE,
@@ -83,7 +84,7 @@ def _resolve(paths: Sequence[str | os.PathLike[str]], relative: Path) -> list[Pa
 
 def _sweep_name(file: Path) -> str:
     # <sweep_dir>/results/trials.parquet -> the sweep directory's name
-    return file.parent.parent.name if file.parent.name == "results" else file.parent.name
+    return file.parent.parent.name if file.parent.name == RESULTS_DIR.name else file.parent.name
 
 
 def _read(file: Path, schema: pa.Schema, required: tuple[str, ...]) -> pa.Table:

@@ -21,10 +21,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loopgolf.analysis.results import RESULTS_DIR
 from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.trial.eval_tokens import STREAM_NAME, eval_stream_schema, eval_tokens_schema
 
-STREAM_FILE = Path("results") / STREAM_NAME  # in a sweep directory
+STREAM_FILE = RESULTS_DIR / STREAM_NAME  # in a sweep directory
 LN2 = math.log(2.0)
 
 
@@ -100,5 +101,5 @@ def sweep_dir_of(path: str | os.PathLike[str]) -> Path:
     """A sweep directory from what `load_results` accepts (a directory or its trials.parquet)."""
     p = Path(path)
     if p.suffix == ".parquet":
-        return p.parent.parent if p.parent.name == "results" else p.parent
+        return p.parent.parent if p.parent.name == RESULTS_DIR.name else p.parent
     return p

@@ -35,7 +35,7 @@ from loopgolf.atomic import atomic_directory
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.ledger_schema import TRIALS_FILE
 from loopgolf.orchestrator.spec import SweepSpec
-from loopgolf.orchestrator.sweep import read_sweep_spec
+from loopgolf.orchestrator.sweepdir import read_sweep_spec
 from loopgolf.orchestrator.trialdir import TRIAL_FILE, read_json, trial_dir
 
 

@@ -29,8 +29,9 @@ from loopgolf.errors import LoopgolfError, first_line
 from loopgolf.orchestrator.trialdir import STATUSES  # noqa: F401  (the status column's values: part of the schema)
 from loopgolf.trial.config import FIXED_SIGNALS, CompressConfig, ModelConfig, TrainConfig
 
-TRIALS_FILE = Path("results") / "trials.parquet"
-CURVES_FILE = Path("results") / "curves.parquet"
+RESULTS_DIR = Path("results")  # in a sweep directory: the ledger and the eval stream
+TRIALS_FILE = RESULTS_DIR / "trials.parquet"
+CURVES_FILE = RESULTS_DIR / "curves.parquet"
 SCHEMA_VERSION = "1"
 # The arm column's values (orchestrator/arms.py): the routed configuration, or a control that
 # changes its routing alone: no refinement, or a fixed signal in place of the learned one.

@@ -33,10 +33,11 @@ import pandas as pd
 
 from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.extend import HISTORY
+from loopgolf.orchestrator.ledger_schema import TRIALS_FILE
 from loopgolf.orchestrator.spec import SweepSpec
 from loopgolf.orchestrator.spec_file import set_dotted, spec_from_dict
 from loopgolf.orchestrator.study import ARM, KEY
-from loopgolf.orchestrator.sweep import read_sweep_raw, read_sweep_spec
+from loopgolf.orchestrator.sweepdir import read_sweep_raw, read_sweep_spec
 from loopgolf.trial.config import ConfigError, parse_override
 
 # What a promotion may change (dotted spec keys; a key ending in "." is a prefix).
@@ -119,7 +120,7 @@ def promoted_spec(
 
 def source_trials(sweep_dir: Path) -> pd.DataFrame:
     """The source's ledger as written (pyarrow through pandas; nothing in it executes)."""
-    path = sweep_dir / "results" / "trials.parquet"
+    path = sweep_dir / TRIALS_FILE
     if not path.is_file():
         raise PromoteError(f"{sweep_dir}: no results/trials.parquet (run or resume the sweep first)")
     return pd.read_parquet(path)

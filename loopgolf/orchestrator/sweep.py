@@ -43,6 +43,7 @@ import loopgolf
 from loopgolf.atomic import atomic_write_text
 from loopgolf.orchestrator.extend import extended_raw, with_history
 from loopgolf.orchestrator.ledger import Ledger, ledger_callback
+from loopgolf.orchestrator.ledger_schema import RESULTS_DIR
 from loopgolf.orchestrator.lock import sweep_lock
 from loopgolf.orchestrator.progress import count_sweep
 from loopgolf.orchestrator.script import ScriptSampler
@@ -307,7 +308,7 @@ def _write_eval_stream(spec: SweepSpec, sweep_dir: Path) -> None:
     if spec.trial is not None:  # a script evaluates on its own; it writes no per-token files
         return
     base = spec.base_config()
-    write_stream(sweep_dir / "results", spec.data, base.train.eval_tokens, base.model.seq_len)
+    write_stream(sweep_dir / RESULTS_DIR, spec.data, base.train.eval_tokens, base.model.seq_len)
 
 
 def run_sweep(spec: SweepSpec, address: str | None = None) -> SweepOutcome:

@@ -14,13 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from loopgolf.errors import LoopgolfError, first_line
+from loopgolf.errors import LoopgolfError
 from loopgolf.orchestrator.extend import HISTORY
 from loopgolf.orchestrator.spec import SweepSpec
 from loopgolf.orchestrator.spec_file import spec_from_dict
 from loopgolf.orchestrator.study import STUDY_FILE, PlannedTrials
+from loopgolf.trial.config import read_yaml_mapping
 
 SPEC_FILE = "spec.yaml"
 __all__ = ["SPEC_FILE", "STUDY_FILE", "SweepError", "planned_trials_of", "read_sweep_raw", "read_sweep_spec"]
@@ -37,17 +36,12 @@ def read_sweep_spec(sweep_dir: str | os.PathLike[str]) -> SweepSpec:
 
 
 def read_sweep_raw(sweep_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """spec.yaml as written: the spec's fields and its history."""
+    """spec.yaml as written: the spec's fields and its history (the safe loader: a tag that would
+    construct an object is an error, never run)."""
     path = Path(sweep_dir) / SPEC_FILE
     if not path.is_file():
         raise SweepError(f"{str(sweep_dir)!r} is not a sweep directory (no {SPEC_FILE})")
-    try:  # the safe loader: a tag that would construct an object is an error, never run
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise SweepError(f"{path}: not a readable sweep spec ({first_line(exc)})") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"{path}: expected a mapping of spec fields")
-    return raw
+    return read_yaml_mapping(path, "sweep spec", SweepError)
 
 
 def planned_trials_of(sweep_dir: str | os.PathLike[str], spec: SweepSpec) -> PlannedTrials:

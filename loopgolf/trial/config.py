@@ -22,7 +22,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
 
-from loopgolf.errors import LoopgolfError
+from loopgolf.errors import LoopgolfError, first_line
 
 PhaseMode = Literal["none", "scale", "lora", "embed"]
 ShareMode = Literal["all", "attn", "mlp"]  # what the looped core's passes share (the rest is per pass)
@@ -388,6 +388,8 @@ def read_yaml_mapping(path: str | os.PathLike[str], what: str, error: type[Loopg
             raw = yaml.safe_load(fh) or {}
     except FileNotFoundError:
         raise error(f"{what} {str(path)!r}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise error(f"{what} {str(path)!r}: not readable ({first_line(exc)})") from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {str(path)!r}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(raw, dict):

@@ -12,15 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from loopgolf.analysis.record import Reference, parse_reference, record_test
 from loopgolf.analysis.report import md_table
-from loopgolf.analysis.transfer import (
-    NO_PROMOTED,
-    Reference,
-    parse_reference,
-    record_test,
-    transfer,
-    transfer_stats,
-)
+from loopgolf.analysis.transfer import NO_PROMOTED, transfer, transfer_stats
 from loopgolf.errors import LoopgolfError
 
 NATS_PER_BPB = math.log(2) * 3.5  # val_loss / val_bpb at 3.5 bytes per token

@@ -504,7 +504,7 @@ def test_pareto_halving_sweep_killed_and_resumed_judges_each_trial_once_per_rung
 
 def test_a_spec_with_history_reads_as_its_spec(corpus_data: Path, tmp_path: Path) -> None:
     from loopgolf.orchestrator.extend import extended_raw, with_history
-    from loopgolf.orchestrator.sweep import read_sweep_spec
+    from loopgolf.orchestrator.sweepdir import read_sweep_spec
 
     spec = load_spec(write_spec(tmp_path / "spec.yaml", corpus_data, tmp_path / "sweeps"))
     stored = spec.to_yaml_dict()

@@ -23,7 +23,8 @@ from loopgolf.orchestrator.lock import LOCK_FILE, SweepLocked, acquire, release,
 from loopgolf.orchestrator.progress import read_status
 from loopgolf.orchestrator.spec import SpecError
 from loopgolf.orchestrator.spec_file import load_spec
-from loopgolf.orchestrator.sweep import SPEC_FILE, SweepOutcome, finish_sweep, read_sweep_spec
+from loopgolf.orchestrator.sweep import SweepOutcome, finish_sweep
+from loopgolf.orchestrator.sweepdir import SPEC_FILE, read_sweep_spec
 from loopgolf.orchestrator.trainable import STATE_FILE, checkpoints, load_state, save_checkpoint
 from loopgolf.orchestrator.trialdir import trial_dir, write_json
 from tests.orchestrator.sweeps import cli, write_spec
@@ -121,7 +122,7 @@ def test_a_tampered_spec_is_refused_naming_the_file_and_runs_nothing(corpus_data
     with pytest.raises(LoopgolfError, match=str(sweep_dir / SPEC_FILE)):
         read_sweep_spec(sweep_dir)
     proc = cli("resume", str(sweep_dir))
-    assert proc.returncode == 2 and "spec.yaml: not a readable sweep spec" in proc.stderr and not marker.exists()
+    assert proc.returncode == 2 and "spec.yaml': not valid YAML" in proc.stderr and not marker.exists()
 
 
 def test_a_tampered_checkpoint_is_refused_naming_the_file_and_runs_nothing(tmp_path: Path) -> None:
