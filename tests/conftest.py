@@ -72,10 +72,14 @@ def find_challenge_data() -> Challenge:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that reads the challenge's data, so `-m challenge` selects them."""
+    """Mark every test that reads the challenge's data, so `-m challenge` selects them; put every
+    test that starts Ray in one xdist group, so that two local Ray clusters never run at once
+    (each would take the whole machine's CPUs for its trials, and the kill tests time their kills)."""
     for item in items:
         if "challenge" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.challenge)
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,8 @@ import yaml
 
 from loopgolf.orchestrator.ledger_schema import CONTROL_ARMS
 
+pytestmark = pytest.mark.ray  # its sweeps start Ray: one such test at a time (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 REDUCED = {  # dotted spec fields: the budget, never the configurations

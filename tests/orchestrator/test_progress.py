@@ -168,6 +168,7 @@ def _captured_mid_run(data: Path, tmp_path: Path) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_status_of_a_sweep_captured_mid_run(corpus_data: Path, tmp_path: Path) -> None:
     captured, console = _captured_mid_run(corpus_data, tmp_path)
     trials = {d.name: d for d in (captured / "trials").iterdir()}

@@ -85,6 +85,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_promote_then_export_a_script_configuration(corpus_data: Path, tmp_path: Path) -> None:
     spec = {"name": "proxy", "data": str(corpus_data), "storage": str(tmp_path),
             "trial": {"script": str(FAKE), "env": {"MODEL_SIZE": 500}}, "space": {"FAKE_BPB": [2.5, 2.6, 2.7]},
@@ -137,6 +138,7 @@ def test_promote_then_export_a_script_configuration(corpus_data: Path, tmp_path:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_builtin_configuration_is_promoted_with_its_arms_and_exported_with_its_artifacts(
     corpus_data: Path, tmp_path: Path
 ) -> None:

@@ -30,7 +30,7 @@ EXAMPLE = REPO / "examples" / "script_sweep.yaml"
 SCRIPT = REPO / "examples" / "pg_script" / "train_gpt.py"
 FAKE = Path(__file__).resolve().parents[1] / "fixtures" / "fake_train_gpt.py"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 def _spec(tmp_path: Path, data: Path, **changes: Any) -> Path:

@@ -29,6 +29,8 @@ from loopgolf.orchestrator.spec_file import load_spec
 from tests.orchestrator.sweeps import cli, write_spec
 from tests.processes import alive, process_tree
 
+pytestmark = pytest.mark.ray  # its sweeps start Ray: one such test at a time (tests/conftest.py)
+
 DESIGN_COLUMNS = [
     "sweep", "trial_id", "status", "seed", "host", "node_id", "started_at", "ended_at", "code_version",
     "val_bpb", "val_bpb_prequant", "val_loss", "artifact_bytes", "model_bytes", "code_bytes", "params",

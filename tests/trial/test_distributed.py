@@ -242,6 +242,7 @@ def test_workers_default_to_one_and_round_trip_through_the_saved_spec(corpus_dat
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data: Path, tmp_path: Path) -> None:
     spec = _spec(corpus_data, tmp_path, {"cpu": 1, "gpu": 0, "workers": 2}) | {
         "search": {"algorithm": "random", "objectives": {"val_bpb": "min"}, "num_samples": 1},
