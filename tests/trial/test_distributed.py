@@ -261,7 +261,10 @@ def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data:
     assert len(trials) == 1
     row = trials.iloc[0]
     assert row["status"] == "complete" and row["feasible"] and row["world_size"] == 2
-    assert row["replica_drift"] == 0.0 and row["config_id"] and abs(row["train_seconds"] - 3.0) < 0.5
+    # the budget stops at the step boundary nearest it: within a step, and a step of two gloo ranks on a
+    # busy 2-core machine (CI under a CPU hog) took over a second
+    step = row["train_seconds"] / row["train_steps"]
+    assert row["replica_drift"] == 0.0 and row["config_id"] and abs(row["train_seconds"] - 3.0) <= max(0.5, step)
     assert not Path(row["artifact_path"]).is_absolute() and (sweep_dir / row["artifact_path"]).is_file()
     curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
     assert {"train_loss", "quick_val_bpb"} <= set(curves["metric"]) and curves["step"].nunique() >= 3
