@@ -267,7 +267,8 @@ def test_a_sweep_with_two_workers_runs_each_trial_through_ray_train(corpus_data:
     assert row["replica_drift"] == 0.0 and row["config_id"] and abs(row["train_seconds"] - 3.0) <= max(0.5, step)
     assert not Path(row["artifact_path"]).is_absolute() and (sweep_dir / row["artifact_path"]).is_file()
     curves = pd.read_parquet(sweep_dir / "results" / "curves.parquet")
-    assert {"train_loss", "quick_val_bpb"} <= set(curves["metric"]) and curves["step"].nunique() >= 3
+    reported = curves["step"].nunique()  # each step's report (one a step at most every 0.5 s; a starved trial made 1)
+    assert {"train_loss", "quick_val_bpb"} <= set(curves["metric"]) and reported >= min(3, int(row["train_steps"]))
     # rank 0's resumable state: Ray Train checkpoints in the trial's directory, found again by name on a restart
     assert list(sweep_dir.glob("trials/*/train/checkpoint_*/training_state.pt"))
 
