@@ -199,6 +199,7 @@ def count_sweep(
     running: list[TrialProgress] = []
     seconds: list[float] = []
     best: tuple[str, str, float] | None = None
+    metric, mode = objective or ("", "min")  # no objective: no best
     root = Path(sweep_dir) / TRIALS_DIR
     for directory in sorted(root.iterdir()) if root.is_dir() else ():
         metrics = final_metrics(directory)
@@ -212,10 +213,10 @@ def count_sweep(
         wall = wall_seconds(metrics)
         if wall is not None and status != "rejected":  # a rejected trial never trains
             seconds.append(wall)
-        value = metrics.get(objective[0]) if objective else None
-        eligible = objective is not None and status == "complete" and metrics.get("feasible") and value is not None
-        if eligible and _better(float(value), best[2] if best else None, objective[1]):  # type: ignore[index]
-            best = (directory.name, objective[0], float(value))  # type: ignore[index]
+        value = metrics.get(metric) if metric else None
+        eligible = status == "complete" and metrics.get("feasible") and value is not None
+        if eligible and _better(float(value), best[2] if best else None, mode):
+            best = (directory.name, metric, float(value))
     return SweepCounts(name, total, by_status, raised, tuple(running), max_concurrent, tuple(seconds), best)
 
 
